@@ -1,0 +1,175 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""`SAMConfig`: the hyperparameters of a SAM / ASAM / USAM / F-SAM run, shareable like a PEFT config."""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from transformers.utils import PushToHubMixin, cached_file
+
+
+SAM_CONFIG_NAME = "sam_config.json"
+
+METHODS = ("sam", "fsam")
+PERTURBATION_SYNC_MODES = ("global", "local")
+
+
+@dataclass
+class SAMConfig(PushToHubMixin):
+    r"""
+    Configuration of [`SAMTrainer`]: which sharpness-aware method to run and with which hyperparameters.
+
+    Every step perturbs the trainable weights to `w + e` and applies the gradient taken there:
+
+    - `method="sam"` (Foret et al. 2021, https://huggingface.co/papers/2010.01412): `e = rho * g / ||g||`.
+    - `adaptive=True` (ASAM, Kwon et al. 2021, https://huggingface.co/papers/2102.11600):
+      `e = rho * T^2 d / ||T d||` with `T = |w| + adaptive_eta`, element-wise.
+    - `normalize=False` (USAM, the ablation of Dai, Ahn & Sra 2023, https://huggingface.co/papers/2305.15287):
+      `e = rho * d` (or `rho * T^2 d` with `adaptive=True`).
+    - `method="fsam"` (Friendly-SAM, Li et al. 2024, https://huggingface.co/papers/2403.12350): the direction is
+      `d = g - fsam_sigma * m_{t-1}`, where `m` is an EMA of the raw minibatch gradients,
+      `m_t = fsam_lambda * m_{t-1} + (1 - fsam_lambda) * g_t` and `m_0 = g_1` (the first step is plain SAM).
+
+    This class is a dataclass: [`~transformers.HfArgumentParser`] parses it next to
+    [`~transformers.TrainingArguments`]. It is saved as one `sam_config.json` ([`~SAMConfig.save_pretrained`]), loaded
+    from a directory or a Hub repository id ([`~SAMConfig.from_pretrained`]) and pushed with `push_to_hub`.
+
+    Example:
+
+    ```python
+    >>> from hf_sam import SAMConfig
+    >>> config = SAMConfig(method="fsam", rho=0.05)
+    >>> config.fsam_lambda
+    0.9
+    ```
+    """
+
+    # Parameters that choose the method
+    method: str = field(
+        default="sam",
+        metadata={
+            "help": "Sharpness-aware method: `sam` (SAM, ASAM, USAM) or `fsam` (Friendly-SAM).",
+            "choices": list(METHODS),
+        },
+    )
+
+    # Parameters that control the perturbation
+    rho: float = field(
+        default=0.05,
+        metadata={
+            "help": "Radius of the perturbation. `0` trains exactly like the plain `Trainer` (one pass, no overhead). "
+            "ASAM usually needs a larger rho (e.g. 0.5-2.0) than SAM (0.01-0.2)."
+        },
+    )
+    adaptive: bool = field(
+        default=False,
+        metadata={"help": "ASAM: scale the perturbation element-wise by `T = |w| + adaptive_eta`."},
+    )
+    adaptive_eta: float = field(
+        default=0.01,
+        metadata={
+            "help": "ASAM's `eta` in `T = |w| + eta`, so that zero weights are still perturbed (0.01 in Kwon et al.; "
+            "0 reproduces davda54/sam and pytorch_optimizer)."
+        },
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide the direction by its norm (SAM). `False` gives unnormalized SAM (USAM): e = rho * d."
+        },
+    )
+
+    # Parameters of Friendly-SAM
+    fsam_sigma: float = field(
+        default=1.0,
+        metadata={"help": "F-SAM: weight of the gradient EMA removed from the direction, d = g - sigma * m."},
+    )
+    fsam_lambda: float = field(
+        default=0.9,
+        metadata={"help": "F-SAM: decay of the EMA of raw minibatch gradients, m = lambda * m + (1 - lambda) * g."},
+    )
+
+    # Parameters for many processes
+    perturbation_sync: str = field(
+        default="global",
+        metadata={
+            "help": "`global`: perturb with the gradient averaged over all processes (same algorithm as one process "
+            "with the whole batch). `local`: each process perturbs with its own gradient (m-sharpness, the original "
+            "JAX code's default); the first pass then skips the gradient all-reduce.",
+            "choices": list(PERTURBATION_SYNC_MODES),
+        },
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
+        if self.perturbation_sync not in PERTURBATION_SYNC_MODES:
+            raise ValueError(
+                f"`perturbation_sync` must be one of {list(PERTURBATION_SYNC_MODES)}, got {self.perturbation_sync!r}."
+            )
+        for name in ("adaptive", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool (True or False), got {getattr(self, name)!r}.")
+        _check_number("rho", self.rho, low=0.0, rule=">= 0")
+        _check_number("adaptive_eta", self.adaptive_eta, low=0.0, rule=">= 0")
+        _check_number("fsam_sigma", self.fsam_sigma, low=0.0, rule=">= 0")
+        _check_number("fsam_lambda", self.fsam_lambda, low=0.0, rule="in [0, 1)")
+        if self.fsam_lambda >= 1.0:
+            raise ValueError(f"`fsam_lambda` must be in [0, 1), got {self.fsam_lambda!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what `sam_config.json` holds)."""
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write `sam_config.json` into `save_directory` (and push it with `push_to_hub=True`, like PEFT configs)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) should be a directory, not a file.")
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, SAM_CONFIG_NAME), "w", encoding="utf-8") as writer:
+            writer.write(self.to_json_string())
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1])
+            self.push_to_hub(repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> "SAMConfig":
+        """
+        Load a `SAMConfig` from a directory or a Hub repository id holding `sam_config.json`.
+
+        `kwargs` are forwarded to [`~transformers.utils.cached_file`] (`revision`, `token`, `cache_dir`, ...).
+        """
+        config_file = cached_file(pretrained_model_name_or_path, SAM_CONFIG_NAME, subfolder=subfolder or "", **kwargs)
+        with open(config_file, encoding="utf-8") as reader:
+            values = json.load(reader)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{config_file} has keys that `SAMConfig` does not know: {unknown}. Known keys: {sorted(known)}."
+            )
+        return cls(**values)
+
+
+def _check_number(name: str, value: Any, *, low: float, rule: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ValueError(f"`{name}` must be a finite number {rule}, got {value!r}.")

@@ -1,0 +1,359 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""`SAMMixin` and `SAMTrainer`: the two-pass SAM step as a `transformers.Trainer.training_step`."""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from accelerate.logging import get_logger
+from torch import nn
+from transformers import Trainer
+
+from .perturbation import FriendlySAMDirection, global_norm, perturb_, restore_, sam_perturbation_
+from .sam_config import SAMConfig
+
+
+logger = get_logger(__name__)
+
+SAM_STATE_NAME = "sam_state.pt"
+# Order of the values summed in `SAMMixin._sam_metric_sums`.
+_METRIC_KEYS = ("perturbed_loss", "sharpness", "grad_norm", "perturbation_norm")
+
+
+class SAMMixin:
+    r"""
+    Turns any [`~transformers.Trainer`] subclass into a sharpness-aware one: `class MySAMTrainer(SAMMixin, SFTTrainer)`.
+
+    The only change w.r.t. the trainer it is mixed into is `training_step`, which takes two forward/backward passes:
+
+    1. set aside the gradients accumulated from earlier micro-batches, then compute this micro-batch's gradient
+       :math:`g` at :math:`w` (pass 1; under DDP with `perturbation_sync="local"`, forward and backward run inside
+       `no_sync`);
+    2. unscale :math:`g` (fp16 loss scale, gradient accumulation) and turn it into the perturbation :math:`e` of
+       [`SAMConfig`] (SAM, ASAM, USAM or F-SAM); if :math:`g` holds inf/NaN, :math:`e = 0` and the F-SAM EMA is
+       left alone;
+    3. save :math:`w`, move to :math:`w + e`, compute the gradient there (pass 2, accumulated onto the set-aside
+       gradients; this is what the optimizer applies), then copy :math:`w` back bitwise. Running statistics of
+       BatchNorm-like layers keep their pass-1 values.
+
+    The optimizer, LR schedule, `max_grad_norm` clipping (applied to the pass-2 gradient only), gradient accumulation,
+    mixed precision, evaluation, logging and checkpointing are the wrapped trainer's own. The returned (and logged)
+    `loss` is the pass-1 loss :math:`L(w)`. Logged besides, averaged over the logging window and the processes:
+    `sam/perturbed_loss` :math:`L(w+e)`, `sam/sharpness` :math:`L(w+e) - L(w)`, `sam/grad_norm` :math:`\|g\|` and
+    `sam/perturbation_norm` :math:`\|e\|`. F-SAM's EMA is saved in `sam_state.pt` next to `optimizer.pt` in every
+    checkpoint and restored on resume; `sam_config.json` is written next to every saved model.
+
+    Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
+    USAM https://huggingface.co/papers/2305.15287, F-SAM https://huggingface.co/papers/2403.12350.
+    """
+
+    def __init__(self, *args, sam_config: SAMConfig | None = None, **kwargs):
+        if sam_config is None:
+            sam_config = SAMConfig()
+        if not isinstance(sam_config, SAMConfig):
+            raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
+        super().__init__(*args, **kwargs)
+        self.sam_config = sam_config
+        self._check_sam_setup()
+        self._fsam = (
+            FriendlySAMDirection(sigma=sam_config.fsam_sigma, lam=sam_config.fsam_lambda)
+            if sam_config.method == "fsam"
+            else None
+        )
+        self._sam_metric_sums: torch.Tensor | None = None
+        self._sam_norm_buffers: list[torch.Tensor] | None = None
+        self._warned_nonfinite = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(["hf_sam", sam_config.method])
+
+    def _check_sam_setup(self) -> None:
+        """Refuse, before training starts, the set-ups where a two-pass step cannot be exact."""
+        if self.sam_config.rho == 0:
+            return
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "SAMTrainer does not support DeepSpeed: Accelerate's DeepSpeed engine steps the optimizer inside "
+                "`backward`, so the first SAM pass would already update the weights. Use DDP or FSDP via "
+                "`accelerate launch` instead, or set `rho=0`."
+            )
+        if str(self.args.optim).lower().endswith("lomo"):
+            raise ValueError(
+                f"SAMTrainer does not support `optim={self.args.optim}`: (Ada)LOMO fuses the update into `backward`, "
+                "so the first SAM pass would already update the weights. Pick an optimizer that steps after backward "
+                "(e.g. `adamw_torch`)."
+            )
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                "SAMTrainer does not support FSDP yet: the perturbation norm must be taken over all shards. Use DDP "
+                "(`accelerate launch --multi_gpu`) for now."
+            )
+
+    # ------------------------------------------------------------------ the SAM step
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        config = self.sam_config
+        if config.rho == 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        last_micro_batch = self.accelerator.sync_gradients
+        num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        # 1. Pass 1 at w, on this micro-batch alone: set the accumulated gradients aside.
+        accumulated = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        with self._first_pass_sync_context(model):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p, acc in zip(params, accumulated, strict=True):
+            p.grad = acc  # pass 2 accumulates onto the earlier micro-batches' gradients
+        del accumulated
+
+        # 2. The perturbation, from the unscaled gradient on the scale of a whole batch.
+        if self._first_pass_needs_all_reduce(model):
+            _all_reduce_mean_(grads)
+        unscale = num_micro_batches / self._loss_scale()
+        if unscale != 1.0:
+            torch._foreach_mul_(grads, unscale)
+        grad_norm = global_norm(grads)
+        if self._all_finite(grad_norm):
+            if self._fsam is not None:
+                direction = self._fsam.direction(
+                    grads, accumulate_scale=1.0 / num_micro_batches, last_micro_batch=last_micro_batch
+                )
+                direction_norm = None
+            else:
+                direction, direction_norm = grads, grad_norm  # turned into e in place
+            del grads
+            perturbation_norm = sam_perturbation_(
+                direction,
+                params,
+                rho=config.rho,
+                adaptive=config.adaptive,
+                adaptive_eta=config.adaptive_eta,
+                normalize=config.normalize,
+                direction_norm=direction_norm,
+            )
+            saved_params = perturb_(params, direction)
+            del direction
+        else:
+            del grads
+            if self._fsam is not None:
+                self._fsam.skip_ema_update(last_micro_batch=last_micro_batch)
+            saved_params = None
+            if not self._warned_nonfinite:
+                logger.warning(
+                    "SAM: the first-pass gradient is not finite; this micro-batch is not perturbed (and F-SAM's EMA "
+                    "is not updated). The optimizer still gets the gradient at the unperturbed weights.",
+                    main_process_only=False,
+                )
+                self._warned_nonfinite = True
+
+        # 3. Pass 2 at w + e; its gradient is what the optimizer applies. Then restore w and the norm statistics.
+        saved_buffers = self._save_norm_buffers(model)
+        perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+        if saved_params is not None:
+            restore_(params, saved_params)
+        if saved_buffers:
+            restore_(self._sam_norm_buffers, saved_buffers)
+
+        self._record_sam_metrics(
+            loss, perturbed_loss, grad_norm, perturbation_norm if saved_params is not None else None, num_micro_batches
+        )
+        return loss
+
+    def _first_pass_sync_context(self, model: nn.Module):
+        """Local mode: pass 1 (forward and backward) runs inside `no_sync`, so its gradients stay per process."""
+        if self.sam_config.perturbation_sync == "local":
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
+
+    def _first_pass_needs_all_reduce(self, model: nn.Module) -> bool:
+        """Global mode under DDP inside the Trainer's own `no_sync` (non-final micro-batches): average by hand."""
+        return (
+            self.sam_config.perturbation_sync == "global"
+            and isinstance(model, nn.parallel.DistributedDataParallel)
+            and not model.require_backward_grad_sync
+        )
+
+    def _loss_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1 without one): pass-1 gradients are divided by it."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        return 1.0
+
+    def _all_finite(self, grad_norm: torch.Tensor) -> bool:
+        """Whether the pass-1 gradient is finite, decided the same way on every process."""
+        finite = torch.isfinite(grad_norm).to(torch.float32)
+        if self.sam_config.perturbation_sync == "local" and self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.to(self.args.device), reduction="sum")
+            return bool(finite.item() == self.accelerator.num_processes)
+        return bool(finite.item())
+
+    def _save_norm_buffers(self, model: nn.Module) -> list[torch.Tensor]:
+        """Copies of the running statistics of BatchNorm-like layers, to undo pass 2's update of them."""
+        if self._sam_norm_buffers is None:
+            self._sam_norm_buffers = [
+                buffer
+                for module in model.modules()
+                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+                if buffer is not None
+            ]
+        if not self._sam_norm_buffers:
+            return []
+        saved = [torch.empty_like(b) for b in self._sam_norm_buffers]
+        torch._foreach_copy_(saved, self._sam_norm_buffers)
+        return saved
+
+    # ------------------------------------------------------------------ logging
+
+    def _record_sam_metrics(
+        self,
+        loss: torch.Tensor,
+        perturbed_loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        perturbation_norm: torch.Tensor | None,
+        num_micro_batches: int,
+    ) -> None:
+        """Sum this micro-batch's SAM metrics on the device (no host sync); `log` averages and clears them."""
+        if self._sam_metric_sums is None:
+            # [weight, perturbed loss, sharpness, weight * grad norm, weight * perturbation norm, non-finite count]
+            self._sam_metric_sums = torch.zeros(6, dtype=torch.float32, device=loss.device)
+        if perturbation_norm is None:
+            self._sam_metric_sums[5] += 1
+            return
+        weight = 1.0 / num_micro_batches
+        loss, perturbed_loss = loss.float(), perturbed_loss.float()
+        values = torch.stack(
+            [
+                torch.tensor(weight, device=loss.device),
+                perturbed_loss,
+                perturbed_loss - loss,
+                grad_norm.to(loss.device) * weight,
+                perturbation_norm.to(loss.device) * weight,
+                torch.zeros((), device=loss.device),
+            ]
+        )
+        self._sam_metric_sums += values
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._sam_metric_sums is not None:
+            sums = self._sam_metric_sums
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            sums = sums.tolist()
+            if sums[0] > 0:
+                for i, key in enumerate(_METRIC_KEYS, start=1):
+                    logs[f"sam/{key}"] = round(sums[i] / sums[0], 6)
+            if sums[5] > 0:
+                logs["sam/nonfinite_micro_batches"] = int(sums[5])
+            self._sam_metric_sums.zero_()
+        return super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ saving and resuming
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.sam_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _sam_state_file(self, directory: str) -> str:
+        if self.sam_config.perturbation_sync == "local" and self.args.world_size > 1:
+            name = f"rank{self.args.process_index}-of-{self.args.world_size}-{SAM_STATE_NAME}"
+        else:
+            name = SAM_STATE_NAME
+        return os.path.join(directory, name)
+
+    def _trainable_parameter_names(self) -> list[str]:
+        return [name for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._fsam is None:
+            return
+        if self.sam_config.perturbation_sync == "global" and not self.args.should_save:
+            return  # every process holds the same EMA in global mode: the main process writes it
+        ema = self._fsam.state_dict()["ema"]
+        names = self._trainable_parameter_names()
+        state = {
+            "method": self.sam_config.method,
+            "ema": None if ema is None else {name: m.cpu() for name, m in zip(names, ema, strict=True)},
+        }
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(state, self._sam_state_file(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self._fsam is None:
+            return
+        path = self._sam_state_file(checkpoint)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"Resuming F-SAM from {checkpoint}, which has no {os.path.basename(path)}: the gradient EMA restarts "
+                "from the next step's gradient, so this run will not equal an uninterrupted one.",
+                main_process_only=False,
+            )
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["ema"] is None:
+            self._fsam.load_state_dict({"ema": None})
+            return
+        named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if set(named) != set(state["ema"]):
+            raise ValueError(
+                f"{path} holds an F-SAM EMA for other trainable parameters than this model's: missing "
+                f"{sorted(set(named) - set(state['ema']))[:5]}, unexpected {sorted(set(state['ema']) - set(named))[:5]}."
+            )
+        ema = [state["ema"][name].to(device=p.device, dtype=p.dtype) for name, p in named.items()]
+        self._fsam.load_state_dict({"ema": ema})
+
+
+class SAMTrainer(SAMMixin, Trainer):
+    r"""
+    [`~transformers.Trainer`] with Sharpness-Aware Minimization: SAM, ASAM, USAM or Friendly-SAM, set by a
+    [`SAMConfig`]. The only change w.r.t. `Trainer` is the two-pass `training_step` of [`SAMMixin`].
+
+    Example:
+
+    ```python
+    >>> from hf_sam import SAMConfig, SAMTrainer
+    >>> trainer = SAMTrainer(
+    ...     model=model, args=training_args, train_dataset=dataset, sam_config=SAMConfig(method="fsam", rho=0.05)
+    ... )
+    >>> trainer.train()
+    ```
+    """
+
+
+def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average `tensors` over all processes in place: one flattened all-reduce per (device, dtype)."""
+    world_size = dist.get_world_size()
+    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_key.setdefault((t.device, t.dtype), []).append(t)
+    for group in by_key.values():
+        flat = torch._utils._flatten_dense_tensors(group)
+        dist.all_reduce(flat)
+        flat.div_(world_size)
+        torch._foreach_copy_(group, torch._utils._unflatten_dense_tensors(flat, group))
