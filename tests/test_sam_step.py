@@ -1,0 +1,236 @@
+"""The SAM step's contract: bitwise restore, non-finite gradients, `rho=0`, resume, refused set-ups."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+from transformers import Trainer
+
+from hf_sam import SAMConfig, SAMTrainer
+
+from .testing_utils import (
+    SequentialSAMTrainer,
+    TinyClassifier,
+    TinyDataset,
+    TinyTextDataset,
+    params_of,
+    tiny_args,
+    tiny_bert,
+    tiny_model,
+)
+
+
+def training_step(trainer, batch):
+    """One micro-batch outside `train()`, as the Trainer's loop would run it without accumulation."""
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer.training_step(trainer.model, batch)
+
+
+class WeightRecorder:
+    """Records `fc1.weight` as each forward pass sees it."""
+
+    def __init__(self, model):
+        self.seen = []
+        model.fc1.register_forward_pre_hook(lambda module, args: self.seen.append(module.weight.detach().clone()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_weights_bitwise_restored_after_training_step(tmp_path, dtype, method, adaptive):
+    model = tiny_model(batch_norm=True).to(dtype)
+    trainer = SAMTrainer(
+        model=model,
+        args=tiny_args(tmp_path),
+        train_dataset=TinyDataset(),
+        sam_config=SAMConfig(method=method, rho=0.3, adaptive=adaptive),
+    )
+    recorder = WeightRecorder(model)
+    before = params_of(model)
+    for batch in TinyDataset().batches(8)[:3]:
+        batch["x"] = batch["x"].to(dtype)
+        training_step(trainer, batch)
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]), f"{name} not restored bitwise"
+    assert not torch.equal(recorder.seen[1], recorder.seen[0]), "pass 2 did not run at perturbed weights"
+    assert torch.equal(recorder.seen[2], recorder.seen[0])
+
+
+def test_batchnorm_statistics_are_those_of_pass_one(tmp_path):
+    model = tiny_model(batch_norm=True)
+    trainer = SAMTrainer(model=model, args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=SAMConfig())
+    batch = TinyDataset().batches(8)[0]
+    expected = tiny_model(batch_norm=True)
+    expected.train()
+    expected(**batch)  # one forward at w: the statistics pass 1 leaves
+    training_step(trainer, batch)
+    for (name, b), c in zip(model.named_buffers(), expected.buffers()):
+        assert torch.equal(b, c), name
+
+
+class PoisonedClassifier(TinyClassifier):
+    """Multiplies the loss by inf on the forward calls listed in `poisoned_calls` (counting from 0)."""
+
+    def __init__(self, poisoned_calls=(), **kwargs):
+        super().__init__(**kwargs)
+        self.poisoned_calls = set(poisoned_calls)
+        self.calls = 0
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        if self.calls in self.poisoned_calls:
+            out["loss"] = out["loss"] * float("inf")
+        self.calls += 1
+        return out
+
+
+def test_nonfinite_first_pass_leaves_weights_and_ema_untouched(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = PoisonedClassifier(poisoned_calls={2})
+    trainer = SAMTrainer(
+        model=model, args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=SAMConfig(method="fsam")
+    )
+    first, second = TinyDataset().batches(8)[:2]
+    training_step(trainer, first)  # calls 0 and 1: a normal F-SAM step, the EMA now exists
+    model.zero_grad(set_to_none=True)
+    ema_before = [m.clone() for m in trainer._fsam.ema]
+    weights_before = params_of(model)
+
+    with caplog.at_level(logging.WARNING):
+        loss = training_step(trainer, second)  # call 2 (pass 1) is inf; call 3 is pass 2 at w
+    assert "not finite" in caplog.text
+    assert not torch.isfinite(loss)
+    for m, m_before in zip(trainer._fsam.ema, ema_before):
+        assert torch.equal(m, m_before)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights_before[name])
+    # The gradient handed to the optimizer is the plain gradient at the unperturbed weights.
+    expected = torch.autograd.grad(TinyClassifier.forward(model, **second)["loss"], list(model.parameters()))
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+def test_training_continues_after_a_nonfinite_first_pass(tmp_path):
+    torch.manual_seed(0)
+    model = PoisonedClassifier(poisoned_calls={2})
+    trainer = SequentialSAMTrainer(
+        model=model, args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=SAMConfig(method="fsam")
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log.get("sam/nonfinite_micro_batches", 0) for log in logs] == [0, 1, 0, 0]
+    assert "sam/sharpness" not in logs[1] and "sam/sharpness" in logs[2]
+
+
+def _text_args(tmp_path, **overrides):
+    values = dict(
+        optim="adamw_torch",
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        max_steps=6,
+    )
+    values.update(overrides)
+    return tiny_args(tmp_path, **values)
+
+
+def test_rho_zero_is_the_stock_trainer_bitwise(tmp_path):
+    """`rho=0`: same updates as `Trainer` (AdamW, schedule, clipping, accumulation, dropout), one pass each."""
+    runs = {}
+    for name, trainer_class, kwargs in [
+        ("trainer", Trainer, {}),
+        ("sam", SAMTrainer, {"sam_config": SAMConfig(method="fsam", rho=0.0)}),
+    ]:
+        model = tiny_bert()
+        calls = []
+        model.register_forward_pre_hook(lambda module, args, kwargs, calls=calls: calls.append(1), with_kwargs=True)
+        trainer = trainer_class(
+            model=model, args=_text_args(tmp_path / name), train_dataset=TinyTextDataset(), **kwargs
+        )
+        trainer.train()
+        runs[name] = (params_of(model), len(calls), trainer.state.log_history)
+    (trainer_params, trainer_calls, _), (sam_params, sam_calls, sam_logs) = runs["trainer"], runs["sam"]
+    for name, p in trainer_params.items():
+        assert torch.equal(p, sam_params[name]), name
+    assert sam_calls == trainer_calls == 12
+    assert not any(key.startswith("sam/") for log in sam_logs for key in log)
+
+
+@pytest.mark.parametrize("method", ["fsam", "sam"])
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method):
+    sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5)
+    args = dict(save_strategy="steps", save_steps=2)
+
+    uninterrupted = tiny_bert()
+    SAMTrainer(
+        model=uninterrupted,
+        args=_text_args(tmp_path / "full", **args),
+        train_dataset=TinyTextDataset(),
+        sam_config=sam_config,
+    ).train()
+
+    resumed = tiny_bert(seed=1)  # different initial weights: everything must come from the checkpoint
+    SAMTrainer(
+        model=resumed,
+        args=_text_args(tmp_path / "resumed", **args),
+        train_dataset=TinyTextDataset(),
+        sam_config=sam_config,
+    ).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+
+    for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+
+
+def test_resume_without_fsam_state_warns_and_changes_the_run(tmp_path, caplog):
+    """The control for the test above: F-SAM's EMA matters, and losing it is loud."""
+    sam_config = SAMConfig(method="fsam", rho=0.1, fsam_lambda=0.5)
+    args = dict(save_strategy="steps", save_steps=2)
+    uninterrupted = tiny_bert()
+    SAMTrainer(
+        model=uninterrupted,
+        args=_text_args(tmp_path / "full", **args),
+        train_dataset=TinyTextDataset(),
+        sam_config=sam_config,
+    ).train()
+    checkpoint = tmp_path / "stripped"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", checkpoint)
+    (checkpoint / "sam_state.pt").unlink()
+
+    resumed = tiny_bert()
+    with caplog.at_level(logging.WARNING):
+        SAMTrainer(
+            model=resumed,
+            args=_text_args(tmp_path / "resumed", **args),
+            train_dataset=TinyTextDataset(),
+            sam_config=sam_config,
+        ).train(resume_from_checkpoint=str(checkpoint))
+    assert "sam_state.pt" in caplog.text
+    assert any(not torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters()))
+
+
+def test_only_trainable_parameters_are_perturbed(tmp_path):
+    model = tiny_model()
+    model.fc1.requires_grad_(False)
+    recorder = WeightRecorder(model)
+    trainer = SAMTrainer(model=model, args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=SAMConfig())
+    training_step(trainer, TinyDataset().batches(8)[0])
+    assert torch.equal(recorder.seen[0], recorder.seen[1]), "a frozen layer was perturbed"
+    assert model.fc1.weight.grad is None
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo"])
+def test_lomo_is_refused_before_training(tmp_path, optim):
+    with pytest.raises(ValueError, match="LOMO"):
+        SAMTrainer(
+            model=tiny_model(),
+            args=tiny_args(tmp_path, optim=optim),
+            train_dataset=TinyDataset(),
+            sam_config=SAMConfig(),
+        )

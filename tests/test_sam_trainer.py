@@ -1,0 +1,158 @@
+"""SAMTrainer against independent references: a hand-written two-pass loop and pytorch_optimizer's SAM."""
+
+import pytest
+import torch
+
+from hf_sam import SAMConfig
+
+from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_model
+
+
+STEPS = 4
+BATCH_SIZE = 8
+LR = 0.1
+
+
+def reference_sam_run(
+    model,
+    dataset,
+    *,
+    steps,
+    grad_accum,
+    rho,
+    adaptive=False,
+    eta=0.0,
+    normalize=True,
+    fsam=False,
+    sigma=1.0,
+    lam=0.9,
+    max_grad_norm=0.0,
+):
+    """
+    SAM / ASAM / USAM / F-SAM written out from the papers, one tensor at a time, with plain SGD.
+
+    Per micro-batch i of step t (K micro-batches): g = grad of the micro-batch mean loss at w;
+    d = g (SAM) or g - sigma * m_{t-1} (F-SAM, d = g on the first step); T = |w| + eta (ASAM) or 1;
+    e = rho T^2 d / ||T d|| (or rho T^2 d unnormalized); the applied gradient is the sum over micro-batches of
+    grad(L_i(w + e) / K), with BatchNorm statistics and weights put back after each pass 2.
+    Then m_t = mean_i g (first step) or lam * m_{t-1} + (1 - lam) * mean_i g; clip; w -= lr * applied.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = iter(dataset.batches(BATCH_SIZE))
+    ema = None
+    model.train()
+    for _ in range(steps):
+        micro_batches = [next(batches) for _ in range(grad_accum)]
+        applied = [torch.zeros_like(p) for p in params]
+        mean_grad = [torch.zeros_like(p) for p in params]
+        for batch in micro_batches:
+            g = torch.autograd.grad(model(**batch)["loss"], params)
+            d = list(g) if (not fsam or ema is None) else [gi - sigma * mi for gi, mi in zip(g, ema)]
+            scaling = [p.detach().abs() + eta if adaptive else torch.ones_like(p) for p in params]
+            if normalize:
+                norm = torch.sqrt(sum(((t * di) ** 2).sum() for t, di in zip(scaling, d)))
+                e = [rho * t * t * di / (norm + 1e-12) for t, di in zip(scaling, d)]
+            else:
+                e = [rho * t * t * di for t, di in zip(scaling, d)]
+            weights = [p.detach().clone() for p in params]
+            buffers = {name: b.clone() for name, b in model.named_buffers()}
+            with torch.no_grad():
+                for p, ei in zip(params, e):
+                    p.add_(ei)
+            g_perturbed = torch.autograd.grad(model(**batch)["loss"] / grad_accum, params)
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+            applied = [a + gp for a, gp in zip(applied, g_perturbed)]
+            mean_grad = [mg + gi / grad_accum for mg, gi in zip(mean_grad, g)]
+        ema = mean_grad if ema is None else [lam * mi + (1 - lam) * gi for mi, gi in zip(ema, mean_grad)]
+        if max_grad_norm > 0:
+            total = torch.sqrt(sum((a**2).sum() for a in applied))
+            coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
+            applied = [a * coef for a in applied]
+        with torch.no_grad():
+            for p, a in zip(params, applied):
+                p.sub_(LR * a)
+    return model
+
+
+VARIANTS = {
+    "sam": (SAMConfig(rho=0.1), {"rho": 0.1}),
+    "sam_clipped": (SAMConfig(rho=0.1), {"rho": 0.1, "max_grad_norm": 0.2}),
+    "asam": (SAMConfig(rho=0.5, adaptive=True, adaptive_eta=0.0), {"rho": 0.5, "adaptive": True, "eta": 0.0}),
+    "asam_eta": (SAMConfig(rho=0.5, adaptive=True, adaptive_eta=0.1), {"rho": 0.5, "adaptive": True, "eta": 0.1}),
+    "usam": (SAMConfig(rho=0.1, normalize=False), {"rho": 0.1, "normalize": False}),
+    "fsam": (
+        SAMConfig(method="fsam", rho=0.1, fsam_sigma=0.7, fsam_lambda=0.6),
+        {"rho": 0.1, "fsam": True, "sigma": 0.7, "lam": 0.6},
+    ),
+    "fsam_asam_usam": (
+        SAMConfig(method="fsam", rho=0.2, fsam_sigma=1.5, adaptive=True, normalize=False),
+        {"rho": 0.2, "fsam": True, "sigma": 1.5, "adaptive": True, "eta": 0.01, "normalize": False},
+    ),
+}
+
+
+def _train(tmp_path, sam_config, *, grad_accum, batch_norm, **args):
+    model = tiny_model(batch_norm=batch_norm)
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=tiny_args(tmp_path, gradient_accumulation_steps=grad_accum, max_steps=STEPS, **args),
+        train_dataset=TinyDataset(),
+        sam_config=sam_config,
+    )
+    trainer.train()
+    return model
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["mlp", "batchnorm"])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_hand_written_reference(tmp_path, variant, grad_accum, batch_norm):
+    sam_config, reference_kwargs = VARIANTS[variant]
+    model = _train(
+        tmp_path,
+        sam_config,
+        grad_accum=grad_accum,
+        batch_norm=batch_norm,
+        max_grad_norm=reference_kwargs.get("max_grad_norm", 0.0),
+    )
+    reference = reference_sam_run(
+        tiny_model(batch_norm=batch_norm), TinyDataset(), steps=STEPS, grad_accum=grad_accum, **reference_kwargs
+    )
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=f"{variant}: {name} differs")
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-6, msg=f"{variant}: buffer {name} differs")
+
+
+def test_reference_is_sensitive(tmp_path):
+    """The tolerance above is far below the differences between the variants, so the comparison can fail."""
+    sam = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.1)
+    fsam = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.1, fsam=True, sigma=0.7)
+    plain = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.0)
+    for a, b in [(sam, fsam), (sam, plain)]:
+        gap = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+        assert gap > 1e-4
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_matches_pytorch_optimizer_sam(tmp_path, adaptive):
+    """pytorch_optimizer's `SAM` (adaptive: ASAM with eta = 0) as an oracle, driven by a manual two-pass loop."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    rho = 0.5 if adaptive else 0.05
+    model = _train(tmp_path, SAMConfig(rho=rho, adaptive=adaptive, adaptive_eta=0.0), grad_accum=1, batch_norm=False)
+
+    oracle = tiny_model()
+    optimizer = pytorch_optimizer.SAM(
+        oracle.parameters(), base_optimizer=torch.optim.SGD, rho=rho, adaptive=adaptive, lr=LR
+    )
+    for batch in TinyDataset().batches(BATCH_SIZE)[:STEPS]:
+        oracle(**batch)["loss"].backward()
+        optimizer.first_step(zero_grad=True)
+        oracle(**batch)["loss"].backward()
+        optimizer.second_step(zero_grad=True)
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=f"{name} differs from pytorch_optimizer")

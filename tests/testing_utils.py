@@ -1,0 +1,126 @@
+"""Tiny models, data and a trainer with a fixed data order, shared by the tests."""
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import Trainer, TrainingArguments
+
+from hf_sam import SAMTrainer
+
+
+class TinyClassifier(nn.Module):
+    """A 2-layer MLP (optionally with BatchNorm) that returns `{"loss", "logits"}` like a Hugging Face model."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 8, num_classes: int = 3, batch_norm: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.norm = nn.BatchNorm1d(hidden) if batch_norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.tanh(self.norm(self.fc1(x))))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+class TinyDataset(Dataset):
+    def __init__(self, n: int = 64, in_features: int = 6, num_classes: int = 3, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, in_features, generator=generator)
+        self.labels = torch.randint(0, num_classes, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.labels[i]}
+
+    def batches(self, batch_size: int):
+        """The batches a sequential sampler yields, in order."""
+        return [
+            {"x": self.x[i : i + batch_size], "labels": self.labels[i : i + batch_size]}
+            for i in range(0, len(self), batch_size)
+        ]
+
+
+class _SequentialMixin:
+    """Fixed data order (no shuffling), so a hand-written loop can see the same batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class SequentialSAMTrainer(_SequentialMixin, SAMTrainer):
+    pass
+
+
+class SequentialTrainer(_SequentialMixin, Trainer):
+    pass
+
+
+def tiny_args(output_dir, **overrides) -> TrainingArguments:
+    """Plain SGD at a constant LR, no clipping, no weight decay, nothing reported: an update easy to write by hand."""
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> TinyClassifier:
+    torch.manual_seed(seed)
+    return TinyClassifier(**kwargs)
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
+    """A 2-layer, 16-wide BERT classifier built from a config (dropout on): a real Hugging Face model, nothing fetched."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**values))
+
+
+class TinyTextDataset(Dataset):
+    """Random token ids with padding and binary labels, shaped like a tokenized GLUE task."""
+
+    def __init__(self, n: int = 48, seq_len: int = 12, vocab_size: int = 64, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(1, vocab_size, (n, seq_len), generator=generator)
+        lengths = torch.randint(4, seq_len + 1, (n,), generator=generator)
+        self.attention_mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+        self.input_ids = self.input_ids * self.attention_mask
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
