@@ -18,15 +18,35 @@ __version__ = "0.1.0.dev0"
 from .perturbation import FriendlySAMDirection, global_norm, perturb_, restore_, sam_perturbation_
 from .sam_config import SAMConfig
 from .sam_trainer import SAMMixin, SAMTrainer
+from .sharpness import (
+    HessianEigenResult,
+    SharpnessResult,
+    ascent_sharpness,
+    average_sharpness,
+    gradient_eigenvector_alignment,
+    hessian_trace,
+    top_hessian_eigenvalue,
+    worst_case_sharpness,
+)
+from .sharpness_callback import SharpnessCallback
 
 
 __all__ = [
     "FriendlySAMDirection",
+    "HessianEigenResult",
     "SAMConfig",
     "SAMMixin",
     "SAMTrainer",
+    "SharpnessCallback",
+    "SharpnessResult",
+    "ascent_sharpness",
+    "average_sharpness",
     "global_norm",
+    "gradient_eigenvector_alignment",
+    "hessian_trace",
     "perturb_",
     "restore_",
     "sam_perturbation_",
+    "top_hessian_eigenvalue",
+    "worst_case_sharpness",
 ]

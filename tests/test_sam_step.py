@@ -10,6 +10,7 @@ from transformers import Trainer
 from hf_sam import SAMConfig, SAMTrainer
 
 from .testing_utils import (
+    PoisonedClassifier,
     SequentialSAMTrainer,
     TinyClassifier,
     TinyDataset,
@@ -67,22 +68,6 @@ def test_batchnorm_statistics_are_those_of_pass_one(tmp_path):
     training_step(trainer, batch)
     for (name, b), c in zip(model.named_buffers(), expected.buffers()):
         assert torch.equal(b, c), name
-
-
-class PoisonedClassifier(TinyClassifier):
-    """Multiplies the loss by inf on the forward calls listed in `poisoned_calls` (counting from 0)."""
-
-    def __init__(self, poisoned_calls=(), **kwargs):
-        super().__init__(**kwargs)
-        self.poisoned_calls = set(poisoned_calls)
-        self.calls = 0
-
-    def forward(self, x, labels=None):
-        out = super().forward(x, labels)
-        if self.calls in self.poisoned_calls:
-            out["loss"] = out["loss"] * float("inf")
-        self.calls += 1
-        return out
 
 
 def test_nonfinite_first_pass_leaves_weights_and_ema_untouched(tmp_path, caplog):

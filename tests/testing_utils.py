@@ -23,6 +23,22 @@ class TinyClassifier(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
+class PoisonedClassifier(TinyClassifier):
+    """Multiplies the loss by inf on the forward calls listed in `poisoned_calls` (counting from 0)."""
+
+    def __init__(self, poisoned_calls=(), **kwargs):
+        super().__init__(**kwargs)
+        self.poisoned_calls = set(poisoned_calls)
+        self.calls = 0
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        if self.calls in self.poisoned_calls:
+            out["loss"] = out["loss"] * float("inf")
+        self.calls += 1
+        return out
+
+
 class TinyDataset(Dataset):
     def __init__(self, n: int = 64, in_features: int = 6, num_classes: int = 3, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)

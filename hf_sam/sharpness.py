@@ -1,0 +1,618 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""
+Sharpness diagnostics: the quantities that Wen, Ma & Li (ICLR 2023, "How Does Sharpness-Aware Minimization Minimize
+Sharpness?", https://huggingface.co/papers/2211.05729) tell apart, measured on any model that returns a loss.
+
+With :math:`L(w)` the loss over `batches` (below) and :math:`g = \nabla L(w)`, :math:`H = \nabla^2 L(w)`:
+
+- worst-case sharpness :math:`\max_{\|e\| \le \rho} L(w + e) - L(w) \approx \rho \|g\| + \frac{\rho^2}{2}
+  \lambda_{\max}(H)`, which SAM's full (non-stochastic) step minimises; near a minimum it is driven by the top Hessian
+  eigenvalue;
+- ascent-direction sharpness :math:`L(w + \rho\, g / \|g\|) - L(w)`: the quantity SAM's update actually evaluates
+  (`sam/sharpness` of `SAMTrainer` is its per-minibatch, free version);
+- average sharpness :math:`\mathbb{E}_{z \sim N(0, I)} L(w + \rho\, z / \|z\|) - L(w) \approx
+  \frac{\rho^2}{2 d} \operatorname{tr}(H)` (:math:`d` the number of trainable weights), tied to the Hessian trace;
+- :math:`\lambda_{\max}(H)` (power iteration) and :math:`\operatorname{tr}(H)` (Hutchinson), by Hessian-vector
+  products;
+- :math:`|\cos(g, v_{\max})|`, the alignment of the gradient with the top eigenvector: Wen et al.'s mechanism, by which
+  SAM's ascent direction lines up with :math:`v_{\max}` and so penalises :math:`\lambda_{\max}`.
+
+Conventions shared by every function:
+
+- `batches` is an iterable of input dicts the model accepts (`model(**batch)` must return an object or dict with a
+  scalar `loss`). It is read into a list once, so a generator is fine. **The loss is the mean of the per-batch
+  losses**, :math:`L(w) = \frac{1}{B} \sum_b L_b(w)`, and so are its gradient and Hessian. Tensors are moved to the
+  device of the model's first trainable parameter.
+- Only the parameters with `requires_grad` are perturbed and differentiated (:math:`w` is the trainable subset: the
+  adapters of a PEFT model, say).
+- The model is left exactly as it was: trainable parameters and all buffers are copied back bitwise from saved copies
+  (never by subtracting a perturbation), and every module's train/eval mode, every `requires_grad` flag and every
+  `.grad` (including `None`) are put back; `.backward()` is never called, so `.grad` is never written to. The model is
+  evaluated in eval mode (dropout off, BatchNorm running statistics used) unless `eval_mode=False`, in which case
+  every forward pass draws its own dropout mask.
+- Randomness (random directions, Rademacher probes, the power-iteration start) comes from a local `torch.Generator`
+  seeded with `seed`, on the model's device; the global RNG states (CPU and the model's CUDA devices) are forked, so a
+  call is reproducible and does not change the random numbers of the training that surrounds it.
+- Forward and backward passes run in the model's own dtype, with no autocast. Direction vectors, perturbations,
+  Hessian-vector products and their reductions are kept in float32 (float64 for a float64 model). For bf16/fp16
+  weights the perturbed weights are rounded to the weight dtype and Hessian-vector products (double backward) are
+  computed in that dtype, so second-order quantities are noisy: treat them as trends, not as exact values.
+- Hessian-vector products use double backward (:math:`Hv = \nabla (g^\top v)`); the forward passes that build them run
+  with PyTorch's math attention kernel (`torch.nn.attention.sdpa_kernel`), because the fused SDPA kernels have no
+  double backward. Models with custom attention kernels (FlashAttention-2) need `attn_implementation="eager"` or
+  `"sdpa"` for the Hessian functions.
+- Distributed: when `torch.distributed` is initialized, every process must call the function with the same
+  `batches`; process `r` of `n` evaluates `batches[r::n]`, and the loss sums, gradients and Hessian-vector products are
+  summed across processes with `all_reduce` and divided by the total number of batches, so every process gets the same
+  result (the mean over all batches). A `DistributedDataParallel` wrapper is unwrapped. FSDP and DeepSpeed ZeRO-3
+  (sharded parameters) are not supported.
+"""
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate.logging import get_logger
+from accelerate.state import PartialState
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+logger = get_logger(__name__)
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """
+    One diagnostic: `value` (a float; `float(result)` gives it), `stderr` (the standard error of a Monte-Carlo mean,
+    `None` for deterministic quantities) and `iterations` (random samples, ascent steps or power iterations used).
+    """
+
+    value: float
+    stderr: float | None = None
+    iterations: int = 1
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class HessianEigenResult(SharpnessResult):
+    """
+    The top Hessian eigenvalue (`value`) with its unit-norm `eigenvector` (one tensor per trainable parameter, shaped
+    like it, float32 or float64, on its device; the sign is arbitrary) and whether power iteration met its tolerance
+    (`converged`). `stderr` is `None`.
+    """
+
+    eigenvector: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
+    converged: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- public functions
+
+
+def ascent_sharpness(
+    model: nn.Module, batches: Iterable[Batch], *, rho: float = 0.05, eval_mode: bool = True
+) -> SharpnessResult:
+    r"""
+    Ascent-direction sharpness :math:`L(w + \rho\, g / \|g\|) - L(w)`, :math:`g = \nabla L(w)`, over all `batches`.
+
+    This is what one full-batch SAM step evaluates (Foret et al. 2021; Wen et al. 2023 call it the ascent-direction
+    sharpness). It is 0 when :math:`g = 0`. Cost: one forward and backward pass, then one forward pass, per batch.
+    """
+    _check_rho(rho)
+    with _Evaluator.open(model, batches, eval_mode) as ev:
+        loss, grad = ev.loss_and_grad()
+        grad_norm = _norm(grad)
+        if grad_norm == 0:
+            return SharpnessResult(0.0, None, 1)
+        _scale_(grad, rho / grad_norm)
+        return SharpnessResult(ev.loss(grad) - loss, None, 1)
+
+
+def worst_case_sharpness(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    rho: float = 0.05,
+    steps: int = 10,
+    step_size: float = 1.0,
+    tol: float = 1e-4,
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> SharpnessResult:
+    r"""
+    Worst-case sharpness :math:`\max_{\|e\| \le \rho} L(w + e) - L(w)`, by projected normalized gradient ascent.
+
+    Starts from SAM's :math:`e_0 = \rho\, g / \|g\|` (a random direction of norm :math:`\rho` if :math:`g = 0`), then
+
+    .. math::
+        e_{k+1} = P_\rho\!\left(e_k + \eta\, \rho\, \frac{g_k}{\|g_k\|}\right), \qquad g_k = \nabla L(w + e_k),
+
+    with :math:`P_\rho` the projection onto the ball :math:`\|e\| \le \rho` and :math:`\eta` = `step_size`. A large
+    :math:`\eta` gives the fixed-point iteration :math:`e = \rho\, \nabla L(w + e) / \|\nabla L(w + e)\|`, which
+    increases :math:`L` at every step when :math:`L` is convex; :math:`\eta = 1` (the default) damps it.
+
+    Evaluates :math:`L(w + e_k)` at up to `steps` iterates (stopping early once :math:`\|e_{k+1} - e_k\| \le`
+    `tol` :math:`\rho`) and returns the largest :math:`L(w + e_k) - L(w)` seen: a lower bound on the true maximum that
+    is never below the ascent sharpness (`steps=1` is exactly `ascent_sharpness`). `iterations` is the number of
+    evaluated iterates. Cost: one forward and backward pass per batch at :math:`w`, then one per iterate.
+    """
+    _check_rho(rho)
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    if step_size <= 0:
+        raise ValueError(f"`step_size` must be > 0, got {step_size}.")
+    with _Evaluator.open(model, batches, eval_mode) as ev:
+        loss, direction = ev.loss_and_grad()
+        norm = _norm(direction)
+        if norm == 0:  # at a stationary point: start from a random direction
+            direction = ev.randn(seed)
+            norm = _norm(direction)
+        perturbation = _scale_(direction, rho / norm)
+        best = -math.inf
+        iterations = 0
+        for _ in range(steps):
+            perturbed_loss, grad = ev.loss_and_grad(perturbation)
+            iterations += 1
+            best = max(best, perturbed_loss)
+            grad_norm = _norm(grad)
+            if grad_norm == 0:
+                break
+            candidate = torch._foreach_add(perturbation, grad, alpha=step_size * rho / grad_norm)
+            candidate_norm = _norm(candidate)
+            if candidate_norm > rho:
+                _scale_(candidate, rho / candidate_norm)
+            moved = _norm(torch._foreach_sub(candidate, perturbation))
+            perturbation = candidate
+            if moved <= tol * rho:
+                break
+        return SharpnessResult(best - loss, None, iterations)
+
+
+def average_sharpness(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    rho: float = 0.05,
+    samples: int = 10,
+    antithetic: bool = True,
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> SharpnessResult:
+    r"""
+    Average sharpness :math:`\mathbb{E}_{z \sim N(0, I)}\, L(w + \rho\, z / \|z\|) - L(w)`, by Monte Carlo.
+
+    :math:`e = \rho\, z / \|z\|` is uniform on the sphere of radius :math:`\rho` in the space of trainable weights, so
+    the first-order term vanishes in expectation and the value is :math:`\approx \frac{\rho^2}{2d}
+    \operatorname{tr}(H)` for small :math:`\rho`. With `antithetic` (the default) each sample is the symmetric
+    difference :math:`\frac{1}{2}(L(w + e) + L(w - e)) - L(w)`, which has the same expectation and cancels the
+    first-order term exactly (so much less variance); otherwise it is :math:`L(w + e) - L(w)`. `stderr` is the
+    standard error of the mean over the `samples` (`None` for one sample). Cost: one forward pass per batch at
+    :math:`w`, then one (two with `antithetic`) per sample.
+    """
+    _check_rho(rho)
+    if samples < 1:
+        raise ValueError(f"`samples` must be >= 1, got {samples}.")
+    with _Evaluator.open(model, batches, eval_mode) as ev:
+        loss = ev.loss()
+        generator = ev.generator(seed)
+        values = []
+        for _ in range(samples):
+            perturbation = ev.randn(generator)
+            _scale_(perturbation, rho / _norm(perturbation))
+            value = ev.loss(perturbation)
+            if antithetic:
+                value = 0.5 * (value + ev.loss(torch._foreach_neg(perturbation)))
+            values.append(value - loss)
+        return SharpnessResult(*_mean_and_stderr(values), samples)
+
+
+def top_hessian_eigenvalue(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    max_iterations: int = 100,
+    tol: float = 1e-3,
+    which: str = "algebraic",
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> HessianEigenResult:
+    r"""
+    The top eigenvalue of the Hessian of :math:`L` and its eigenvector, by power iteration on Hessian-vector products.
+
+    Power iteration :math:`v \leftarrow Hv / \|Hv\|` from a random :math:`v_0` finds the eigenvalue of largest
+    **magnitude**; the estimate is the Rayleigh quotient :math:`v^\top H v`, and iteration stops when it changes by
+    at most `tol` relative to its value between two iterations (or after `max_iterations`; then `converged` is
+    False and a warning is logged). The error can exceed `tol` when the top two eigenvalues are close.
+
+    - `which="algebraic"` (the default) returns the largest eigenvalue :math:`\lambda_{\max}`: if the dominant
+      eigenvalue :math:`\lambda_d` is negative, a second power iteration on :math:`H - \lambda_d I` (whose spectrum is
+      :math:`\ge 0` with top :math:`\lambda_{\max} - \lambda_d`) finds it (up to twice the cost).
+    - `which="magnitude"` returns the dominant eigenvalue :math:`\lambda_d` itself.
+
+    Power iteration cannot separate :math:`\pm\lambda` pairs of equal magnitude; with a repeated top eigenvalue the
+    eigenvector is one unit vector of its eigenspace. Cost: one Hessian-vector product (a forward, a backward building
+    the graph, and a double backward) per batch and iteration; with a single (local) batch the forward and first
+    backward are done once and their graph is kept for all iterations.
+    """
+    if max_iterations < 1:
+        raise ValueError(f"`max_iterations` must be >= 1, got {max_iterations}.")
+    if which not in ("algebraic", "magnitude"):
+        raise ValueError(f"`which` must be 'algebraic' or 'magnitude', got {which!r}.")
+    with _Evaluator.open(model, batches, eval_mode) as ev:
+        return _top_eigen(ev, max_iterations=max_iterations, tol=tol, which=which, seed=seed)
+
+
+def hessian_trace(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    samples: int = 100,
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> SharpnessResult:
+    r"""
+    The Hessian trace :math:`\operatorname{tr}(H) = \mathbb{E}_z[z^\top H z]` by Hutchinson's estimator.
+
+    :math:`z` has independent Rademacher (:math:`\pm 1`) entries; the value is the mean of :math:`z^\top H z` over
+    `samples` probes (the same probes for every batch) and `stderr` its standard error (`None` for one sample). The
+    estimator is exact for a diagonal Hessian; its variance is :math:`2 \sum_{i \ne j} H_{ij}^2` per probe. Cost: per
+    batch one forward and one graph-building backward, then one double backward per sample.
+    """
+    if samples < 1:
+        raise ValueError(f"`samples` must be >= 1, got {samples}.")
+    with _Evaluator.open(model, batches, eval_mode) as ev:
+        estimates = torch.zeros(samples, dtype=ev.scalar_dtype, device=ev.device)
+        for batch in ev.batches:
+            grad = ev.grad_with_graph(batch)
+            generator = ev.generator(seed)  # the same probes for every batch
+            for i in range(samples):
+                probe = ev.rademacher(generator)
+                estimates[i] += _dot(probe, ev.hvp_from(grad, probe, retain_graph=i < samples - 1))
+            del grad
+        estimates = ev.all_reduce_mean_scalars(estimates)
+        return SharpnessResult(*_mean_and_stderr(estimates.tolist()), samples)
+
+
+def gradient_eigenvector_alignment(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    eigenvector: list[torch.Tensor] | None = None,
+    max_iterations: int = 100,
+    tol: float = 1e-3,
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> SharpnessResult:
+    r"""
+    :math:`|\cos(g, v_{\max})| = |g^\top v_{\max}| / (\|g\| \|v_{\max}\|)`: how well the gradient over `batches` lines
+    up with the top Hessian eigenvector (Wen et al. 2023: SAM's ascent direction aligns with :math:`v_{\max}`).
+
+    :math:`v_{\max}` is `eigenvector` (e.g. `top_hessian_eigenvalue(...).eigenvector` on the same model and
+    batches) or, if `None`, computed as by `top_hessian_eigenvalue(which="algebraic")` with `max_iterations`, `tol`
+    and `seed`; `iterations` counts those power iterations (0 when `eigenvector` is given). NaN when
+    :math:`g = 0`. Cost: one forward and backward pass per batch, plus the power iteration if it is run.
+    """
+    with _Evaluator.open(model, batches, eval_mode) as ev:
+        iterations = 0
+        if eigenvector is None:
+            eigen = _top_eigen(ev, max_iterations=max_iterations, tol=tol, which="algebraic", seed=seed)
+            eigenvector, iterations = eigen.eigenvector, eigen.iterations
+        else:
+            eigenvector = ev.as_vector(eigenvector)
+        _, grad = ev.loss_and_grad()
+        denominator = _norm(grad) * _norm(eigenvector)
+        value = abs(_dot(grad, eigenvector).item()) / denominator if denominator > 0 else math.nan
+        return SharpnessResult(value, None, iterations)
+
+
+# ---------------------------------------------------------------------------------------------- internals
+
+
+def _top_eigen(ev: "_Evaluator", *, max_iterations: int, tol: float, which: str, seed: int) -> HessianEigenResult:
+    generator = ev.generator(seed)
+    start = ev.randn(generator)
+    value, vector, iterations, converged = _power_iteration(ev, start, 0.0, max_iterations, tol)
+    if which == "algebraic" and value < 0:
+        # The dominant eigenvalue is negative: the top one is the dominant eigenvalue of H - value * I (spectrum >= 0).
+        shifted, vector, more, converged_shifted = _power_iteration(
+            ev, ev.randn(generator), value, max_iterations, tol
+        )
+        value, iterations, converged = shifted + value, iterations + more, converged and converged_shifted
+    if not converged:
+        _warn(
+            f"top_hessian_eigenvalue: power iteration did not reach tol={tol} in {max_iterations} iterations "
+            f"(estimate {value:.6g}); raise `max_iterations` or `tol`."
+        )
+    return HessianEigenResult(value, None, iterations, eigenvector=vector, converged=converged)
+
+
+def _power_iteration(
+    ev: "_Evaluator", vector: list[torch.Tensor], shift: float, max_iterations: int, tol: float
+) -> tuple[float, list[torch.Tensor], int, bool]:
+    """Power iteration on `H - shift * I`: (Rayleigh quotient, unit vector, iterations, converged)."""
+    _scale_(vector, 1.0 / _norm(vector))
+    estimate = None
+    converged = False
+    iterations = 0
+    for iterations in range(1, max_iterations + 1):
+        product = ev.hvp(vector)
+        if shift:
+            torch._foreach_add_(product, vector, alpha=-shift)
+        new_estimate = _dot(vector, product).item()
+        product_norm = _norm(product)
+        if product_norm == 0:  # H v = shift v exactly (a zero Hessian, say): v is an eigenvector
+            return new_estimate, vector, iterations, True
+        converged = estimate is not None and abs(new_estimate - estimate) <= tol * abs(new_estimate)
+        estimate = new_estimate
+        vector = _scale_(product, 1.0 / product_norm)
+        if converged:
+            break
+    return estimate, vector, iterations, converged
+
+
+class _Evaluator:
+    """The loss, its gradient and Hessian-vector products over the (local shard of the) batches, as means."""
+
+    def __init__(self, model: nn.Module, batches: list[Batch], saved_params: list[torch.Tensor]):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.saved_params = saved_params
+        self.device = self.params[0].device
+        self.vector_dtypes = [torch.promote_types(p.dtype, torch.float32) for p in self.params]
+        self.scalar_dtype = torch.float64 if torch.float64 in self.vector_dtypes else torch.float32
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed:
+            batches = batches[dist.get_rank() :: dist.get_world_size()]
+        self.batches = batches
+        count = torch.tensor(len(batches), dtype=torch.int64, device=self._collective_device())
+        if self.distributed:
+            dist.all_reduce(count)
+        self.num_batches = int(count.item())
+        if self.num_batches == 0:
+            raise ValueError("`batches` is empty: the diagnostics need at least one batch.")
+        self._cached_grad: list[torch.Tensor] | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, model: nn.Module, batches: Iterable[Batch], eval_mode: bool) -> Iterator["_Evaluator"]:
+        """Unwrap DDP, read `batches`, and put the model back exactly as it was on exit."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no parameter with `requires_grad=True`: nothing to measure.")
+        batches = list(batches)
+        with _preserved_model_state(model, params, eval_mode) as saved_params:
+            yield cls(model, batches, saved_params)
+
+    # ---------------------------------------------------------------- passes
+
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        output = self.model(**_to_device(batch, self.device))
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if loss is None:
+            raise ValueError("The model returned no loss: every batch must hold the labels the model needs.")
+        if loss.dim() != 0:
+            raise ValueError(f"The model's loss must be a scalar, got shape {tuple(loss.shape)}.")
+        return loss
+
+    @contextlib.contextmanager
+    def _perturbed(self, perturbation: list[torch.Tensor] | None) -> Iterator[None]:
+        """Weights `w + perturbation` inside, bitwise `w` after (copied back from the saved weights)."""
+        if perturbation is None:
+            yield
+            return
+        with torch.no_grad():
+            for p, saved, e in zip(self.params, self.saved_params, perturbation, strict=True):
+                p.copy_(saved).add_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.saved_params)
+
+    def loss(self, perturbation: list[torch.Tensor] | None = None) -> float:
+        """:math:`L(w + e)` (the mean over all batches), forward passes only."""
+        total = torch.zeros((), dtype=self.scalar_dtype, device=self.device)
+        with self._perturbed(perturbation), torch.no_grad():
+            for batch in self.batches:
+                total += self._forward_loss(batch).detach().to(self.scalar_dtype)
+        return self.all_reduce_mean_scalars(total).item()
+
+    def loss_and_grad(self, perturbation: list[torch.Tensor] | None = None) -> tuple[float, list[torch.Tensor]]:
+        """:math:`L(w + e)` and :math:`\\nabla L(w + e)` (means over all batches)."""
+        total = torch.zeros((), dtype=self.scalar_dtype, device=self.device)
+        grad = self.zeros()
+        with self._perturbed(perturbation):
+            for batch in self.batches:
+                loss = self._forward_loss(batch)
+                parts = torch.autograd.grad(loss, self.params, allow_unused=True)
+                total += loss.detach().to(self.scalar_dtype)
+                for acc, part in zip(grad, parts, strict=True):
+                    if part is not None:
+                        acc.add_(part)
+        return self.all_reduce_mean_scalars(total).item(), self.all_reduce_mean_(grad)
+
+    def grad_with_graph(self, batch: Batch) -> list[torch.Tensor | None]:
+        """:math:`\\nabla L_b(w)` with its graph, for Hessian-vector products (math attention kernel)."""
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = self._forward_loss(batch)
+        return list(torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True))
+
+    def hvp_from(
+        self, grad: list[torch.Tensor | None], vector: list[torch.Tensor], *, retain_graph: bool
+    ) -> list[torch.Tensor]:
+        """:math:`H_b v = \\nabla (g_b^\\top v)` for a gradient `grad` built by `grad_with_graph` (not reduced)."""
+        terms = [(g * v.to(g.dtype)).sum() for g, v in zip(grad, vector, strict=True) if g is not None]
+        dot = torch.stack(terms).sum() if terms else None
+        if dot is None or not dot.requires_grad:  # the gradient does not depend on w: H = 0
+            return self.zeros()
+        parts = torch.autograd.grad(dot, self.params, retain_graph=retain_graph, allow_unused=True)
+        return [
+            torch.zeros_like(p, dtype=dtype) if part is None else part.to(dtype)
+            for p, part, dtype in zip(self.params, parts, self.vector_dtypes, strict=True)
+        ]
+
+    def hvp(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:math:`H v` (the mean over all batches). With one local batch its gradient graph is built once and kept."""
+        if len(self.batches) == 1:
+            if self._cached_grad is None:
+                self._cached_grad = self.grad_with_graph(self.batches[0])
+            return self.all_reduce_mean_(self.hvp_from(self._cached_grad, vector, retain_graph=True))
+        total = self.zeros()
+        for batch in self.batches:
+            torch._foreach_add_(total, self.hvp_from(self.grad_with_graph(batch), vector, retain_graph=False))
+        return self.all_reduce_mean_(total)
+
+    # ---------------------------------------------------------------- vectors
+
+    def zeros(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(p, dtype=dtype) for p, dtype in zip(self.params, self.vector_dtypes, strict=True)]
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def randn(self, generator: torch.Generator | int) -> list[torch.Tensor]:
+        """Standard normal entries (a fresh generator seeded with `generator` if it is an int)."""
+        if isinstance(generator, int):
+            generator = self.generator(generator)
+        return [
+            torch.randn(p.shape, generator=generator, dtype=dtype, device=self.device).to(p.device)
+            for p, dtype in zip(self.params, self.vector_dtypes, strict=True)
+        ]
+
+    def rademacher(self, generator: torch.Generator) -> list[torch.Tensor]:
+        return [
+            (torch.randint(0, 2, p.shape, generator=generator, dtype=dtype, device=self.device) * 2 - 1).to(p.device)
+            for p, dtype in zip(self.params, self.vector_dtypes, strict=True)
+        ]
+
+    def as_vector(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Check that `tensors` has one tensor shaped like each trainable parameter, in the vector dtypes."""
+        tensors = list(tensors)
+        shapes = [tuple(p.shape) for p in self.params]
+        if [tuple(t.shape) for t in tensors] != shapes:
+            raise ValueError("`eigenvector` must hold one tensor shaped like each trainable parameter, in order.")
+        return [
+            t.to(device=p.device, dtype=d) for t, p, d in zip(tensors, self.params, self.vector_dtypes, strict=True)
+        ]
+
+    # ---------------------------------------------------------------- reductions across batches and processes
+
+    def _collective_device(self) -> torch.device:
+        if self.distributed and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return self.device
+
+    def all_reduce_mean_scalars(self, total: torch.Tensor) -> torch.Tensor:
+        """Sum of per-batch values (any shape) over processes, divided by the total number of batches."""
+        if self.distributed:
+            total = total.to(self._collective_device())
+            dist.all_reduce(total)
+        return total / self.num_batches
+
+    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """In place: sum of per-batch vectors over processes, divided by the total number of batches."""
+        if self.distributed:
+            by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for t in tensors:
+                by_key.setdefault((t.device, t.dtype), []).append(t)
+            for group in by_key.values():
+                flat = torch._utils._flatten_dense_tensors(group)
+                dist.all_reduce(flat)
+                torch._foreach_copy_(group, torch._utils._unflatten_dense_tensors(flat, group))
+        torch._foreach_div_(tensors, float(self.num_batches))
+        return tensors
+
+
+@contextlib.contextmanager
+def _preserved_model_state(model: nn.Module, params: list[torch.Tensor], eval_mode: bool) -> Iterator[list]:
+    """Save what a diagnostic could touch and put it back bitwise on exit; fork the global RNGs meanwhile."""
+    modes = [(module, module.training) for module in model.modules()]
+    all_params = list(model.parameters())
+    flags = [p.requires_grad for p in all_params]
+    grads = [p.grad for p in all_params]
+    saved_params = [p.detach().clone() for p in params]
+    buffers = [b for b in model.buffers()]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    cuda_devices = sorted({p.device.index for p in all_params if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), torch.enable_grad():
+            if eval_mode:
+                model.eval()
+            yield saved_params
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params, strict=True):
+                p.copy_(saved)
+            for b, saved in zip(buffers, saved_buffers, strict=True):
+                b.copy_(saved)
+        for module, training in modes:
+            module.training = training
+        for p, flag, grad in zip(all_params, flags, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """:math:`x^\\top y` over all tensors, a 0-d tensor in the widest of their dtypes (float32 at least)."""
+    terms = [(x * y.to(x.dtype)).sum() for x, y in zip(xs, ys, strict=True)]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+    device = terms[0].device
+    return torch.stack([t.to(device=device, dtype=dtype) for t in terms]).sum()
+
+
+def _norm(xs: list[torch.Tensor]) -> float:
+    return math.sqrt(max(_dot(xs, xs).item(), 0.0))
+
+
+def _scale_(xs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    torch._foreach_mul_(xs, scale)
+    return xs
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, None
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _check_rho(rho: float) -> None:
+    if not rho > 0:
+        raise ValueError(f"`rho` must be > 0, got {rho}.")
+
+
+def _warn(message: str) -> None:
+    """Log a warning through accelerate's logger once its state exists (it refuses before), else the stdlib one."""
+    if PartialState._shared_state:
+        logger.warning(message)
+    else:
+        logging.getLogger(__name__).warning(message)

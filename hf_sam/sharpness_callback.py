@@ -1,0 +1,245 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""`SharpnessCallback`: the diagnostics of `hf_sam.sharpness` on a fixed set of batches, logged during training."""
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.data.data_collator import default_data_collator
+
+from .sharpness import (
+    ascent_sharpness,
+    average_sharpness,
+    gradient_eigenvector_alignment,
+    hessian_trace,
+    top_hessian_eigenvalue,
+    worst_case_sharpness,
+)
+
+
+logger = get_logger(__name__)
+
+DIAGNOSTICS = ("worst_case", "ascent", "average", "top_eigenvalue", "trace", "alignment")
+DEFAULT_DIAGNOSTICS = ("ascent", "average", "top_eigenvalue", "trace")
+
+
+class SharpnessCallback(TrainerCallback):
+    r"""
+    Measures sharpness diagnostics (see `hf_sam.sharpness`) on a fixed set of batches every `every_n_steps`
+    optimizer steps and/or after every evaluation, and logs them as `sharpness/<name>` (plus
+    `sharpness/<name>_stderr` for the Monte-Carlo ones) through the Trainer's own logging, so they reach
+    `trainer_state.json`'s `log_history` and the reporting integrations (TensorBoard, W&B, ...).
+
+    `diagnostics` are names among `"worst_case"`, `"ascent"`, `"average"`, `"top_eigenvalue"`, `"trace"` and
+    `"alignment"` (:math:`|\cos|` of the gradient and the top Hessian eigenvector; it reuses the eigenvector of
+    `"top_eigenvalue"` when both are asked for).
+
+    The batches are either `batches` (a list of input dicts, with labels) or the first `num_batches * batch_size`
+    examples of `dataset`, in order, collated by `data_collator` (default: the trainer's `data_collator` if a trainer
+    is attached, else `transformers.default_data_collator`); they are built once and moved to the model's device.
+    Use the same batches all along, so the numbers are comparable across steps and runs.
+
+    The Trainer does not hand its callbacks the trainer itself, so attach it, as TRL's callbacks do:
+
+    ```python
+    >>> callback = SharpnessCallback(batches, every_n_steps=100)
+    >>> trainer = SAMTrainer(model=model, args=args, train_dataset=train_dataset, callbacks=[callback])
+    >>> callback.trainer = trainer  # or SharpnessCallback(..., trainer=trainer) and trainer.add_callback(callback)
+    ```
+
+    Without a trainer the values are still appended to `state.log_history` (with the `step`), but the reporting
+    integrations do not see them. The model is put back exactly as it was (weights, buffers, modes, gradients, RNG
+    states: see `hf_sam.sharpness`), so the callback does not change the training run. Under distributed training
+    every process must run it (it does, in the callback hooks): the batches are sharded over the processes.
+
+    Cost per measurement, with :math:`B` batches (per process), in passes over one batch (F a forward, FB a forward
+    and backward, HVP a forward, a graph-building backward and a double backward, roughly 4-5 F):
+
+    - `"ascent"`: :math:`B` FB + :math:`B` F;
+    - `"worst_case"`: :math:`(1 + \text{worst\_case\_steps})\, B` FB at most;
+    - `"average"`: :math:`B\,(1 + 2\,\text{samples})` F (antithetic pairs);
+    - `"top_eigenvalue"`: :math:`\text{max\_iterations}\, B` HVP at most (twice that if the dominant eigenvalue is
+      negative; with :math:`B = 1` the forward and first backward are done once);
+    - `"trace"`: :math:`B` (F + backward) + :math:`\text{samples}\, B` double backward;
+    - `"alignment"`: :math:`B` FB, plus the `"top_eigenvalue"` cost unless that is measured too.
+
+    Args:
+        batches: a list of batches (dicts of tensors the model accepts, with labels).
+        dataset, batch_size, num_batches, data_collator: or build them from the start of `dataset`.
+        every_n_steps: measure at every multiple of this `global_step` (`None`: never during training).
+        on_evaluate: measure after each evaluation as well (once per step: not again if already done at this step).
+        diagnostics: which quantities to measure.
+        rho: radius of the worst-case, ascent and average sharpness.
+        worst_case_steps: ascent steps of `worst_case_sharpness`.
+        max_iterations, tol: power iteration of `top_hessian_eigenvalue` (and `"alignment"`).
+        samples: Monte-Carlo samples of `average_sharpness` and Hutchinson probes of `hessian_trace`.
+        seed: seed of all random directions (the same directions at every measurement).
+        eval_mode: measure in eval mode (dropout off), as recommended.
+        trainer: the trainer whose `log` to call (settable later as `callback.trainer`).
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[dict[str, Any]] | None = None,
+        *,
+        dataset: Any = None,
+        batch_size: int = 8,
+        num_batches: int = 1,
+        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+        every_n_steps: int | None = None,
+        on_evaluate: bool = True,
+        diagnostics: Sequence[str] = DEFAULT_DIAGNOSTICS,
+        rho: float = 0.05,
+        worst_case_steps: int = 5,
+        max_iterations: int = 20,
+        tol: float = 1e-3,
+        samples: int = 10,
+        seed: int = 0,
+        eval_mode: bool = True,
+        trainer: Trainer | None = None,
+    ):
+        if (batches is None) == (dataset is None):
+            raise ValueError("Pass exactly one of `batches` and `dataset`.")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps}.")
+        diagnostics = tuple(diagnostics)
+        unknown = [name for name in diagnostics if name not in DIAGNOSTICS]
+        if unknown or not diagnostics:
+            raise ValueError(f"`diagnostics` must be a non-empty subset of {DIAGNOSTICS}, got {diagnostics}.")
+        if dataset is not None and (batch_size < 1 or num_batches < 1 or num_batches * batch_size > len(dataset)):
+            raise ValueError(
+                f"Need 1 <= num_batches * batch_size <= len(dataset), got {num_batches} * {batch_size} for "
+                f"{len(dataset)} examples."
+            )
+        self._batches = list(batches) if batches is not None else None
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.data_collator = data_collator
+        self.every_n_steps = every_n_steps
+        self.run_on_evaluate = on_evaluate  # not `self.on_evaluate`: that is the hook
+        self.diagnostics = diagnostics
+        self.rho = rho
+        self.worst_case_steps = worst_case_steps
+        self.max_iterations = max_iterations
+        self.tol = tol
+        self.samples = samples
+        self.seed = seed
+        self.eval_mode = eval_mode
+        self.trainer = trainer
+        self._device_batches: tuple[torch.device, list[dict[str, Any]]] | None = None
+        self._last_step: int | None = None
+        self._warned_no_trainer = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+            self._measure_and_log(state, kwargs["model"])
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.run_on_evaluate:
+            self._measure_and_log(state, kwargs["model"])
+
+    # ------------------------------------------------------------------ measuring
+
+    def compute(self, model: nn.Module) -> dict[str, float]:
+        """Measure the `diagnostics` on `model` now; returns `{"sharpness/<name>": value, ...}`."""
+        batches = self._batches_on(_model_device(model))
+        logs: dict[str, float] = {}
+        eigenvector = None
+        for name in sorted(self.diagnostics, key=DIAGNOSTICS.index):  # top_eigenvalue before alignment
+            if name == "worst_case":
+                result = worst_case_sharpness(
+                    model, batches, rho=self.rho, steps=self.worst_case_steps, seed=self.seed, eval_mode=self.eval_mode
+                )
+            elif name == "ascent":
+                result = ascent_sharpness(model, batches, rho=self.rho, eval_mode=self.eval_mode)
+            elif name == "average":
+                result = average_sharpness(
+                    model, batches, rho=self.rho, samples=self.samples, seed=self.seed, eval_mode=self.eval_mode
+                )
+            elif name == "top_eigenvalue":
+                result = top_hessian_eigenvalue(
+                    model,
+                    batches,
+                    max_iterations=self.max_iterations,
+                    tol=self.tol,
+                    seed=self.seed,
+                    eval_mode=self.eval_mode,
+                )
+                eigenvector = result.eigenvector
+            elif name == "trace":
+                result = hessian_trace(model, batches, samples=self.samples, seed=self.seed, eval_mode=self.eval_mode)
+            else:  # alignment
+                result = gradient_eigenvector_alignment(
+                    model,
+                    batches,
+                    eigenvector=eigenvector,
+                    max_iterations=self.max_iterations,
+                    tol=self.tol,
+                    seed=self.seed,
+                    eval_mode=self.eval_mode,
+                )
+            logs[f"sharpness/{name}"] = result.value
+            if result.stderr is not None:
+                logs[f"sharpness/{name}_stderr"] = result.stderr
+        return logs
+
+    def _measure_and_log(self, state: TrainerState, model: nn.Module) -> None:
+        if self._last_step == state.global_step:
+            return
+        self._last_step = state.global_step
+        logs = self.compute(model)
+        if self.trainer is not None:
+            self.trainer.log(logs)
+            return
+        if not self._warned_no_trainer:
+            logger.warning(
+                "SharpnessCallback has no trainer attached: its values go to `state.log_history` only, not to the "
+                "reporting integrations. Set `callback.trainer = trainer`."
+            )
+            self._warned_no_trainer = True
+        state.log_history.append({**logs, "step": state.global_step})
+
+    def _batches_on(self, device: torch.device) -> list[dict[str, Any]]:
+        """The fixed batches on `device`, built and moved once."""
+        if self._device_batches is None or self._device_batches[0] != device:
+            if self._batches is None:
+                self._batches = self._collate_from_dataset()
+            moved = [
+                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in self._batches
+            ]
+            self._device_batches = (device, moved)
+        return self._device_batches[1]
+
+    def _collate_from_dataset(self) -> list[dict[str, Any]]:
+        collator = self.data_collator
+        if collator is None:
+            collator = getattr(self.trainer, "data_collator", None) or default_data_collator
+        return [
+            collator([self.dataset[i] for i in range(start, start + self.batch_size)])
+            for start in range(0, self.num_batches * self.batch_size, self.batch_size)
+        ]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.requires_grad:
+            return p.device
+    return next(model.parameters()).device

@@ -1,0 +1,155 @@
+"""
+SAMTrainer in 2 real processes (torchrun, CPU, gloo): global mode is world-size invariant, local mode is per-shard SAM.
+
+Note: `accelerate launch --cpu --num_processes 2` starts a single process on these machines; `torchrun` starts two.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_sam import SAMConfig
+
+from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_model
+
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+PER_DEVICE = 4
+STEPS = 4
+RHO, SIGMA, LAM, LR = 0.1, 0.7, 0.6, 0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, name, **options) -> dict:
+    """Run tests/ddp_worker.py in 2 processes; return what rank 0 saved."""
+    result = tmp_path / f"{name}.pt"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+        f"--master_port={_free_port()}", str(REPO / "tests" / "ddp_worker.py"),
+        "--output_dir", str(tmp_path / name), "--result", str(result), "--batch_size", str(PER_DEVICE),
+        "--max_steps", str(options.pop("max_steps", STEPS)),
+    ]  # fmt: skip
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    try:
+        completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{name}: 2-process run timed out\n{error.stdout}\n{error.stderr}")
+    if completed.returncode != 0:
+        (tmp_path / f"{name}.log").write_text(completed.stdout + completed.stderr)
+    assert completed.returncode == 0, completed.stderr[-6000:]
+    return torch.load(result, weights_only=False)
+
+
+def single_process(tmp_path, *, method, grad_accum, batch_size):
+    model = tiny_model()
+    SequentialSAMTrainer(
+        model=model,
+        args=tiny_args(
+            tmp_path / "single", per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum
+        ),
+        train_dataset=TinyDataset(),
+        sam_config=SAMConfig(method=method, rho=RHO, fsam_sigma=SIGMA, fsam_lambda=LAM),
+    ).train()
+    return dict(model.named_parameters())
+
+
+def per_shard_reference(*, fsam: bool, grad_accum: int):
+    """
+    Local mode written out: process r perturbs with its own gradient (and, for F-SAM, its own EMA of it); the applied
+    gradient is the average over processes (and the sum over micro-batches / grad_accum) of the pass-2 gradients.
+    Process r gets batches r, r + W, r + 2W, ... of the sequential batches (Accelerate's sharding).
+    """
+    model = tiny_model()
+    model.train()
+    params = list(model.parameters())
+    batches = TinyDataset().batches(PER_DEVICE)
+    emas = [None] * WORLD_SIZE
+    for step in range(STEPS):
+        applied = [torch.zeros_like(p) for p in params]
+        step_mean = [[torch.zeros_like(p) for p in params] for _ in range(WORLD_SIZE)]
+        for micro in range(grad_accum):
+            for rank in range(WORLD_SIZE):
+                batch = batches[(step * grad_accum + micro) * WORLD_SIZE + rank]
+                g = torch.autograd.grad(model(**batch)["loss"], params)
+                d = list(g) if (not fsam or emas[rank] is None) else [gi - SIGMA * m for gi, m in zip(g, emas[rank])]
+                norm = torch.sqrt(sum((di**2).sum() for di in d))
+                weights = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, di in zip(params, d):
+                        p.add_(RHO * di / (norm + 1e-12))
+                g2 = torch.autograd.grad(model(**batch)["loss"], params)
+                with torch.no_grad():
+                    for p, w in zip(params, weights):
+                        p.copy_(w)
+                applied = [a + gi / (grad_accum * WORLD_SIZE) for a, gi in zip(applied, g2)]
+                step_mean[rank] = [s + gi / grad_accum for s, gi in zip(step_mean[rank], g)]
+        for rank in range(WORLD_SIZE):
+            emas[rank] = (
+                step_mean[rank]
+                if emas[rank] is None
+                else [LAM * m + (1 - LAM) * s for m, s in zip(emas[rank], step_mean[rank])]
+            )
+        with torch.no_grad():
+            for p, a in zip(params, applied):
+                p.sub_(LR * a)
+    return dict(model.named_parameters())
+
+
+def assert_params_close(actual: dict, expected: dict):
+    for name, p in expected.items():
+        torch.testing.assert_close(actual[name], p.detach(), rtol=1e-6, atol=1e-6, msg=f"{name} differs")
+
+
+@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2)])
+def test_global_mode_is_world_size_invariant(tmp_path, method, grad_accum):
+    """2 processes x batch 4 == 1 process x batch 8 (with accumulation: the Trainer's no_sync micro-batches too)."""
+    result = launch(tmp_path, "ddp", method=method, sync="global", grad_accum=grad_accum)
+    assert result["ranks_bitwise_equal"]
+    expected = single_process(tmp_path, method=method, grad_accum=grad_accum, batch_size=WORLD_SIZE * PER_DEVICE)
+    assert_params_close(result["params"], expected)
+
+
+@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2)])
+def test_local_mode_matches_per_shard_reference(tmp_path, method, grad_accum):
+    result = launch(tmp_path, "ddp", method=method, sync="local", grad_accum=grad_accum)
+    assert result["ranks_bitwise_equal"]
+    assert_params_close(result["params"], per_shard_reference(fsam=method == "fsam", grad_accum=grad_accum))
+    # ... and local mode is really a different algorithm from global mode.
+    global_params = single_process(tmp_path, method=method, grad_accum=grad_accum, batch_size=8)
+    assert any((result["params"][n] - p).abs().max() > 1e-5 for n, p in global_params.items())
+
+
+def test_fsam_local_with_accumulation_resumes_bitwise(tmp_path):
+    options = dict(method="fsam", sync="local", grad_accum=2, save_steps=2)
+    full = launch(tmp_path, "full", **options)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "rank0-of-2-sam_state.pt").is_file() and (checkpoint / "rank1-of-2-sam_state.pt").is_file()
+    ema = [torch.load(checkpoint / f"rank{r}-of-2-sam_state.pt")["ema"]["fc1.weight"] for r in range(2)]
+    assert not torch.equal(ema[0], ema[1]), "local mode keeps one EMA per process"
+    resumed = launch(tmp_path, "resumed", resume=checkpoint, **options)
+    assert resumed["ranks_bitwise_equal"]
+    for name, p in full["params"].items():
+        assert torch.equal(resumed["params"][name], p), f"{name} differs after resume"
+
+
+def test_nonfinite_on_one_rank_skips_the_perturbation_on_every_rank(tmp_path):
+    result = launch(tmp_path, "poisoned", method="fsam", sync="local", poison_rank=1)
+    assert result["ranks_bitwise_equal"]
+    logs = [log for log in result["log_history"] if "loss" in log]
+    # Counted on each of the 2 ranks: both skipped, although only rank 1 saw inf.
+    assert logs[0]["sam/nonfinite_micro_batches"] == 2
+    assert all("sam/nonfinite_micro_batches" not in log for log in logs[1:])
+    assert all(torch.isfinite(p).all() for p in result["params"].values())

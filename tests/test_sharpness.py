@@ -1,0 +1,476 @@
+"""Sharpness diagnostics against closed forms (quadratics) and exact Hessians (a float64 MLP); the callback; the plot."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hf_sam import SAMConfig
+from hf_sam.sharpness import (
+    HessianEigenResult,
+    SharpnessResult,
+    ascent_sharpness,
+    average_sharpness,
+    gradient_eigenvector_alignment,
+    hessian_trace,
+    top_hessian_eigenvalue,
+    worst_case_sharpness,
+)
+from hf_sam.sharpness_callback import DIAGNOSTICS, SharpnessCallback
+
+from .testing_utils import SequentialSAMTrainer, TinyDataset, TinyTextDataset, tiny_args, tiny_bert, tiny_model
+
+
+# ---------------------------------------------------------------------------------------------- a quadratic
+
+
+class Quadratic(nn.Module):
+    """L(w) = 1/2 w^T A w, whatever the batch: gradient A w, Hessian A."""
+
+    def __init__(self, A: torch.Tensor, w: torch.Tensor):
+        super().__init__()
+        self.register_buffer("A", A)
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x=None):
+        return {"loss": 0.5 * self.w @ self.A @ self.w}
+
+
+DUMMY_BATCHES = [{"x": torch.zeros(1)}]
+EIGENVALUES = [5.0, 3.0, 2.0, 1.0, 0.5, 0.1]
+RHO = 0.3
+
+
+def rotation(d: int, seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def quadratic(eigenvalues=EIGENVALUES, w=None, *, diagonal=False) -> tuple[Quadratic, torch.Tensor, torch.Tensor]:
+    """The model, A = Q diag(eigenvalues) Q^T (Q = I if `diagonal`) and Q."""
+    d = len(eigenvalues)
+    q = torch.eye(d, dtype=torch.float64) if diagonal else rotation(d)
+    A = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    if w is None:
+        w = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return Quadratic(A, w), A, q
+
+
+def assert_close(actual: float, expected: float, rel: float) -> None:
+    assert abs(actual - expected) <= rel * abs(expected), f"{actual} vs {expected} (rel {rel})"
+
+
+def test_result_objects():
+    result = SharpnessResult(1.5, 0.1, 3)
+    assert float(result) == 1.5
+    with pytest.raises(AttributeError):
+        result.value = 2.0
+    assert isinstance(HessianEigenResult(2.0, eigenvector=[torch.ones(1)]), SharpnessResult)
+
+
+def test_top_eigenvalue_quadratic():
+    model, _, q = quadratic()
+    result = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=500, tol=1e-10)
+    assert result.converged and result.stderr is None
+    assert_close(result.value, 5.0, 1e-6)
+    (v,) = result.eigenvector
+    assert_close(v.norm().item(), 1.0, 1e-12)
+    assert_close(abs(v @ q[:, 0]).item(), 1.0, 1e-6)
+
+
+def test_top_eigenvalue_indefinite_algebraic_and_magnitude():
+    """|lambda_min| > lambda_max: power iteration finds -5; the shifted second run finds the top eigenvalue, 3."""
+    model, _, q = quadratic([3.0, 1.0, 0.5, -1.0, -5.0])
+    top = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=1000, tol=1e-12)
+    assert top.converged
+    assert_close(top.value, 3.0, 1e-6)
+    assert_close(abs(top.eigenvector[0] @ q[:, 0]).item(), 1.0, 1e-5)
+    dominant = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=1000, tol=1e-12, which="magnitude")
+    assert_close(dominant.value, -5.0, 1e-6)
+    assert dominant.iterations < top.iterations
+
+
+def test_top_eigenvalue_not_converged_flag():
+    model, _, _ = quadratic([1.0, 0.999, 0.5])
+    result = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=3, tol=1e-14)
+    assert not result.converged and result.iterations == 3
+
+
+def test_trace_exact_for_diagonal_hessian():
+    """Hutchinson with Rademacher probes is exact, probe by probe, when H is diagonal."""
+    model, _, _ = quadratic(diagonal=True)
+    result = hessian_trace(model, DUMMY_BATCHES, samples=5)
+    assert_close(result.value, sum(EIGENVALUES), 1e-12)
+    assert result.stderr < 1e-12 and result.iterations == 5
+
+
+def test_trace_general_hessian_within_its_standard_error():
+    """Per probe, Var(z^T A z) = 2 sum_{i != j} A_ij^2: the estimate is within 4 of its exact standard errors."""
+    model, A, _ = quadratic()
+    samples = 400
+    result = hessian_trace(model, DUMMY_BATCHES, samples=samples)
+    exact_stderr = math.sqrt(2 * ((A**2).sum() - (A.diagonal() ** 2).sum()).item() / samples)
+    assert abs(result.value - sum(EIGENVALUES)) <= 4 * exact_stderr
+    assert 0.7 * exact_stderr <= result.stderr <= 1.3 * exact_stderr
+
+
+def test_ascent_sharpness_closed_form():
+    model, A, _ = quadratic()
+    w = model.w.detach()
+    g = A @ w
+    e = RHO * g / g.norm()
+    expected = (0.5 * (w + e) @ A @ (w + e) - 0.5 * w @ A @ w).item()
+    result = ascent_sharpness(model, DUMMY_BATCHES, rho=RHO)
+    assert_close(result.value, expected, 1e-10)
+    assert result.stderr is None
+
+
+def test_worst_case_sharpness_along_top_eigenvector():
+    """w = 2 v_max: the maximiser is rho v_max, the value lambda_max (||w|| rho + rho^2 / 2)."""
+    model, _, q = quadratic(w=2.0 * rotation(len(EIGENVALUES))[:, 0])
+    result = worst_case_sharpness(model, DUMMY_BATCHES, rho=RHO, steps=5)
+    assert_close(result.value, 5.0 * (2.0 * RHO + RHO**2 / 2), 1e-10)
+
+
+def trust_region_maximum(A: torch.Tensor, g: torch.Tensor, rho: float) -> float:
+    """max_{||e|| <= rho} g^T e + 1/2 e^T A e for A positive definite: e = (mu I - A)^{-1} g with ||e|| = rho."""
+    from scipy.optimize import brentq
+
+    lam, U = np.linalg.eigh(A.numpy())
+    gt = U.T @ g.numpy()
+    mu = brentq(
+        lambda mu: np.linalg.norm(gt / (mu - lam)) - rho, lam[-1] + 1e-12, lam[-1] + np.linalg.norm(gt) / rho + 1.0
+    )
+    e = U @ (gt / (mu - lam))
+    return float(g.numpy() @ e + 0.5 * e @ A.numpy() @ e)
+
+
+def test_worst_case_sharpness_matches_trust_region_solution():
+    pytest.importorskip("scipy")
+    model, A, _ = quadratic()
+    expected = trust_region_maximum(A, A @ model.w.detach(), RHO)
+    result = worst_case_sharpness(model, DUMMY_BATCHES, rho=RHO, steps=30, tol=1e-10)
+    assert_close(result.value, expected, 1e-4)
+    assert result.value <= expected * (1 + 1e-12)  # the best point found: a lower bound
+    one_step = worst_case_sharpness(model, DUMMY_BATCHES, rho=RHO, steps=1)
+    assert one_step.value == ascent_sharpness(model, DUMMY_BATCHES, rho=RHO).value < result.value
+
+
+def test_average_sharpness_closed_form():
+    """E over the sphere of 1/2 (w+e)^T A (w+e) - 1/2 w^T A w = rho^2 tr(A) / (2 d); exact per sample if A = c I."""
+    d = len(EIGENVALUES)
+    isotropic, _, _ = quadratic([2.0] * d)
+    result = average_sharpness(isotropic, DUMMY_BATCHES, rho=RHO, samples=3)
+    assert_close(result.value, RHO**2 * 2.0 / 2, 1e-10)
+    assert result.stderr < 1e-12
+
+    model, _, _ = quadratic()
+    expected = RHO**2 * sum(EIGENVALUES) / (2 * d)
+    for antithetic in (True, False):
+        result = average_sharpness(model, DUMMY_BATCHES, rho=RHO, samples=200, antithetic=antithetic)
+        assert abs(result.value - expected) <= 4 * result.stderr, (antithetic, result, expected)
+    assert result.stderr > 5 * average_sharpness(model, DUMMY_BATCHES, rho=RHO, samples=200).stderr
+
+
+def test_alignment_quadratic():
+    model, A, q = quadratic()
+    g = A @ model.w.detach()
+    expected = (abs(g @ q[:, 0]) / g.norm()).item()
+    result = gradient_eigenvector_alignment(model, DUMMY_BATCHES, max_iterations=500, tol=1e-12)
+    assert_close(result.value, expected, 1e-6)
+    given = gradient_eigenvector_alignment(model, DUMMY_BATCHES, eigenvector=[q[:, 0].float()])
+    assert_close(given.value, expected, 1e-6)
+    assert given.iterations == 0
+
+
+# ---------------------------------------------------------------------------------------------- an MLP, exactly
+
+
+@pytest.fixture(scope="module")
+def mlp_exact():
+    """A float64 TinyClassifier, two batches of different sizes and the exact Hessian of the mean per-batch loss."""
+    model = tiny_model().double()
+    data = TinyDataset(24)
+    batches = [{"x": b["x"].double(), "labels": b["labels"]} for b in (data.batches(16)[0], data.batches(8)[2])]
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(flat_params):
+        tensors = torch.split(flat_params, [s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, tensors, shapes)}
+        return sum(functional_call(model, params, (), b)["loss"] for b in batches) / len(batches)
+
+    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    grad = torch.func.grad(loss_of)(flat)
+    return model, batches, loss_of, flat, grad, hessian
+
+
+def test_mlp_top_eigenvalue_and_alignment_match_exact_hessian(mlp_exact):
+    model, batches, _, _, grad, hessian = mlp_exact
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    result = top_hessian_eigenvalue(model, batches, max_iterations=1000, tol=1e-12)
+    assert result.converged
+    assert_close(result.value, eigenvalues[-1].item(), 1e-6)
+    flat_vector = torch.cat([v.reshape(-1) for v in result.eigenvector])
+    assert_close(abs(flat_vector @ eigenvectors[:, -1]).item(), 1.0, 1e-5)
+    alignment = gradient_eigenvector_alignment(model, batches, eigenvector=result.eigenvector)
+    expected = (abs(grad @ eigenvectors[:, -1]) / grad.norm()).item()
+    assert abs(alignment.value - expected) <= 1e-5
+
+
+def test_mlp_trace_matches_exact_hessian(mlp_exact):
+    model, batches, *_, hessian = mlp_exact
+    samples = 100
+    result = hessian_trace(model, batches, samples=samples)
+    off_diagonal = (hessian**2).sum() - (hessian.diagonal() ** 2).sum()
+    exact_stderr = math.sqrt(2 * off_diagonal.item() / samples)
+    assert abs(result.value - hessian.trace().item()) <= 4 * exact_stderr
+    assert 0.6 * exact_stderr <= result.stderr <= 1.4 * exact_stderr
+
+
+def test_mlp_ascent_sharpness_is_mean_of_batch_losses(mlp_exact):
+    model, batches, loss_of, flat, grad, _ = mlp_exact
+    expected = (loss_of(flat + 0.05 * grad / grad.norm()) - loss_of(flat)).item()
+    assert_close(ascent_sharpness(model, batches, rho=0.05).value, expected, 1e-9)
+    worst = worst_case_sharpness(model, batches, rho=0.05, steps=5)
+    assert worst.value >= expected - 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- the model is untouched
+
+FUNCTIONS = {
+    "worst_case": lambda m, b, **kw: worst_case_sharpness(m, b, steps=3, **kw),
+    "ascent": ascent_sharpness,
+    "average": lambda m, b, **kw: average_sharpness(m, b, samples=3, **kw),
+    "top_eigenvalue": lambda m, b, **kw: top_hessian_eigenvalue(m, b, max_iterations=4, **kw),
+    "trace": lambda m, b, **kw: hessian_trace(m, b, samples=3, **kw),
+    "alignment": lambda m, b, **kw: gradient_eigenvector_alignment(m, b, max_iterations=4, **kw),
+}
+
+
+def mlp_setup(dtype):
+    model = tiny_model(batch_norm=True).to(dtype)
+    data = TinyDataset(32)
+    batches = [{"x": b["x"].to(dtype), "labels": b["labels"]} for b in data.batches(16)]
+    model.train()
+    model.fc2.eval()  # mixed modes
+    model.fc1.bias.requires_grad_(False)  # frozen: not measured, not touched
+    model.fc1.weight.grad = torch.randn_like(model.fc1.weight)
+    model.fc1.bias.grad = torch.randn_like(model.fc1.bias)
+    return model, batches
+
+
+def bert_setup():
+    model = tiny_bert()
+    data = TinyTextDataset(16)
+    batches = [{k: torch.stack([data[i][k] for i in range(j, j + 8)]) for k in data[0]} for j in (0, 8)]
+    model.train()
+    model.bert.embeddings.requires_grad_(False)
+    model.classifier.weight.grad = torch.randn_like(model.classifier.weight)
+    return model, batches
+
+
+SETUPS = {
+    "mlp-batchnorm-train-forward": (lambda: mlp_setup(torch.float32), False),
+    "mlp-bf16": (lambda: mlp_setup(torch.bfloat16), True),
+    "bert": (bert_setup, True),
+    "bert-dropout-train-forward": (bert_setup, False),
+}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8).clone()
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "params": {n: bits(p) for n, p in model.named_parameters()},
+        "buffers": {n: bits(b) for n, b in model.named_buffers()},
+        "grads": {n: (p.grad, None if p.grad is None else bits(p.grad)) for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+    }
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_model_and_rng_left_exactly_as_they_were(name, setup):
+    make, eval_mode = SETUPS[setup]
+    model, batches = make()
+    before = snapshot(model)
+    rng_before = torch.get_rng_state()
+    result = FUNCTIONS[name](model, batches, eval_mode=eval_mode)
+    assert math.isfinite(result.value)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    after = snapshot(model)
+    for key in ("params", "buffers"):
+        assert before[key].keys() == after[key].keys()
+        for n in before[key]:
+            assert torch.equal(before[key][n], after[key][n]), (key, n)
+    for n, (grad, grad_bits) in before["grads"].items():
+        assert after["grads"][n][0] is grad, n
+        if grad is not None:
+            assert torch.equal(after["grads"][n][1], grad_bits), n
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["modes"] == before["modes"]
+    if setup == "mlp-batchnorm-train-forward":
+        # the measurements really ran in train mode (BatchNorm batch statistics): differ from eval mode
+        assert FUNCTIONS[name](model, batches, eval_mode=True).value != result.value
+
+
+@pytest.mark.parametrize("name", ["average", "top_eigenvalue", "trace", "worst_case"])
+def test_seeded_and_reproducible(name):
+    model, batches = mlp_setup(torch.float32)
+    first = FUNCTIONS[name](model, batches)
+    assert FUNCTIONS[name](model, batches).value == first.value
+    if name != "worst_case":
+        assert FUNCTIONS[name](model, batches, seed=1).value != first.value
+
+
+def test_bad_inputs():
+    model, batches = mlp_setup(torch.float32)
+    with pytest.raises(ValueError, match="empty"):
+        ascent_sharpness(model, [])
+    with pytest.raises(ValueError, match="no loss"):
+        ascent_sharpness(model, [{"x": batches[0]["x"]}])
+    with pytest.raises(ValueError, match="rho"):
+        ascent_sharpness(model, batches, rho=0.0)
+    with pytest.raises(ValueError, match="which"):
+        top_hessian_eigenvalue(model, batches, which="smallest")
+    frozen = tiny_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        hessian_trace(frozen, batches)
+
+
+# ---------------------------------------------------------------------------------------------- the callback
+
+
+def callback_options(**overrides):
+    values = dict(
+        every_n_steps=2,
+        on_evaluate=False,
+        diagnostics=DIAGNOSTICS,
+        worst_case_steps=2,
+        max_iterations=5,
+        samples=3,
+    )
+    values.update(overrides)
+    return values
+
+
+def train(output_dir, callback=None, attach=True, rho=0.05, **arg_overrides):
+    data = TinyDataset(64)
+    args = tiny_args(output_dir, **arg_overrides)
+    trainer = SequentialSAMTrainer(
+        model=tiny_model(),
+        args=args,
+        train_dataset=data,
+        eval_dataset=TinyDataset(16, seed=1),
+        sam_config=SAMConfig(rho=rho),
+        callbacks=[callback] if callback is not None else None,
+    )
+    if callback is not None and attach:
+        callback.trainer = trainer
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two SAM runs with the callback: one saves trainer_state.json at the top, the other only in checkpoint-4."""
+    root = tmp_path_factory.mktemp("runs")
+    batches = TinyDataset(64).batches(16)[:2]
+    first = train(root / "rho-0.05", SharpnessCallback(batches, **callback_options()))
+    first.save_state()
+    second = train(
+        root / "rho-0.1",
+        SharpnessCallback(batches, **callback_options()),
+        rho=0.1,
+        save_strategy="steps",
+        save_steps=4,
+    )
+    return first, second
+
+
+def test_callback_logs_at_the_right_steps(two_runs):
+    trainer = two_runs[0]
+    entries = [e for e in trainer.state.log_history if any(k.startswith("sharpness/") for k in e)]
+    assert [e["step"] for e in entries] == [2, 4]
+    expected = {f"sharpness/{name}" for name in DIAGNOSTICS} | {"sharpness/average_stderr", "sharpness/trace_stderr"}
+    for entry in entries:
+        assert {k for k in entry if k.startswith("sharpness/")} == expected
+        assert all(math.isfinite(entry[k]) for k in expected)
+        assert "epoch" in entry  # went through Trainer.log
+    assert any("sam/sharpness" in e for e in trainer.state.log_history)  # SAMTrainer's own logs still there
+
+
+def test_callback_does_not_change_training(tmp_path):
+    batches = TinyDataset(64).batches(16)[:2]
+    with_callback = train(tmp_path / "a", SharpnessCallback(batches, **callback_options(every_n_steps=1)))
+    without = train(tmp_path / "b")
+    for (name, p), q in zip(with_callback.model.named_parameters(), without.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_callback_from_dataset_without_trainer_and_on_evaluate(tmp_path):
+    callback = SharpnessCallback(
+        dataset=TinyDataset(64),
+        batch_size=16,
+        num_batches=2,
+        **callback_options(on_evaluate=True, diagnostics=("ascent", "top_eigenvalue")),
+    )
+    trainer = train(tmp_path, callback, attach=False, eval_strategy="steps", eval_steps=3)
+    entries = [e for e in trainer.state.log_history if "sharpness/ascent" in e]
+    assert [e["step"] for e in entries] == [2, 3, 4]  # 3: after the evaluation at step 3
+    assert all("sharpness/top_eigenvalue" in e and "sharpness/trace" not in e for e in entries)
+    assert len(callback._batches) == 2 and callback._batches[0]["x"].shape == (16, 6)
+
+
+def test_callback_rejects_bad_options():
+    with pytest.raises(ValueError, match="diagnostics"):
+        SharpnessCallback([{}], diagnostics=("sharpest",))
+    with pytest.raises(ValueError, match="exactly one"):
+        SharpnessCallback()
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SharpnessCallback([{}], every_n_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------- the plot
+
+
+def test_plot_two_runs(two_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    from hf_sam.plot import find_trainer_state, load_series, main
+
+    first, second = (t.args.output_dir for t in two_runs)
+    assert find_trainer_state(second).parent.name == "checkpoint-4"
+    series = load_series(first)
+    assert {"loss", "sam/sharpness", "sharpness/ascent", "sharpness/trace"} <= series.keys()
+    assert "sharpness/trace_stderr" not in series and series["sharpness/trace"][2] is not None
+    assert series["sharpness/ascent"][0] == [2, 4]
+
+    out = tmp_path / "fig.png"
+    assert main([first, second, "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    command = [sys.executable, "-m", "hf_sam.plot", first, "--keys", "loss", "--out", str(tmp_path / "one.png")]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_plot_errors(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hf_sam.plot import main
+
+    with pytest.raises(FileNotFoundError):
+        main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "other": 1.0}]}))
+    with pytest.raises(ValueError, match="None of the runs"):
+        main([str(tmp_path), "--out", str(tmp_path / "x.png")])
