@@ -76,6 +76,7 @@ class SAMMixin:
         self._sam_metric_sums: torch.Tensor | None = None
         self._sam_norm_buffers: list[torch.Tensor] | None = None
         self._warned_nonfinite = False
+        self._checked_rounding = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf_sam", sam_config.method])
 
@@ -155,6 +156,8 @@ class SAMMixin:
             )
             saved_params = perturb_(params, direction)
             del direction
+            if not self._checked_rounding:
+                self._check_perturbation_survives_rounding(params, saved_params, perturbation_norm)
         else:
             del grads
             if self._fsam is not None:
@@ -180,6 +183,27 @@ class SAMMixin:
             loss, perturbed_loss, grad_norm, perturbation_norm if saved_params is not None else None, num_micro_batches
         )
         return loss
+
+    def _check_perturbation_survives_rounding(
+        self, params: list[torch.Tensor], saved_params: list[torch.Tensor], perturbation_norm: torch.Tensor
+    ) -> None:
+        """
+        Once per run, for bf16/fp16 weights: measure how much of `e` the weights really moved by (`w + e` is rounded
+        to the weight dtype) and warn when most of it was lost, i.e. `rho` is too small for the weights' precision.
+        """
+        self._checked_rounding = True
+        if all(p.dtype not in (torch.bfloat16, torch.float16) for p in params):
+            return
+        realized = global_norm(torch._foreach_sub(params, saved_params)).item()
+        intended = float(perturbation_norm)
+        if intended > 0 and realized < 0.5 * intended:
+            logger.warning(
+                f"SAM: with {params[0].dtype} weights only {realized:.3g} of the perturbation norm {intended:.3g} "
+                f"survived rounding (rho={self.sam_config.rho}): pass 2 runs at nearly the same weights, so SAM "
+                "degenerates to plain training. Use a larger `rho`, or fp32 master weights with bf16 autocast "
+                "(`--bf16` on an fp32 model). `sam/sharpness` near 0 is the symptom.",
+                main_process_only=True,
+            )
 
     def _first_pass_sync_context(self, model: nn.Module):
         """Local mode: pass 1 (forward and backward) runs inside `no_sync`, so its gradients stay per process."""

@@ -219,3 +219,16 @@ def test_lomo_is_refused_before_training(tmp_path, optim):
             train_dataset=TinyDataset(),
             sam_config=SAMConfig(),
         )
+
+
+@pytest.mark.parametrize(("engine", "match"), [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")])
+def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match):
+    """DeepSpeed and FSDP need several processes to switch on; the check that runs in `__init__` is called directly."""
+    trainer = SAMTrainer(
+        model=tiny_model(), args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=SAMConfig()
+    )
+    setattr(trainer, engine, True)
+    with pytest.raises(ValueError, match=match):
+        trainer._check_sam_setup()
+    trainer.sam_config = SAMConfig(rho=0.0)  # plain training needs no second pass
+    trainer._check_sam_setup()
