@@ -162,6 +162,20 @@ class FriendlySAMDirection:
             self._end_step()
         return direction
 
+    @torch.no_grad()
+    def observe_step(self, step_grad: list[torch.Tensor]) -> None:
+        r"""
+        Update the EMA with the mean raw gradient of an optimizer step taken **without** perturbation (the plain steps
+        of `SAMConfig.interval`), so the EMA still sees every step: :math:`m_t = \lambda m_{t-1} + (1-\lambda) g_t`.
+        `step_grad` is only read.
+        """
+        if self.ema is None:
+            self.ema = [torch.empty_like(g) for g in step_grad]
+            torch._foreach_copy_(self.ema, step_grad)
+        else:
+            torch._foreach_mul_(self.ema, self.lam)
+            torch._foreach_add_(self.ema, step_grad, alpha=1.0 - self.lam)
+
     def skip_ema_update(self, *, last_micro_batch: bool = True) -> None:
         """Record a micro-batch with non-finite gradients: this optimizer step will not touch the EMA."""
         self._step_skipped = True
@@ -193,4 +207,79 @@ class FriendlySAMDirection:
     def load_state_dict(self, state: dict) -> None:
         self.ema = None if state["ema"] is None else list(state["ema"])
         self._step_grad_sum = None
+        self._step_skipped = False
+
+
+class LookSAMGradient:
+    r"""
+    LookSAM (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware Minimization",
+    https://huggingface.co/papers/2203.02714), Algorithm 1, with global vectors.
+
+    Every :math:`k`-th optimizer step is a full SAM step. With its gradients :math:`g = \nabla L(w)` (pass 1) and
+    :math:`g_s = \nabla L(w + e)` (pass 2, the applied one), it keeps the part of :math:`g_s` orthogonal to :math:`g`,
+
+    .. math::
+        g_v = g_s - \frac{g^\top g_s}{\|g\|^2}\, g,
+
+    and the :math:`k - 1` steps in between take **one** pass at :math:`w` and apply
+
+    .. math::
+        g_s \approx g + \alpha \frac{\|g\|}{\|g_v\|}\, g_v.
+
+    Under gradient accumulation :math:`g` and :math:`g_s` are the step's summed micro-batch gradients. Both formulas are
+    homogeneous in the gradients' scale, so loss-scaled (fp16) gradients can be used as they are. (pytorch_optimizer's
+    `LookSAM` returns before clearing gradients on the reuse steps, so its documented usage still runs two passes and
+    doubles the gradient; here a reuse step is one pass.)
+    """
+
+    def __init__(self, alpha: float = 0.7):
+        self.alpha = alpha
+        self.orthogonal: list[torch.Tensor] | None = None
+        self._first_pass_sum: list[torch.Tensor] | None = None
+        self._step_skipped = False
+
+    @torch.no_grad()
+    def accumulate_first_pass(self, grads: list[torch.Tensor]) -> None:
+        """Add one micro-batch's pass-1 gradient of a SAM step (copied: the caller may then modify `grads`)."""
+        if self._step_skipped:
+            return
+        if self._first_pass_sum is None:
+            self._first_pass_sum = [torch.empty_like(g) for g in grads]
+            torch._foreach_copy_(self._first_pass_sum, grads)
+        else:
+            torch._foreach_add_(self._first_pass_sum, grads)
+
+    def skip_step(self) -> None:
+        r"""A micro-batch of this SAM step had non-finite gradients: the step keeps the previous :math:`g_v`."""
+        self._first_pass_sum = None
+        self._step_skipped = True
+
+    @torch.no_grad()
+    def decompose(self, sam_grads: list[torch.Tensor]) -> None:
+        r"""End of a SAM step: store :math:`g_v` from the summed pass-1 gradient and `sam_grads` (:math:`g_s`, read)."""
+        g, self._first_pass_sum, self._step_skipped = self._first_pass_sum, None, False
+        if g is None:
+            return
+        dot = sum(torch.dot(a.reshape(-1).float(), b.reshape(-1).float()) for a, b in zip(g, sam_grads, strict=True))
+        coefficient = dot / global_norm(g).clamp_min(NORM_EPS) ** 2
+        torch._foreach_mul_(g, coefficient)  # the projection of g_s on g
+        self.orthogonal = torch._foreach_sub(sam_grads, g)
+
+    @torch.no_grad()
+    def reuse_(self, grads: list[torch.Tensor], grad_norm: torch.Tensor | None = None) -> None:
+        r"""A step between SAM steps: `grads` (:math:`g`) becomes :math:`g + \alpha \|g\| / \|g_v\| g_v` in place."""
+        if self.orthogonal is None:
+            return
+        if grad_norm is None:
+            grad_norm = global_norm(grads)
+        scale = self.alpha * grad_norm / global_norm(self.orthogonal).clamp_min(NORM_EPS)
+        scaled = torch._foreach_mul(self.orthogonal, scale.to(self.orthogonal[0].device))
+        torch._foreach_add_(grads, scaled)
+
+    def state_dict(self) -> dict:
+        return {"orthogonal": None if self.orthogonal is None else [v.detach().clone() for v in self.orthogonal]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.orthogonal = None if state["orthogonal"] is None else list(state["orthogonal"])
+        self._first_pass_sum = None
         self._step_skipped = False

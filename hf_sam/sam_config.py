@@ -24,7 +24,7 @@ from transformers.utils import PushToHubMixin, cached_file
 
 SAM_CONFIG_NAME = "sam_config.json"
 
-METHODS = ("sam", "fsam")
+METHODS = ("sam", "fsam", "looksam")
 PERTURBATION_SYNC_MODES = ("global", "local")
 
 
@@ -43,6 +43,10 @@ class SAMConfig(PushToHubMixin):
     - `method="fsam"` (Friendly-SAM, Li et al. 2024, https://huggingface.co/papers/2403.12350): the direction is
       `d = g - fsam_sigma * m_{t-1}`, where `m` is an EMA of the raw minibatch gradients,
       `m_t = fsam_lambda * m_{t-1} + (1 - fsam_lambda) * g_t` and `m_0 = g_1` (the first step is plain SAM).
+    - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one pass.
+    - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `interval`-th step is SAM
+      and stores `g_v`, the part of its gradient orthogonal to `g`; the steps in between apply
+      `g + looksam_alpha * ||g|| / ||g_v|| * g_v` after one pass.
 
     This class is a dataclass: [`~transformers.HfArgumentParser`] parses it next to
     [`~transformers.TrainingArguments`]. It is saved as one `sam_config.json` ([`~SAMConfig.save_pretrained`]), loaded
@@ -62,7 +66,8 @@ class SAMConfig(PushToHubMixin):
     method: str = field(
         default="sam",
         metadata={
-            "help": "Sharpness-aware method: `sam` (SAM, ASAM, USAM) or `fsam` (Friendly-SAM).",
+            "help": "Sharpness-aware method: `sam` (SAM, ASAM, USAM), `fsam` (Friendly-SAM) or `looksam` (LookSAM: "
+            "full SAM every `interval` steps, its orthogonal gradient component reused in between).",
             "choices": list(METHODS),
         },
     )
@@ -103,6 +108,20 @@ class SAMConfig(PushToHubMixin):
         metadata={"help": "F-SAM: decay of the EMA of raw minibatch gradients, m = lambda * m + (1 - lambda) * g."},
     )
 
+    # Parameters that make SAM cheaper
+    interval: int = field(
+        default=1,
+        metadata={
+            "help": "Perturb on every k-th optimizer step only (k >= 1): `sam`/`fsam` take plain one-pass steps in "
+            "between (Composer's SAM `interval`; F-SAM's EMA still sees every step), `looksam` reuses the last SAM "
+            "step's orthogonal gradient component. Cost per step about 1 + 1/k passes."
+        },
+    )
+    looksam_alpha: float = field(
+        default=0.7,
+        metadata={"help": "LookSAM: weight of the reused component, g_s = g + alpha * ||g|| / ||g_v|| * g_v."},
+    )
+
     # Parameters for many processes
     perturbation_sync: str = field(
         default="global",
@@ -128,6 +147,14 @@ class SAMConfig(PushToHubMixin):
         _check_number("adaptive_eta", self.adaptive_eta, low=0.0, rule=">= 0")
         _check_number("fsam_sigma", self.fsam_sigma, low=0.0, rule=">= 0")
         _check_number("fsam_lambda", self.fsam_lambda, low=0.0, rule="in [0, 1)")
+        _check_number("looksam_alpha", self.looksam_alpha, low=0.0, rule=">= 0")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"`interval` must be an integer >= 1, got {self.interval!r}.")
+        if self.method == "looksam" and self.perturbation_sync != "global":
+            raise ValueError(
+                "`perturbation_sync` must be 'global' with `method='looksam'`: its gradient decomposition needs the "
+                f"all-reduced gradient, got {self.perturbation_sync!r}."
+            )
         if self.fsam_lambda >= 1.0:
             raise ValueError(f"`fsam_lambda` must be in [0, 1), got {self.fsam_lambda!r}.")
 

@@ -14,6 +14,8 @@
 """`SAMMixin` and `SAMTrainer`: the two-pass SAM step as a `transformers.Trainer.training_step`."""
 
 import contextlib
+import copy
+import json
 import os
 
 import torch
@@ -22,7 +24,14 @@ from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer
 
-from .perturbation import FriendlySAMDirection, global_norm, perturb_, restore_, sam_perturbation_
+from .perturbation import (
+    FriendlySAMDirection,
+    LookSAMGradient,
+    global_norm,
+    perturb_,
+    restore_,
+    sam_perturbation_,
+)
 from .sam_config import SAMConfig
 
 
@@ -31,6 +40,15 @@ logger = get_logger(__name__)
 SAM_STATE_NAME = "sam_state.pt"
 # Order of the values summed in `SAMMixin._sam_metric_sums`.
 _METRIC_KEYS = ("perturbed_loss", "sharpness", "grad_norm", "perturbation_norm")
+# The section `SAMMixin.create_model_card` adds to the model card, and the papers it cites.
+_MODEL_CARD_START = "<!-- hf_sam: start -->"
+_MODEL_CARD_END = "<!-- hf_sam: end -->"
+_PAPERS = {
+    "SAM": ("Foret et al., 2021", "https://huggingface.co/papers/2010.01412"),
+    "ASAM": ("Kwon et al., 2021", "https://huggingface.co/papers/2102.11600"),
+    "USAM": ("Dai, Ahn & Sra, 2023", "https://huggingface.co/papers/2305.15287"),
+    "F-SAM": ("Li et al., 2024", "https://huggingface.co/papers/2403.12350"),
+}
 
 
 class SAMMixin:
@@ -68,17 +86,21 @@ class SAMMixin:
         super().__init__(*args, **kwargs)
         self.sam_config = sam_config
         self._check_sam_setup()
-        self._fsam = (
-            FriendlySAMDirection(sigma=sam_config.fsam_sigma, lam=sam_config.fsam_lambda)
-            if sam_config.method == "fsam"
-            else None
-        )
+        self._reset_sam_state()
         self._sam_metric_sums: torch.Tensor | None = None
         self._sam_norm_buffers: list[torch.Tensor] | None = None
         self._warned_nonfinite = False
         self._checked_rounding = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf_sam", sam_config.method])
+
+    def _reset_sam_state(self) -> None:
+        """Fresh F-SAM EMA / LookSAM component, as at the start of training."""
+        config = self.sam_config
+        self._fsam = (
+            FriendlySAMDirection(sigma=config.fsam_sigma, lam=config.fsam_lambda) if config.method == "fsam" else None
+        )
+        self._looksam = LookSAMGradient(alpha=config.looksam_alpha) if config.method == "looksam" else None
 
     def _check_sam_setup(self) -> None:
         """Refuse, before training starts, the set-ups where a two-pass step cannot be exact."""
@@ -113,6 +135,8 @@ class SAMMixin:
         config = self.sam_config
         if config.rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.state.global_step % config.interval != 0:
+            return self._unperturbed_step(model, inputs, num_items_in_batch)
 
         last_micro_batch = self.accelerator.sync_gradients
         num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -124,7 +148,7 @@ class SAMMixin:
             p.grad = None
         with self._first_pass_sync_context(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = _grads_or_zeros(params)
         for p, acc in zip(params, accumulated, strict=True):
             p.grad = acc  # pass 2 accumulates onto the earlier micro-batches' gradients
         del accumulated
@@ -132,6 +156,8 @@ class SAMMixin:
         # 2. The perturbation, from the unscaled gradient on the scale of a whole batch.
         if self._first_pass_needs_all_reduce(model):
             _all_reduce_mean_(grads)
+        if self._looksam is not None:
+            self._looksam.accumulate_first_pass(grads)
         unscale = num_micro_batches / self._loss_scale()
         if unscale != 1.0:
             torch._foreach_mul_(grads, unscale)
@@ -162,6 +188,8 @@ class SAMMixin:
             del grads
             if self._fsam is not None:
                 self._fsam.skip_ema_update(last_micro_batch=last_micro_batch)
+            if self._looksam is not None:
+                self._looksam.skip_step()
             saved_params = None
             if not self._warned_nonfinite:
                 logger.warning(
@@ -172,16 +200,48 @@ class SAMMixin:
                 self._warned_nonfinite = True
 
         # 3. Pass 2 at w + e; its gradient is what the optimizer applies. Then restore w and the norm statistics.
+        # Restored even when pass 2 raises (e.g. the out-of-memory error `auto_find_batch_size` retries after).
         saved_buffers = self._save_norm_buffers(model)
-        perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
-        if saved_params is not None:
-            restore_(params, saved_params)
-        if saved_buffers:
-            restore_(self._sam_norm_buffers, saved_buffers)
+        try:
+            with self._second_pass_context():
+                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if saved_params is not None:
+                restore_(params, saved_params)
+            if saved_buffers:
+                restore_(self._sam_norm_buffers, saved_buffers)
 
+        if self._looksam is not None and last_micro_batch:
+            self._looksam.decompose(_grads_or_zeros(params))
         self._record_sam_metrics(
             loss, perturbed_loss, grad_norm, perturbation_norm if saved_params is not None else None, num_micro_batches
         )
+        return loss
+
+    def _unperturbed_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """
+        A step between perturbed ones (`interval > 1`): the wrapped trainer's one-pass step at `w`. At its last
+        micro-batch the step's whole gradient (`p.grad`: summed over micro-batches, all-reduced under DDP) feeds
+        F-SAM's EMA (unscaled; in local mode it is the all-reduced gradient), or gets LookSAM's reused component.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self.accelerator.sync_gradients or (self._fsam is None and self._looksam is None):
+            return loss
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        grad_norm = global_norm(grads)
+        if not self._all_finite(grad_norm):
+            return loss  # the GradScaler skips this step; the EMA and g_v stay as they are
+        if self._looksam is not None:
+            self._looksam.reuse_(grads, grad_norm)
+        if self._fsam is not None:
+            scale = self._loss_scale()
+            self._fsam.observe_step(grads if scale == 1.0 else torch._foreach_mul(grads, 1.0 / scale))
         return loss
 
     def _check_perturbation_survives_rounding(
@@ -210,6 +270,29 @@ class SAMMixin:
         if self.sam_config.perturbation_sync == "local":
             return self.accelerator.no_sync(model)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _second_pass_context(self):
+        """
+        Pass 2 runs the wrapped trainer's `compute_loss` again, at `w + e`. TRL's trainers record per-step metrics
+        there (`self._metrics["train"]`, e.g. SFT's `entropy`, `mean_token_accuracy`, `num_tokens`, and the counter
+        `self._total_train_tokens`), which would then count every micro-batch twice and average values at `w + e`
+        into those at `w`: keep pass 1's only, like the logged `loss`. Override to protect other such state.
+        """
+        metrics = getattr(self, "_metrics", None)
+        train_metrics = metrics.get("train") if isinstance(metrics, dict) else None
+        saved_metrics = None
+        if isinstance(train_metrics, dict):
+            saved_metrics = {key: copy.copy(value) for key, value in train_metrics.items()}
+        saved_tokens = getattr(self, "_total_train_tokens", None)
+        try:
+            yield
+        finally:
+            if saved_metrics is not None:
+                train_metrics.clear()
+                train_metrics.update(saved_metrics)
+            if saved_tokens is not None:
+                self._total_train_tokens = saved_tokens
 
     def _first_pass_needs_all_reduce(self, model: nn.Module) -> bool:
         """Global mode under DDP inside the Trainer's own `no_sync` (non-final micro-batches): average by hand."""
@@ -302,6 +385,48 @@ class SAMMixin:
         if self.args.should_save:
             self.sam_config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """
+        The wrapped trainer's model card (`output_dir/README.md`, also what `push_to_hub` uploads), tagged `hf_sam`
+        and with the method, plus a "Trained with hf_sam" section naming the method, `rho` and the whole `SAMConfig`.
+        """
+        tags = kwargs.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        kwargs["tags"] = tags + [tag for tag in ("hf_sam", self.sam_config.method) if tag not in tags]
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as reader:
+            card = reader.read()
+        start = card.find(_MODEL_CARD_START)
+        if start != -1:  # the section of an earlier call: replace it
+            end = card.find(_MODEL_CARD_END, start)
+            card = card[:start] + (card[end + len(_MODEL_CARD_END) :] if end != -1 else "")
+        with open(path, "w", encoding="utf-8") as writer:
+            writer.write(card.rstrip("\n") + "\n\n" + self._sam_model_card_section() + "\n")
+
+    def _sam_model_card_section(self) -> str:
+        config = self.sam_config
+        names = (["F-SAM"] if config.method == "fsam" else []) + (["ASAM"] if config.adaptive else [])
+        names += [] if config.normalize else ["USAM"]
+        method = " + ".join(f"{name} ([{_PAPERS[name][0]}]({_PAPERS[name][1]}))" for name in names or ["SAM"])
+        return (
+            f"{_MODEL_CARD_START}\n## Trained with hf_sam\n\nThis model was trained with {method} through "
+            f"[hf_sam](https://github.com/hf-sam/hf_sam) (`method={config.method!r}`, `rho={config.rho}`): every "
+            "optimizer step applied the gradient taken at weights perturbed towards higher loss. The `SAMConfig` "
+            f"(`sam_config.json`):\n\n```json\n{json.dumps(config.to_dict(), indent=2, sort_keys=True)}\n```\n"
+            f"{_MODEL_CARD_END}"
+        )
+
+    def _inner_training_loop(self, *args, **kwargs):
+        # Each training loop starts from a fresh SAM state: `auto_find_batch_size` reruns this loop after an
+        # out-of-memory error, and the failed attempt's F-SAM EMA and metric sums must not leak into the retry.
+        # `resume_from_checkpoint` then loads the EMA inside the loop.
+        self._reset_sam_state()
+        self._sam_metric_sums = None
+        return super()._inner_training_loop(*args, **kwargs)
+
     def _sam_state_file(self, directory: str) -> str:
         if self.sam_config.perturbation_sync == "local" and self.args.world_size > 1:
             name = f"rank{self.args.process_index}-of-{self.args.world_size}-{SAM_STATE_NAME}"
@@ -312,45 +437,57 @@ class SAMMixin:
     def _trainable_parameter_names(self) -> list[str]:
         return [name for name, p in self.model.named_parameters() if p.requires_grad]
 
+    def _stateful_sam_parts(self) -> dict:
+        """The per-parameter state that a checkpoint must carry: F-SAM's EMA or LookSAM's orthogonal component."""
+        parts = {}
+        if self._fsam is not None:
+            parts["ema"] = (self._fsam, "F-SAM gradient EMA")
+        if self._looksam is not None:
+            parts["orthogonal"] = (self._looksam, "LookSAM orthogonal gradient component")
+        return parts
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self._fsam is None:
+        parts = self._stateful_sam_parts()
+        if not parts:
             return
         if self.sam_config.perturbation_sync == "global" and not self.args.should_save:
-            return  # every process holds the same EMA in global mode: the main process writes it
-        ema = self._fsam.state_dict()["ema"]
+            return  # every process holds the same state in global mode: the main process writes it
         names = self._trainable_parameter_names()
-        state = {
-            "method": self.sam_config.method,
-            "ema": None if ema is None else {name: m.cpu() for name, m in zip(names, ema, strict=True)},
-        }
+        state = {"method": self.sam_config.method}
+        for key, (part, _) in parts.items():
+            tensors = part.state_dict()[key]
+            state[key] = None if tensors is None else {n: t.cpu() for n, t in zip(names, tensors, strict=True)}
         os.makedirs(output_dir, exist_ok=True)
         torch.save(state, self._sam_state_file(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self._fsam is None:
+        parts = self._stateful_sam_parts()
+        if checkpoint is None or not parts:
             return
         path = self._sam_state_file(checkpoint)
         if not os.path.isfile(path):
+            what = " and ".join(description for _, description in parts.values())
             logger.warning(
-                f"Resuming F-SAM from {checkpoint}, which has no {os.path.basename(path)}: the gradient EMA restarts "
-                "from the next step's gradient, so this run will not equal an uninterrupted one.",
+                f"Resuming {self.sam_config.method} from {checkpoint}, which has no {os.path.basename(path)}: the "
+                f"{what} restarts empty, so this run will not equal an uninterrupted one.",
                 main_process_only=False,
             )
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["ema"] is None:
-            self._fsam.load_state_dict({"ema": None})
-            return
         named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        if set(named) != set(state["ema"]):
-            raise ValueError(
-                f"{path} holds an F-SAM EMA for other trainable parameters than this model's: missing "
-                f"{sorted(set(named) - set(state['ema']))[:5]}, unexpected {sorted(set(state['ema']) - set(named))[:5]}."
+        for key, (part, description) in parts.items():
+            saved = state.get(key)
+            if saved is not None and set(named) != set(saved):
+                raise ValueError(
+                    f"{path} holds a {description} for other trainable parameters than this model's: missing "
+                    f"{sorted(set(named) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(named))[:5]}."
+                )
+            tensors = (
+                None if saved is None else [saved[n].to(device=p.device, dtype=p.dtype) for n, p in named.items()]
             )
-        ema = [state["ema"][name].to(device=p.device, dtype=p.dtype) for name, p in named.items()]
-        self._fsam.load_state_dict({"ema": ema})
+            part.load_state_dict({key: tensors})
 
 
 class SAMTrainer(SAMMixin, Trainer):
@@ -368,6 +505,11 @@ class SAMTrainer(SAMMixin, Trainer):
     >>> trainer.train()
     ```
     """
+
+
+def _grads_or_zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's `.grad`, or zeros for a parameter the loss did not reach."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:

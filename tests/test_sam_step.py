@@ -148,9 +148,9 @@ def test_rho_zero_is_the_stock_trainer_bitwise(tmp_path):
     assert not any(key.startswith("sam/") for log in sam_logs for key in log)
 
 
-@pytest.mark.parametrize("method", ["fsam", "sam"])
-def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method):
-    sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5)
+@pytest.mark.parametrize(("method", "interval"), [("fsam", 1), ("sam", 1), ("fsam", 3), ("looksam", 2)])
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method, interval):
+    sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5, interval=interval)
     args = dict(save_strategy="steps", save_steps=2)
 
     uninterrupted = tiny_bert()

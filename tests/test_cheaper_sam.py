@@ -1,0 +1,99 @@
+"""`SAMConfig.interval` (SAM every k-th step) and LookSAM against a hand-written reference."""
+
+import pytest
+import torch
+
+from hf_sam import SAMConfig
+
+from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_model
+
+
+STEPS, BATCH_SIZE, LR = 6, 8, 0.1
+
+
+def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alpha=0.7):
+    """
+    Step t is a SAM step when t % interval == 0, else one plain pass. With g the step's mean gradient at w and
+    g_s the applied gradient of a SAM step, LookSAM (Liu et al. 2022, Algorithm 1) stores
+    g_v = g_s - (g . g_s / ||g||^2) g, and a plain step applies g + alpha ||g|| / ||g_v|| g_v instead of g.
+    F-SAM's EMA is updated with g at every step, perturbed or not.
+    """
+    model = tiny_model()
+    model.train()
+    params = list(model.parameters())
+    batches = iter(TinyDataset(n=STEPS * grad_accum * BATCH_SIZE).batches(BATCH_SIZE))
+    ema, orthogonal = None, None
+    for step in range(STEPS):
+        sam_step = step % interval == 0
+        applied = [torch.zeros_like(p) for p in params]
+        mean_grad = [torch.zeros_like(p) for p in params]
+        for _ in range(grad_accum):
+            batch = next(batches)
+            g = torch.autograd.grad(model(**batch)["loss"], params)
+            mean_grad = [m + gi / grad_accum for m, gi in zip(mean_grad, g)]
+            if not sam_step:
+                applied = [a + gi / grad_accum for a, gi in zip(applied, g)]
+                continue
+            d = list(g) if (method != "fsam" or ema is None) else [gi - sigma * m for gi, m in zip(g, ema)]
+            norm = torch.sqrt(sum((di**2).sum() for di in d))
+            weights = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, di in zip(params, d):
+                    p.add_(rho * di / (norm + 1e-12))
+            g2 = torch.autograd.grad(model(**batch)["loss"], params)
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+            applied = [a + gi / grad_accum for a, gi in zip(applied, g2)]
+        if method == "looksam":
+            if sam_step:
+                dot = sum((a * m).sum() for a, m in zip(applied, mean_grad))
+                g_norm_sq = sum((m**2).sum() for m in mean_grad)
+                orthogonal = [a - dot / g_norm_sq * m for a, m in zip(applied, mean_grad)]
+            elif orthogonal is not None:
+                g_norm = torch.sqrt(sum((a**2).sum() for a in applied))
+                v_norm = torch.sqrt(sum((v**2).sum() for v in orthogonal))
+                applied = [a + alpha * g_norm / v_norm * v for a, v in zip(applied, orthogonal)]
+        if method == "fsam":
+            ema = mean_grad if ema is None else [lam * m + (1 - lam) * gi for m, gi in zip(ema, mean_grad)]
+        with torch.no_grad():
+            for p, a in zip(params, applied):
+                p.sub_(LR * a)
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize(("method", "interval"), [("sam", 2), ("fsam", 3), ("looksam", 2), ("looksam", 3)])
+def test_matches_reference(tmp_path, method, interval, grad_accum):
+    model = tiny_model()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
+    SequentialSAMTrainer(
+        model=model,
+        args=tiny_args(tmp_path, max_steps=STEPS, gradient_accumulation_steps=grad_accum),
+        train_dataset=TinyDataset(n=STEPS * grad_accum * BATCH_SIZE),
+        sam_config=SAMConfig(method=method, rho=0.1, interval=interval, fsam_sigma=0.7, fsam_lambda=0.6),
+    ).train()
+    expected = reference_run(grad_accum=grad_accum, rho=0.1, interval=interval, method=method)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, expected[name].detach(), rtol=1e-6, atol=1e-6, msg=name)
+    sam_steps = len(range(0, STEPS, interval))
+    assert len(forwards) == grad_accum * (2 * sam_steps + (STEPS - sam_steps)), "reuse steps must take one pass"
+
+
+def test_looksam_differs_from_plain_interval_sam(tmp_path):
+    """The reused component matters: LookSAM is not SAM with `interval`, and the reference can tell them apart."""
+    looksam = reference_run(grad_accum=1, rho=0.1, interval=2, method="looksam")
+    sam = reference_run(grad_accum=1, rho=0.1, interval=2, method="sam")
+    assert max((looksam[n] - sam[n]).abs().max().item() for n in sam) > 1e-4
+
+
+def test_bad_interval_and_looksam_options_fail_clearly():
+    with pytest.raises(ValueError, match="`interval`"):
+        SAMConfig(interval=0)
+    with pytest.raises(ValueError, match="`interval`"):
+        SAMConfig(interval=2.5)
+    with pytest.raises(ValueError, match="`looksam_alpha`"):
+        SAMConfig(method="looksam", looksam_alpha=-1)
+    with pytest.raises(ValueError, match="`perturbation_sync`"):
+        SAMConfig(method="looksam", perturbation_sync="local")
