@@ -48,6 +48,7 @@ _PAPERS = {
     "ASAM": ("Kwon et al., 2021", "https://huggingface.co/papers/2102.11600"),
     "USAM": ("Dai, Ahn & Sra, 2023", "https://huggingface.co/papers/2305.15287"),
     "F-SAM": ("Li et al., 2024", "https://huggingface.co/papers/2403.12350"),
+    "LookSAM": ("Liu et al., 2022", "https://huggingface.co/papers/2203.02714"),
 }
 
 
@@ -229,11 +230,8 @@ class SAMMixin:
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.sync_gradients or (self._fsam is None and self._looksam is None):
             return loss
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
+        # A parameter the loss did not reach keeps `grad=None` (the optimizer skips it, as in the plain Trainer).
+        grads = _grads_or_zeros([p for p in self.model.parameters() if p.requires_grad])
         grad_norm = global_norm(grads)
         if not self._all_finite(grad_norm):
             return loss  # the GradScaler skips this step; the EMA and g_v stay as they are
@@ -408,15 +406,16 @@ class SAMMixin:
 
     def _sam_model_card_section(self) -> str:
         config = self.sam_config
-        names = (["F-SAM"] if config.method == "fsam" else []) + (["ASAM"] if config.adaptive else [])
-        names += [] if config.normalize else ["USAM"]
+        names = [{"fsam": "F-SAM", "looksam": "LookSAM"}[config.method]] if config.method != "sam" else []
+        names += (["ASAM"] if config.adaptive else []) + ([] if config.normalize else ["USAM"])
         method = " + ".join(f"{name} ([{_PAPERS[name][0]}]({_PAPERS[name][1]}))" for name in names or ["SAM"])
+        interval = f", `interval={config.interval}`" if config.interval != 1 else ""
         return (
             f"{_MODEL_CARD_START}\n## Trained with hf_sam\n\nThis model was trained with {method} through "
-            f"[hf_sam](https://github.com/hf-sam/hf_sam) (`method={config.method!r}`, `rho={config.rho}`): every "
-            "optimizer step applied the gradient taken at weights perturbed towards higher loss. The `SAMConfig` "
-            f"(`sam_config.json`):\n\n```json\n{json.dumps(config.to_dict(), indent=2, sort_keys=True)}\n```\n"
-            f"{_MODEL_CARD_END}"
+            f"[hf_sam](https://github.com/hf-sam/hf_sam) (`method={config.method!r}`, `rho={config.rho}`{interval}): "
+            "its sharpness-aware steps apply the gradient taken at weights perturbed towards higher loss (radius "
+            "`rho`). The `SAMConfig` (`sam_config.json`):\n\n"
+            f"```json\n{json.dumps(config.to_dict(), indent=2, sort_keys=True)}\n```\n{_MODEL_CARD_END}"
         )
 
     def _inner_training_loop(self, *args, **kwargs):

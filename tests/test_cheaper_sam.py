@@ -97,3 +97,18 @@ def test_bad_interval_and_looksam_options_fail_clearly():
         SAMConfig(method="looksam", looksam_alpha=-1)
     with pytest.raises(ValueError, match="`perturbation_sync`"):
         SAMConfig(method="looksam", perturbation_sync="local")
+
+
+@pytest.mark.parametrize(("method", "interval"), [("sam", 1), ("fsam", 2), ("looksam", 2)])
+def test_parameter_the_loss_never_reaches_is_left_alone(tmp_path, method, interval):
+    """As in the plain Trainer, a parameter without a gradient gets no update (not even AdamW's weight decay)."""
+    model = tiny_model()
+    model.unused = torch.nn.Parameter(torch.ones(3))
+    SequentialSAMTrainer(
+        model=model,
+        args=tiny_args(tmp_path, optim="adamw_torch", weight_decay=0.1, max_steps=4),
+        train_dataset=TinyDataset(),
+        sam_config=SAMConfig(method=method, interval=interval),
+    ).train()
+    assert torch.equal(model.unused, torch.ones(3))
+    assert model.unused.grad is None
