@@ -33,6 +33,8 @@ All norms are global over every perturbed tensor and computed in float32. Hot-pa
 
 import torch
 
+from .distributed import group_by_device_and_dtype
+
 
 # The small constant added to the norm, as in davda54/sam, the official F-SAM code and pytorch_optimizer.
 NORM_EPS = 1e-12
@@ -89,10 +91,7 @@ def sam_perturbation_(
 
 def _foreach_mul_by_scalar_tensor_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:
     """`tensors *= scale` for a 0-d float32 tensor, without a host sync and in each tensor's own dtype."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        by_key.setdefault((t.device, t.dtype), []).append(t)
-    for (device, dtype), group in by_key.items():
+    for (device, dtype), group in group_by_device_and_dtype(tensors).items():
         torch._foreach_mul_(group, scale.to(device=device, dtype=dtype))
 
 

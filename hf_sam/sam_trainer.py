@@ -24,6 +24,7 @@ from accelerate.logging import get_logger
 from torch import nn
 from transformers import Trainer
 
+from .distributed import all_reduce_sum_
 from .perturbation import (
     FriendlySAMDirection,
     LookSAMGradient,
@@ -512,13 +513,6 @@ def _grads_or_zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average `tensors` over all processes in place: one flattened all-reduce per (device, dtype)."""
-    world_size = dist.get_world_size()
-    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        by_key.setdefault((t.device, t.dtype), []).append(t)
-    for group in by_key.values():
-        flat = torch._utils._flatten_dense_tensors(group)
-        dist.all_reduce(flat)
-        flat.div_(world_size)
-        torch._foreach_copy_(group, torch._utils._unflatten_dense_tensors(flat, group))
+    """Average `tensors` over all processes in place."""
+    all_reduce_sum_(tensors)
+    torch._foreach_div_(tensors, float(dist.get_world_size()))

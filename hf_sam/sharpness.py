@@ -74,6 +74,8 @@ from accelerate.state import PartialState
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .distributed import all_reduce_sum_
+
 
 logger = get_logger(__name__)
 
@@ -535,13 +537,7 @@ class _Evaluator:
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """In place: sum of per-batch vectors over processes, divided by the total number of batches."""
         if self.distributed:
-            by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for t in tensors:
-                by_key.setdefault((t.device, t.dtype), []).append(t)
-            for group in by_key.values():
-                flat = torch._utils._flatten_dense_tensors(group)
-                dist.all_reduce(flat)
-                torch._foreach_copy_(group, torch._utils._unflatten_dense_tensors(flat, group))
+            all_reduce_sum_(tensors)
         torch._foreach_div_(tensors, float(self.num_batches))
         return tensors
 

@@ -13,7 +13,7 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"method": "gsam"}, "method", "['sam', 'fsam']"),
+        ({"method": "gsam"}, "method", "['sam', 'fsam', 'looksam']"),
         ({"rho": -0.1}, "rho", ">= 0"),
         ({"rho": float("nan")}, "rho", ">= 0"),
         ({"rho": "0.05"}, "rho", ">= 0"),

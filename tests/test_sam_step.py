@@ -148,26 +148,25 @@ def test_rho_zero_is_the_stock_trainer_bitwise(tmp_path):
     assert not any(key.startswith("sam/") for log in sam_logs for key in log)
 
 
+def _train_with_checkpoints(output_dir, sam_config, model, resume=None):
+    """6 steps, a checkpoint every 2; resumed from `resume` when given. Returns the trained model."""
+    SAMTrainer(
+        model=model,
+        args=_text_args(output_dir, save_strategy="steps", save_steps=2),
+        train_dataset=TinyTextDataset(),
+        sam_config=sam_config,
+    ).train(resume_from_checkpoint=None if resume is None else str(resume))
+    return model
+
+
 @pytest.mark.parametrize(("method", "interval"), [("fsam", 1), ("sam", 1), ("fsam", 3), ("looksam", 2)])
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method, interval):
     sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5, interval=interval)
-    args = dict(save_strategy="steps", save_steps=2)
-
-    uninterrupted = tiny_bert()
-    SAMTrainer(
-        model=uninterrupted,
-        args=_text_args(tmp_path / "full", **args),
-        train_dataset=TinyTextDataset(),
-        sam_config=sam_config,
-    ).train()
-
-    resumed = tiny_bert(seed=1)  # different initial weights: everything must come from the checkpoint
-    SAMTrainer(
-        model=resumed,
-        args=_text_args(tmp_path / "resumed", **args),
-        train_dataset=TinyTextDataset(),
-        sam_config=sam_config,
-    ).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    uninterrupted = _train_with_checkpoints(tmp_path / "full", sam_config, tiny_bert())
+    # Different initial weights: everything must come from the checkpoint.
+    resumed = _train_with_checkpoints(
+        tmp_path / "resumed", sam_config, tiny_bert(seed=1), resume=tmp_path / "full" / "checkpoint-2"
+    )
 
     for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), f"{name} differs after resume"
@@ -176,26 +175,13 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method, interval):
 def test_resume_without_fsam_state_warns_and_changes_the_run(tmp_path, caplog):
     """The control for the test above: F-SAM's EMA matters, and losing it is loud."""
     sam_config = SAMConfig(method="fsam", rho=0.1, fsam_lambda=0.5)
-    args = dict(save_strategy="steps", save_steps=2)
-    uninterrupted = tiny_bert()
-    SAMTrainer(
-        model=uninterrupted,
-        args=_text_args(tmp_path / "full", **args),
-        train_dataset=TinyTextDataset(),
-        sam_config=sam_config,
-    ).train()
+    uninterrupted = _train_with_checkpoints(tmp_path / "full", sam_config, tiny_bert())
     checkpoint = tmp_path / "stripped"
     shutil.copytree(tmp_path / "full" / "checkpoint-2", checkpoint)
     (checkpoint / "sam_state.pt").unlink()
 
-    resumed = tiny_bert()
     with caplog.at_level(logging.WARNING):
-        SAMTrainer(
-            model=resumed,
-            args=_text_args(tmp_path / "resumed", **args),
-            train_dataset=TinyTextDataset(),
-            sam_config=sam_config,
-        ).train(resume_from_checkpoint=str(checkpoint))
+        resumed = _train_with_checkpoints(tmp_path / "resumed", sam_config, tiny_bert(), resume=checkpoint)
     assert "sam_state.pt" in caplog.text
     assert any(not torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters()))
 
