@@ -40,13 +40,24 @@ from .distributed import group_by_device_and_dtype
 NORM_EPS = 1e-12
 
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all `tensors` seen as one vector, in float32 (inf or NaN if any entry is)."""
+def global_norm(tensors: list[torch.Tensor], process_group=None) -> torch.Tensor:
+    """
+    The L2 norm of all `tensors` seen as one vector, in float32 (inf or NaN if any entry is).
+
+    With a `process_group`, `tensors` are this process's shards of larger tensors (FSDP): the squared norms of the
+    shards are summed over the group, so every process gets the norm of the whole vector.
+    """
     if not tensors:
-        return torch.zeros((), dtype=torch.float32)
-    device = tensors[0].device
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        norm = torch.zeros((), dtype=torch.float32)
+    else:
+        device = tensors[0].device
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if process_group is None:
+        return norm
+    squared = norm.square()
+    torch.distributed.all_reduce(squared, group=process_group)
+    return squared.sqrt()
 
 
 @torch.no_grad()
@@ -59,6 +70,7 @@ def sam_perturbation_(
     adaptive_eta: float = 0.0,
     normalize: bool = True,
     direction_norm: torch.Tensor | None = None,
+    process_group=None,
 ) -> torch.Tensor:
     r"""
     Turn `direction` (:math:`d`) into the perturbation :math:`e`, **in place**, and return :math:`\|e\|`.
@@ -67,7 +79,8 @@ def sam_perturbation_(
     - `normalize and adaptive`: :math:`e = \rho\, T^2 d / (\|T d\| + \epsilon)`, :math:`T = |w| + \eta`;
     - `not normalize`: :math:`e = \rho\, d` or :math:`\rho\, T^2 d`.
 
-    `params` are the weights :math:`w` (only read, for ASAM's :math:`T`). :math:`\epsilon` is `NORM_EPS`.
+    `params` are the weights :math:`w` (only read, for ASAM's :math:`T`). :math:`\epsilon` is `NORM_EPS`. With a
+    `process_group`, the tensors are this process's shards (FSDP) and norms are taken over the whole vectors.
     """
     if adaptive:
         scaling = torch._foreach_abs(params)
@@ -77,7 +90,7 @@ def sam_perturbation_(
         direction_norm = None
     if normalize:
         if direction_norm is None:
-            direction_norm = global_norm(direction)
+            direction_norm = global_norm(direction, process_group)
         scale = rho / (direction_norm + NORM_EPS)
     else:
         scale = torch.tensor(rho, dtype=torch.float32)
@@ -86,7 +99,7 @@ def sam_perturbation_(
     _foreach_mul_by_scalar_tensor_(direction, scale)
     if normalize and not adaptive:
         return scale * direction_norm
-    return global_norm(direction)
+    return global_norm(direction, process_group)
 
 
 def _foreach_mul_by_scalar_tensor_(tensors: list[torch.Tensor], scale: torch.Tensor) -> None:

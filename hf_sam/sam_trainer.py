@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from accelerate.logging import get_logger
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 from .distributed import all_reduce_sum_
@@ -93,6 +94,8 @@ class SAMMixin:
         self._sam_norm_buffers: list[torch.Tensor] | None = None
         self._warned_nonfinite = False
         self._checked_rounding = False
+        self._sam_shard_group = None
+        self._sam_sharding_checked = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf_sam", sam_config.method])
 
@@ -121,10 +124,54 @@ class SAMMixin:
                 "(e.g. `adamw_torch`)."
             )
         if getattr(self, "is_fsdp_enabled", False):
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            if getattr(plugin, "fsdp_version", 1) != 2:
+                raise ValueError(
+                    "SAMTrainer supports FSDP2 only (`fsdp_version: 2` in the Accelerate config, or `fsdp_config="
+                    '{"fsdp_version": 2}`): FSDP1 flattens parameters, so the perturbation cannot be applied to them.'
+                )
+            self._check_sharded_setup()
+
+    def _check_sharded_setup(self) -> None:
+        """What a two-pass step under FSDP2 (parameters sharded over processes) cannot do."""
+        if self.sam_config.perturbation_sync == "local":
             raise ValueError(
-                "SAMTrainer does not support FSDP yet: the perturbation norm must be taken over all shards. Use DDP "
-                "(`accelerate launch --multi_gpu`) for now."
+                "`perturbation_sync` must be 'global' under FSDP: the weights are sharded over the processes, so "
+                "they cannot take a different perturbation on each one, got 'local'."
             )
+        if self.args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "SAMTrainer under FSDP needs `gradient_accumulation_steps=1` (got "
+                f"{self.args.gradient_accumulation_steps}): FSDP keeps unsynced micro-batch gradients unsharded and "
+                "outside `.grad`, where the first pass cannot be set apart. Raise the per-device batch size instead."
+            )
+        if self.sam_config.method == "looksam":
+            raise ValueError("`method='looksam'` is not supported under FSDP yet; use 'sam' or 'fsam'.")
+
+    def _sharding_group(self, params: list[torch.Tensor]):
+        """
+        `None` for ordinary parameters; for FSDP2's (DTensors sharded over a 1-D mesh) the process group whose shards
+        make up each tensor, after checking the set-up. Cached after the first step.
+        """
+        if self._sam_sharding_checked:
+            return self._sam_shard_group
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        group = None
+        if sharded:
+            mesh = sharded[0].device_mesh
+            if (
+                len(sharded) != len(params)
+                or mesh.ndim != 1
+                or any(p.device_mesh != mesh or not all(pl.is_shard() for pl in p.placements) for p in sharded)
+            ):
+                raise ValueError(
+                    "SAMTrainer supports sharded parameters as FSDP2's `fully_shard` makes them: every trainable "
+                    "parameter sharded on one 1-D device mesh (HSDP, tensor parallelism and mixed set-ups are not)."
+                )
+            self._check_sharded_setup()
+            group = mesh.get_group()
+        self._sam_shard_group, self._sam_sharding_checked = group, True
+        return group
 
     # ------------------------------------------------------------------ the SAM step
 
@@ -143,6 +190,8 @@ class SAMMixin:
         last_micro_batch = self.accelerator.sync_gradients
         num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        group = self._sharding_group(params)
+        shards = _local_shards(params)  # the parameters themselves, or this process's FSDP shards of them
 
         # 1. Pass 1 at w, on this micro-batch alone: set the accumulated gradients aside.
         accumulated = [p.grad for p in params]
@@ -150,7 +199,7 @@ class SAMMixin:
             p.grad = None
         with self._first_pass_sync_context(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
-        grads = _grads_or_zeros(params)
+        grads = _local_shards(_grads_or_zeros(params))
         for p, acc in zip(params, accumulated, strict=True):
             p.grad = acc  # pass 2 accumulates onto the earlier micro-batches' gradients
         del accumulated
@@ -163,7 +212,7 @@ class SAMMixin:
         unscale = num_micro_batches / self._loss_scale()
         if unscale != 1.0:
             torch._foreach_mul_(grads, unscale)
-        grad_norm = global_norm(grads)
+        grad_norm = global_norm(grads, group)
         if self._all_finite(grad_norm):
             if self._fsam is not None:
                 direction = self._fsam.direction(
@@ -175,17 +224,18 @@ class SAMMixin:
             del grads
             perturbation_norm = sam_perturbation_(
                 direction,
-                params,
+                shards,
                 rho=config.rho,
                 adaptive=config.adaptive,
                 adaptive_eta=config.adaptive_eta,
                 normalize=config.normalize,
                 direction_norm=direction_norm,
+                process_group=group,
             )
-            saved_params = perturb_(params, direction)
+            saved_params = perturb_(shards, direction)
             del direction
             if not self._checked_rounding:
-                self._check_perturbation_survives_rounding(params, saved_params, perturbation_norm)
+                self._check_perturbation_survives_rounding(shards, saved_params, perturbation_norm, group)
         else:
             del grads
             if self._fsam is not None:
@@ -209,7 +259,7 @@ class SAMMixin:
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if saved_params is not None:
-                restore_(params, saved_params)
+                restore_(shards, saved_params)
             if saved_buffers:
                 restore_(self._sam_norm_buffers, saved_buffers)
 
@@ -232,8 +282,10 @@ class SAMMixin:
         if not self.accelerator.sync_gradients or (self._fsam is None and self._looksam is None):
             return loss
         # A parameter the loss did not reach keeps `grad=None` (the optimizer skips it, as in the plain Trainer).
-        grads = _grads_or_zeros([p for p in self.model.parameters() if p.requires_grad])
-        grad_norm = global_norm(grads)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        group = self._sharding_group(params)
+        grads = _local_shards(_grads_or_zeros(params))
+        grad_norm = global_norm(grads, group)
         if not self._all_finite(grad_norm):
             return loss  # the GradScaler skips this step; the EMA and g_v stay as they are
         if self._looksam is not None:
@@ -244,7 +296,11 @@ class SAMMixin:
         return loss
 
     def _check_perturbation_survives_rounding(
-        self, params: list[torch.Tensor], saved_params: list[torch.Tensor], perturbation_norm: torch.Tensor
+        self,
+        params: list[torch.Tensor],
+        saved_params: list[torch.Tensor],
+        perturbation_norm: torch.Tensor,
+        process_group=None,
     ) -> None:
         """
         Once per run, for bf16/fp16 weights: measure how much of `e` the weights really moved by (`w + e` is rounded
@@ -253,7 +309,7 @@ class SAMMixin:
         self._checked_rounding = True
         if all(p.dtype not in (torch.bfloat16, torch.float16) for p in params):
             return
-        realized = global_norm(torch._foreach_sub(params, saved_params)).item()
+        realized = global_norm(torch._foreach_sub(params, saved_params), process_group).item()
         intended = float(perturbation_norm)
         if intended > 0 and realized < 0.5 * intended:
             logger.warning(
@@ -428,11 +484,16 @@ class SAMMixin:
         return super()._inner_training_loop(*args, **kwargs)
 
     def _sam_state_file(self, directory: str) -> str:
-        if self.sam_config.perturbation_sync == "local" and self.args.world_size > 1:
+        if self._sam_state_is_per_process():
             name = f"rank{self.args.process_index}-of-{self.args.world_size}-{SAM_STATE_NAME}"
         else:
             name = SAM_STATE_NAME
         return os.path.join(directory, name)
+
+    def _sam_state_is_per_process(self) -> bool:
+        """Local mode (one EMA per process) and FSDP (each process holds its shards) save one file per process."""
+        sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
+        return self.args.world_size > 1 and (self.sam_config.perturbation_sync == "local" or sharded)
 
     def _trainable_parameter_names(self) -> list[str]:
         return [name for name, p in self.model.named_parameters() if p.requires_grad]
@@ -451,8 +512,8 @@ class SAMMixin:
         parts = self._stateful_sam_parts()
         if not parts:
             return
-        if self.sam_config.perturbation_sync == "global" and not self.args.should_save:
-            return  # every process holds the same state in global mode: the main process writes it
+        if not self._sam_state_is_per_process() and not self.args.should_save:
+            return  # every process holds the same state: the main process writes it
         names = self._trainable_parameter_names()
         state = {"method": self.sam_config.method}
         for key, (part, _) in parts.items():
@@ -505,6 +566,11 @@ class SAMTrainer(SAMMixin, Trainer):
     >>> trainer.train()
     ```
     """
+
+
+def _local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's shard of each FSDP2 DTensor (sharing its storage), or the tensor itself."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _grads_or_zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 
 from hf_sam import SAMConfig
 
+from .test_sam_trainer import reference_sam_run
 from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_model
 
 
@@ -31,17 +32,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, name, **options) -> dict:
-    """Run tests/ddp_worker.py in 2 processes; return what rank 0 saved."""
+def launch(tmp_path, name, worker="ddp_worker.py", **options) -> dict:
+    """Run a worker script of tests/ in 2 processes; return what rank 0 saved."""
     result = tmp_path / f"{name}.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-        f"--master_port={_free_port()}", str(REPO / "tests" / "ddp_worker.py"),
-        "--output_dir", str(tmp_path / name), "--result", str(result), "--batch_size", str(PER_DEVICE),
-        "--max_steps", str(options.pop("max_steps", STEPS)),
+        f"--master_port={_free_port()}", str(REPO / "tests" / worker),
+        "--output_dir", str(tmp_path / name), "--result", str(result),
     ]  # fmt: skip
+    if worker == "ddp_worker.py":
+        command += ["--batch_size", str(PER_DEVICE), "--max_steps", str(options.pop("max_steps", STEPS))]
     for key, value in options.items():
-        command += [f"--{key}", str(value)]
+        command += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     try:
         completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -153,3 +155,24 @@ def test_nonfinite_on_one_rank_skips_the_perturbation_on_every_rank(tmp_path):
     assert logs[0]["sam/nonfinite_micro_batches"] == 2
     assert all("sam/nonfinite_micro_batches" not in log for log in logs[1:])
     assert all(torch.isfinite(p).all() for p in result["params"].values())
+
+
+@pytest.mark.parametrize(
+    ("options", "reference"),
+    [
+        ({"method": "sam"}, {"rho": 0.1}),
+        ({"method": "fsam"}, {"rho": 0.1, "fsam": True, "sigma": 0.7, "lam": 0.6}),
+        ({"method": "sam", "adaptive": True}, {"rho": 0.5, "adaptive": True, "eta": 0.1}),
+    ],
+    ids=["sam", "fsam", "asam"],
+)
+def test_fsdp2_sharded_step_equals_one_process(tmp_path, options, reference):
+    """
+    FSDP2 (`fully_shard`, 2 processes x batch 4): the norms span all shards, so the step equals one process x batch
+    8, and each process's shards are restored bitwise. (Accelerate does not shard on the CPU: the worker shards the
+    model by hand and drives `SAMTrainer.training_step`; the Accelerate FSDP2 path itself needs GPUs.)
+    """
+    result = launch(tmp_path, "fsdp", worker="fsdp_worker.py", **options)
+    assert result["restored_bitwise"]
+    expected = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, **reference)
+    assert_params_close(result["params"], dict(expected.named_parameters()))

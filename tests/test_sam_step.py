@@ -218,3 +218,19 @@ def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match)
         trainer._check_sam_setup()
     trainer.sam_config = SAMConfig(rho=0.0)  # plain training needs no second pass
     trainer._check_sam_setup()
+
+
+@pytest.mark.parametrize(
+    ("sam_config", "args", "match"),
+    [
+        (SAMConfig(perturbation_sync="local"), {}, "`perturbation_sync` must be 'global' under FSDP"),
+        (SAMConfig(), {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
+        (SAMConfig(method="looksam", interval=2), {}, "looksam"),
+    ],
+)
+def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
+    trainer = SAMTrainer(
+        model=tiny_model(), args=tiny_args(tmp_path, **args), train_dataset=TinyDataset(), sam_config=sam_config
+    )
+    with pytest.raises(ValueError, match=match):
+        trainer._check_sharded_setup()
