@@ -1,6 +1,7 @@
 """Sharpness diagnostics against closed forms (quadratics) and exact Hessians (a float64 MLP); the callback; the plot."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -24,7 +25,15 @@ from hf_sam.sharpness import (
 )
 from hf_sam.sharpness_callback import DIAGNOSTICS, SharpnessCallback
 
-from .testing_utils import SequentialSAMTrainer, TinyDataset, TinyTextDataset, tiny_args, tiny_bert, tiny_model
+from .testing_utils import (
+    SequentialSAMTrainer,
+    TinyClassifier,
+    TinyDataset,
+    TinyTextDataset,
+    tiny_args,
+    tiny_bert,
+    tiny_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------- a quadratic
@@ -474,3 +483,17 @@ def test_plot_errors(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "other": 1.0}]}))
     with pytest.raises(ValueError, match="None of the runs"):
         main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+def test_average_sharpness_below_the_loss_resolution_warns(caplog):
+    """A perturbation too small to change a float32 loss gives rounding noise: the result must say so."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    batch = TinyDataset().batches(16)[0]
+    with caplog.at_level(logging.WARNING):
+        average_sharpness(model, [batch], rho=1e-6, samples=4)
+    assert "below the resolution" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        average_sharpness(model, [batch], rho=1.0, samples=4)
+    assert "below the resolution" not in caplog.text
