@@ -45,12 +45,15 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     TrainingArguments,
     set_seed,
 )
 
 from hf_sam import SAMConfig, SAMTrainer
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipes run as scripts: find recipe_utils
+from recipe_utils import parse_args_with_config  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -198,20 +201,7 @@ def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, SAMConfig, TrainingArguments]:
     """`HfArgumentParser` over the three dataclasses; `--config file.yaml` gives defaults that flags override."""
-    parser = HfArgumentParser((ScriptArguments, SAMConfig, TrainingArguments))
-    if "--config" in argv:
-        import yaml
-
-        index = argv.index("--config")
-        with open(argv[index + 1], encoding="utf-8") as reader:
-            defaults = yaml.safe_load(reader) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(defaults) - known)
-        if unknown:
-            raise ValueError(f"{argv[index + 1]} has keys no argument takes: {unknown}.")
-        parser.set_defaults(**defaults)
-        argv = argv[:index] + argv[index + 2 :]
-    return parser.parse_args_into_dataclasses(argv)
+    return parse_args_with_config((ScriptArguments, SAMConfig, TrainingArguments), argv)
 
 
 def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: TrainingArguments) -> dict:

