@@ -34,7 +34,6 @@ resident set size of a fresh process per method (glibc told to return freed tens
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -88,7 +87,11 @@ def _args() -> TrainingArguments:
 
 
 def trainer_runner(model, batch, sam_config: SAMConfig | None):
-    """One optimizer step through (SAM)Trainer.training_step, as the Trainer's loop runs it."""
+    """
+    Optimizer steps through (SAM)Trainer.training_step, as the Trainer's loop runs them: one per call, or a whole
+    period of `interval` steps per call for the cheaper schedules (their steps alternate in cost, so a median over
+    single steps would mean nothing). `step.steps_per_call` says how many.
+    """
     trainer = (
         Trainer(model=model, args=_args())
         if sam_config is None
@@ -98,12 +101,16 @@ def trainer_runner(model, batch, sam_config: SAMConfig | None):
     trainer.current_gradient_accumulation_steps = 1
     optimizer = trainer.optimizer
 
-    def step():
-        trainer.training_step(model, batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        trainer.state.global_step += 1  # drives `interval`
+    steps_per_call = 1 if sam_config is None else sam_config.interval
 
+    def step():
+        for _ in range(steps_per_call):
+            trainer.training_step(model, batch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            trainer.state.global_step += 1  # drives `interval`
+
+    step.steps_per_call = steps_per_call
     return step
 
 
@@ -176,7 +183,7 @@ def time_runners(runners: dict, repeats: int, warmup: int) -> dict[str, float]:
             start = time.perf_counter()
             runners[name]()
             if repeat >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / getattr(runners[name], "steps_per_call", 1))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -230,7 +237,10 @@ def peak_memory_child(kind: str, method: str) -> None:
     for _ in range(3):
         step()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params": param_bytes}))
+    # VmHWM, not getrusage's ru_maxrss: the latter survives exec, so a child would report its parent's larger peak.
+    with open("/proc/self/status") as status:
+        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss": peak_kib * 1024, "params": param_bytes}))
 
 
 def measure_peak_memory(kind: str) -> dict[str, float]:

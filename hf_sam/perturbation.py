@@ -185,8 +185,7 @@ class FriendlySAMDirection:
             self.ema = [torch.empty_like(g) for g in step_grad]
             torch._foreach_copy_(self.ema, step_grad)
         else:
-            torch._foreach_mul_(self.ema, self.lam)
-            torch._foreach_add_(self.ema, step_grad, alpha=1.0 - self.lam)
+            torch._foreach_lerp_(self.ema, step_grad, 1.0 - self.lam)
 
     def skip_ema_update(self, *, last_micro_batch: bool = True) -> None:
         """Record a micro-batch with non-finite gradients: this optimizer step will not touch the EMA."""
@@ -206,9 +205,8 @@ class FriendlySAMDirection:
         if not self._step_skipped and self._step_grad_sum is not None:
             if self.ema is None:
                 self.ema = self._step_grad_sum
-            else:
-                torch._foreach_mul_(self.ema, self.lam)
-                torch._foreach_add_(self.ema, self._step_grad_sum, alpha=1.0 - self.lam)
+            else:  # m + (1 - lam) (g - m) = lam m + (1 - lam) g, in one fused pass
+                torch._foreach_lerp_(self.ema, self._step_grad_sum, 1.0 - self.lam)
         self._step_grad_sum = None
         self._step_skipped = False
 

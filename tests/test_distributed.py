@@ -176,3 +176,14 @@ def test_fsdp2_sharded_step_equals_one_process(tmp_path, options, reference):
     assert result["restored_bitwise"]
     expected = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, **reference)
     assert_params_close(result["params"], dict(expected.named_parameters()))
+
+
+def test_sharpness_diagnostics_under_ddp_equal_one_process(tmp_path):
+    """Each of 2 processes evaluates half of the batches; the all-reduced results equal one process's."""
+    from .sharpness_cases import run_diagnostics
+
+    result = launch(tmp_path, "sharpness", worker="sharpness_worker.py")
+    assert result["ranks_equal"]
+    expected = run_diagnostics()
+    for name, value in expected.items():
+        assert abs(result["results"][name] - value) <= 1e-8 * max(1.0, abs(value)), name
