@@ -74,7 +74,7 @@ class SAMMixin:
     mixed precision, evaluation, logging and checkpointing are the wrapped trainer's own. The returned (and logged)
     `loss` is the pass-1 loss :math:`L(w)`. Logged besides, averaged over the logging window and the processes:
     `sam/perturbed_loss` :math:`L(w+e)`, `sam/sharpness` :math:`L(w+e) - L(w)`, `sam/grad_norm` :math:`\|g\|` and
-    `sam/perturbation_norm` :math:`\|e\|`. F-SAM's EMA is saved in `sam_state.pt` next to `optimizer.pt` in every
+    `sam/perturbation_norm` :math:`\|e\|`. F-SAM's EMA (LookSAM's `g_v`) is saved in `sam_state.pt` next to `optimizer.pt` in every
     checkpoint and restored on resume; `sam_config.json` is written next to every saved model.
 
     Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
