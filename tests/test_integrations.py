@@ -31,6 +31,7 @@ from .testing_utils import (
     TinyDataset,
     TinyTextDataset,
     params_of,
+    text_args,
     tiny_args,
     tiny_bert,
     tiny_model,
@@ -339,22 +340,6 @@ def test_seq2seq_trainer(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- Trainer flags
-
-
-def text_args(output_dir, **overrides):
-    """AdamW, warmup, clipping, weight decay: the usual fine-tuning set-up, 3 steps of 4 examples."""
-    values = dict(
-        optim="adamw_torch",
-        learning_rate=1e-3,
-        lr_scheduler_type="linear",
-        warmup_steps=1,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        per_device_train_batch_size=4,
-        max_steps=3,
-    )
-    values.update(overrides)
-    return tiny_args(output_dir, **values)
 
 
 def train_bert(output_dir, sam_config=None, model=None, trainer_class=SequentialSAMTrainer, **overrides):

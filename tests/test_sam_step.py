@@ -16,6 +16,7 @@ from .testing_utils import (
     TinyDataset,
     TinyTextDataset,
     params_of,
+    text_args,
     tiny_args,
     tiny_bert,
     tiny_model,
@@ -111,19 +112,8 @@ def test_training_continues_after_a_nonfinite_first_pass(tmp_path):
 
 
 def _text_args(tmp_path, **overrides):
-    values = dict(
-        optim="adamw_torch",
-        learning_rate=1e-3,
-        lr_scheduler_type="linear",
-        warmup_steps=1,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        gradient_accumulation_steps=2,
-        per_device_train_batch_size=4,
-        max_steps=6,
-    )
-    values.update(overrides)
-    return tiny_args(tmp_path, **values)
+    """The usual fine-tuning set-up with 2 accumulated micro-batches, 6 steps."""
+    return text_args(tmp_path, **{"gradient_accumulation_steps": 2, "max_steps": 6, **overrides})
 
 
 def test_rho_zero_is_the_stock_trainer_bitwise(tmp_path):

@@ -97,6 +97,22 @@ def tiny_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**values)
 
 
+def text_args(output_dir, **overrides) -> TrainingArguments:
+    """AdamW, warmup, clipping, weight decay: the usual fine-tuning set-up, 3 steps of 4 examples."""
+    values = dict(
+        optim="adamw_torch",
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        per_device_train_batch_size=4,
+        max_steps=3,
+    )
+    values.update(overrides)
+    return tiny_args(output_dir, **values)
+
+
 def tiny_model(seed: int = 0, **kwargs) -> TinyClassifier:
     torch.manual_seed(seed)
     return TinyClassifier(**kwargs)
