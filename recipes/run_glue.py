@@ -112,6 +112,14 @@ class ScriptArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Longest tokenized input; longer ones are truncated."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation examples."})
+    validation_split_percentage: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this percentage of the training set (a random split, `validation_split_seed`) and "
+            "evaluate on it instead of the dev set: for choosing hyperparameters without touching dev."
+        },
+    )
+    validation_split_seed: int = field(default=0, metadata={"help": "Seed of the held-out split."})
 
     def __post_init__(self):
         if self.task_name is not None:
@@ -122,6 +130,10 @@ class ScriptArguments:
             raise ValueError("Pass `task_name` (a GLUE task) or `train_file` (a csv or json file).")
         if self.data_dir is not None and self.task_name is None:
             raise ValueError("`data_dir` needs `task_name`, to know the task's TSV layout.")
+        if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"`validation_split_percentage` must be between 1 and 99, got {self.validation_split_percentage}."
+            )
 
 
 def default_model_path() -> str:
@@ -210,6 +222,11 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(script_args)
+    if script_args.validation_split_percentage is not None:
+        split = raw["train"].train_test_split(
+            test_size=script_args.validation_split_percentage / 100, seed=script_args.validation_split_seed
+        )
+        raw = DatasetDict(train=split["train"], validation=split["test"])
     task = script_args.task_name
     key1, key2 = TASK_TO_KEYS[task] if task is not None else ("sentence1", "sentence2")
     for split in raw:

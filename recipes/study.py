@@ -1,0 +1,325 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+The study runner: AdamW vs SAM vs F-SAM (and the cheaper schedules) with the shipped recipes, resumable.
+
+Studies (`--study`, several allowed, run in the order given):
+
+- `glue-sweep`: the rho sweep. MRPC and RTE, training on 90% of the training set and evaluating on the held-out 10%
+  (`--validation_split_percentage 10 --validation_split_seed 0`), seed 0; AdamW, SAM and F-SAM at each rho of
+  `SWEEP_RHOS`. The dev sets are never used to choose anything.
+- `glue`: the grid. RTE, MRPC, CoLA, STS-B, full training sets, evaluated on dev, AdamW vs SAM vs F-SAM at the rho
+  each method won in the sweep (one rho per method for all tasks), seeds 0-2 (`--seeds`).
+- `glue-cheap`: LookSAM (k=5) and SAM with `interval=5` on MRPC at SAM's chosen rho, same seeds.
+
+Every run is one subprocess of a recipe (`python recipes/run_glue.py ...`, 1 torch thread) with the exact command
+recorded. `--workers N` runs N at once. A finished run is appended as one JSON line to `--results` (command, package
+versions, machine, git commit, wall and CPU time, final metrics and the per-epoch evaluation history) and is skipped
+next time. Runs save a checkpoint every epoch: stop the runner at any moment (kill its process group) and start it
+again with the same flags, and unfinished runs resume from their last complete checkpoint.
+
+    nohup nice -n 10 python recipes/study.py --study glue-sweep glue glue-cheap --workers 2 > study.log 2>&1 &
+    python recipes/study.py --report        # rewrite recipes/results.md from the JSON lines; runs nothing
+
+`--code_dir` runs the recipes and hf_sam from another checkout (e.g. a `git worktree` of a fixed commit), so the
+repository can change while a study runs; each record names the commit it ran.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+RECIPES = Path(__file__).resolve().parent
+REPO = RECIPES.parent
+
+# task: (folder in ../shared/data/glue, GLUE metrics as (key, label)); the first metric ranks the sweep with the others.
+GLUE_TASKS = {
+    "rte": ("RTE", [("accuracy", "accuracy")]),
+    "mrpc": ("MRPC", [("accuracy", "accuracy"), ("f1", "F1")]),
+    "cola": ("CoLA", [("matthews_correlation", "Matthews corr.")]),
+    "stsb": ("STS-B", [("pearson", "Pearson"), ("spearmanr", "Spearman")]),
+}
+SWEEP_TASKS = ("mrpc", "rte")
+SWEEP_RHOS = (0.005, 0.01, 0.02, 0.05)
+# The order in which the sweep's rhos run: the most likely winners first, so a partial sweep is already informative.
+SWEEP_ORDER = (0.01, 0.02, 0.05, 0.005)
+# The recipe set-up of every GLUE run: all-MiniLM-L6-v2 (the recipe's default model), dynamic padding.
+GLUE_FLAGS = [
+    "--max_seq_length", "128", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "128",
+    "--learning_rate", "5e-5", "--warmup_steps", "0.1", "--weight_decay", "0.01", "--num_train_epochs", "5",
+    "--eval_strategy", "epoch", "--logging_steps", "20",
+]  # fmt: skip
+RUN_FLAGS = [
+    "--do_train", "--do_eval", "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+# Files a checkpoint of a single-process run must hold to be resumable (trainer_state.json is written last).
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def method_flags(method: str, rho: float) -> list[str]:
+    """The SAMConfig flags of a method name of the study."""
+    return {
+        "AdamW": ["--method", "sam", "--rho", "0"],
+        "SAM": ["--method", "sam", "--rho", str(rho)],
+        "F-SAM": ["--method", "fsam", "--rho", str(rho)],
+        "LookSAM-k5": ["--method", "looksam", "--interval", "5", "--rho", str(rho)],
+        "SAM-interval5": ["--method", "sam", "--interval", "5", "--rho", str(rho)],
+    }[method]
+
+
+def glue_run(study: str, task: str, method: str, rho: float, seed: int, data_dir: str, extra=()) -> dict:
+    argv = ["--task_name", task, "--data_dir", os.path.join(data_dir, "glue", GLUE_TASKS[task][0])]
+    argv += GLUE_FLAGS + list(extra) + method_flags(method, rho) + RUN_FLAGS + ["--seed", str(seed)]
+    rho = 0.0 if method == "AdamW" else rho
+    run_id = f"{study}/{task}/{method}/rho{rho:g}/seed{seed}"
+    return dict(id=run_id, study=study, recipe="run_glue", task=task, method=method, rho=rho, seed=seed, argv=argv)
+
+
+def plan_glue_sweep(args, results) -> list[dict]:
+    held_out = ["--validation_split_percentage", "10", "--validation_split_seed", "0"]
+    runs = [glue_run("glue-sweep", task, "AdamW", 0.0, 0, args.data_dir, held_out) for task in SWEEP_TASKS]
+    for rho in SWEEP_ORDER:
+        for method in ("SAM", "F-SAM"):
+            runs += [glue_run("glue-sweep", task, method, rho, 0, args.data_dir, held_out) for task in SWEEP_TASKS]
+    return runs
+
+
+def chosen_rhos(results: dict) -> dict[str, float | None]:
+    """
+    Each method's rho: the one with the best held-out score averaged over the sweep's tasks (a task's score is the
+    mean of its GLUE metrics at the last epoch); `None` until the method's sweep is complete. Ties go to the smaller rho.
+    """
+    chosen = {}
+    for method in ("SAM", "F-SAM"):
+        scores = {}
+        for rho in SWEEP_RHOS:
+            per_task = []
+            for task in SWEEP_TASKS:
+                record = results.get(f"glue-sweep/{task}/{method}/rho{rho:g}/seed0")
+                if record is None:
+                    break
+                per_task.append(task_score(task, record["metrics"]))
+            else:
+                scores[rho] = sum(per_task) / len(per_task)
+        chosen[method] = max(sorted(scores), key=lambda r: scores[r]) if len(scores) == len(SWEEP_RHOS) else None
+    return chosen
+
+
+def task_score(task: str, metrics: dict) -> float:
+    keys = [key for key, _ in GLUE_TASKS[task][1]]
+    return sum(metrics[f"eval_{key}"] for key in keys) / len(keys)
+
+
+def plan_glue_grid(args, results) -> list[dict]:
+    rhos = chosen_rhos(results)
+    runs = []
+    for seed in args.seeds:
+        for task in ("mrpc", "rte", "stsb", "cola"):
+            runs.append(glue_run("glue", task, "AdamW", 0.0, seed, args.data_dir))
+            for method in ("SAM", "F-SAM"):
+                if rhos[method] is not None:
+                    runs.append(glue_run("glue", task, method, rhos[method], seed, args.data_dir))
+    return runs
+
+
+def plan_glue_cheap(args, results) -> list[dict]:
+    rho = chosen_rhos(results)["SAM"]
+    if rho is None:
+        return []
+    return [
+        glue_run("glue-cheap", "mrpc", method, rho, seed, args.data_dir)
+        for seed in args.seeds
+        for method in ("LookSAM-k5", "SAM-interval5")
+    ]
+
+
+STUDIES = {"glue-sweep": plan_glue_sweep, "glue": plan_glue_grid, "glue-cheap": plan_glue_cheap}
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """The finished runs of the JSON-lines file, by id (a torn last line, from a crash mid-write, is ignored)."""
+    results = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            results[record["id"]] = record
+    return results
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` of `output_dir` that holds every file a resume needs (a save cut short is skipped)."""
+    if not output_dir.is_dir():
+        return None
+    checkpoints = sorted(
+        (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):
+            return checkpoint
+    return None
+
+
+def environment(code_dir: Path) -> dict:
+    """Versions, machine and commit that a run's numbers belong to."""
+    code = (
+        "import json, platform, torch, transformers, accelerate, datasets, hf_sam;"
+        "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__,"
+        "'accelerate': accelerate.__version__, 'datasets': datasets.__version__, 'hf_sam': hf_sam.__version__,"
+        "'hf_sam_path': hf_sam.__file__, 'python': platform.python_version()}))"
+    )
+    versions = json.loads(subprocess.check_output([sys.executable, "-c", code], env=child_env(code_dir), text=True))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code_dir, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=code_dir, capture_output=True, text=True).stdout
+    return versions | {
+        "git_commit": commit + ("-dirty" if dirty.strip() else ""),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'unknown CPU'}",
+        "host": platform.node(),
+    }
+
+
+def child_env(code_dir: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(code_dir) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def command(run: dict) -> str:
+    """The command line that reproduces a run (its `--output_dir` left to the reader)."""
+    return " ".join(["python", f"recipes/{run['recipe']}.py", *run["argv"], "--output_dir", "runs/<name>"])
+
+
+def execute(run: dict, args, env_info: dict) -> dict | None:
+    """Run one recipe subprocess to the end (resuming its last checkpoint) and return its record, or None on failure."""
+    work_dir = Path(args.work_dir).resolve()
+    output_dir = work_dir / run["id"].replace("/", "-")
+    log_path = work_dir / (run["id"].replace("/", "-") + ".log")
+    argv = [sys.executable, str(Path(args.code_dir) / "recipes" / f"{run['recipe']}.py"), *run["argv"]]
+    argv += args.extra_flags.split() + ["--output_dir", str(output_dir)]
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is not None:
+        argv += ["--resume_from_checkpoint", str(checkpoint)]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+        log.flush()
+        process = subprocess.Popen(argv, cwd=args.code_dir, env=child_env(Path(args.code_dir)), stdout=log, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        print(f"FAILED {run['id']} (exit {process.returncode}); log: {log_path}", flush=True)
+        return None
+    all_results = json.loads((output_dir / "all_results.json").read_text())
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    record = {
+        **{key: run[key] for key in ("id", "study", "recipe", "task", "method", "rho", "seed")},
+        "command": command(run),
+        "metrics": {k: v for k, v in all_results.items() if isinstance(v, (int, float))},
+        "eval_history": [log for log in history if any(k.startswith("eval_") for k in log)],
+        "train_history": [log for log in history if "loss" in log],
+        # Time of this process only: a run resumed from a checkpoint adds its earlier attempts' time (`attempts`).
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "resumed_from": None if checkpoint is None else checkpoint.name,
+        "torch_threads": 1,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": env_info,
+    }
+    shutil.rmtree(output_dir, ignore_errors=True)  # the numbers are kept; the weights (87 MiB a run) are not
+    return record
+
+
+def run_study(args) -> None:
+    results_path = Path(args.results)
+    results = read_results(results_path)
+    env_info = environment(Path(args.code_dir))
+    lock = threading.Lock()
+    planned = [run for study in args.study for run in STUDIES[study](args, results)]
+    todo = [run for run in planned if run["id"] not in results]
+    print(f"{len(planned)} runs planned, {len(planned) - len(todo)} done, {len(todo)} to run", flush=True)
+    for study in args.study:
+        if not STUDIES[study](args, results) and study != "glue-sweep":
+            print(f"{study}: nothing to plan yet (the rho sweep is not complete: {chosen_rhos(results)})", flush=True)
+
+    def one(run):
+        print(f"start {run['id']}: {command(run)}", flush=True)
+        record = execute(run, args, env_info)
+        if record is None:
+            return
+        with lock, open(results_path, "a", encoding="utf-8") as writer:
+            writer.write(json.dumps(record, sort_keys=True) + "\n")
+            writer.flush()
+            os.fsync(writer.fileno())
+        print(f"done {run['id']}: {record['wall_s']:.0f} s, {record['metrics']}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(one, run) for run in todo]):
+            future.result()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", nargs="+", default=["glue-sweep"], choices=list(STUDIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=1, help="Runs at once, each a 1-thread process.")
+    parser.add_argument("--data_dir", default=os.environ.get("HF_SAM_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--code_dir", default=str(REPO), help="Checkout whose recipes and hf_sam the runs use.")
+    parser.add_argument("--work_dir", default=str(REPO / "runs" / "study"), help="Scratch outputs and logs.")
+    parser.add_argument("--results", default=str(RECIPES / "results" / "study.jsonl"))
+    parser.add_argument(
+        "--extra_flags", default="", help="Recipe flags added to every run (smoke tests: '--max_train_samples 64')."
+    )
+    parser.add_argument("--dry_run", action="store_true", help="Print the planned commands and exit.")
+    args = parser.parse_args(argv)
+    args.data_dir = os.path.abspath(args.data_dir)
+    args.code_dir = os.path.abspath(args.code_dir)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        results = read_results(Path(args.results))
+        for study in args.study:
+            for run in STUDIES[study](args, results):
+                print(("done  " if run["id"] in results else "to do ") + run["id"] + ": " + command(run))
+        return
+    run_study(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
