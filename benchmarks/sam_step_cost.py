@@ -43,7 +43,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer
-from hf_sam.perturbation import FriendlySAMDirection, global_norm, perturb_, restore_, sam_perturbation_
+from hf_sam.perturbation import global_norm, perturb_, restore_, sam_perturbation_, zero_unless_
+from hf_sam.variants import FriendlySAM
 
 
 RHO = 0.05
@@ -192,23 +193,28 @@ def time_sam_maths(kind: str, repeats: int) -> dict[str, float]:
     model, _ = build_model(kind)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.randn_like(p) for p in params]
-    fsam = FriendlySAMDirection()
-    fsam.direction([g.clone() for g in grads])  # the EMA exists, as after the first step
+    fsam = FriendlySAM(SAMConfig(method="fsam"))
+    first = [g.clone() for g in grads]
+    fsam.direction(first, global_norm(first), finite=torch.isfinite(global_norm(first)))  # the EMA exists
 
     def sam():
         direction = [torch.empty_like(g) for g in grads]
         torch._foreach_copy_(direction, grads)  # stands in for the fresh pass-1 gradient the step consumes
         norm = global_norm(direction)
-        sam_perturbation_(direction, params, rho=RHO, direction_norm=norm)
+        finite = torch.isfinite(norm)
+        zero_unless_(direction, finite)
+        sam_perturbation_(direction, params, rho=RHO, direction_norm=norm, finite=finite)
         saved = perturb_(params, direction)
         restore_(params, saved)
 
     def fsam_step():
         g = [torch.empty_like(t) for t in grads]
         torch._foreach_copy_(g, grads)
-        global_norm(g)
-        direction = fsam.direction(g)
-        sam_perturbation_(direction, params, rho=RHO)
+        norm = global_norm(g)
+        finite = torch.isfinite(norm)
+        zero_unless_(g, finite)
+        direction, _ = fsam.direction(g, norm, finite=finite)
+        sam_perturbation_(direction, params, rho=RHO, finite=finite)
         saved = perturb_(params, direction)
         restore_(params, saved)
 

@@ -11,11 +11,11 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Sharpness-Aware Minimization (SAM, ASAM, USAM) and Friendly-SAM as a drop-in `transformers.Trainer`."""
+"""Sharpness-Aware Minimization (SAM, ASAM, USAM), Friendly-SAM and LookSAM as a drop-in `transformers.Trainer`."""
 
 __version__ = "0.1.0.dev0"
 
-from .perturbation import FriendlySAMDirection, global_norm, perturb_, restore_, sam_perturbation_
+from .perturbation import global_norm, perturb_, restore_, sam_perturbation_
 from .sam_config import SAMConfig
 from .sam_trainer import SAMMixin, SAMTrainer
 from .sharpness import (
@@ -29,16 +29,20 @@ from .sharpness import (
     worst_case_sharpness,
 )
 from .sharpness_callback import SharpnessCallback
+from .variants import VARIANTS, FriendlySAM, LookSAM, SAMVariant
 
 
 __all__ = [
-    "FriendlySAMDirection",
+    "FriendlySAM",
     "HessianEigenResult",
+    "LookSAM",
     "SAMConfig",
     "SAMMixin",
     "SAMTrainer",
+    "SAMVariant",
     "SharpnessCallback",
     "SharpnessResult",
+    "VARIANTS",
     "ascent_sharpness",
     "average_sharpness",
     "global_norm",

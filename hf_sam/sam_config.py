@@ -14,12 +14,16 @@
 """`SAMConfig`: the hyperparameters of a SAM / ASAM / USAM / F-SAM run, shareable like a PEFT config."""
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transformers.utils import PushToHubMixin, cached_file
+
+
+logger = logging.getLogger(__name__)
 
 
 SAM_CONFIG_NAME = "sam_config.json"
@@ -133,14 +137,31 @@ class SAMConfig(PushToHubMixin):
         },
     )
 
+    # Parameters for resuming
+    allow_state_reset: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint written with another `method` or `perturbation_sync`: drop its saved "
+            "SAM state (F-SAM's EMA, LookSAM's g_v) and start this run's empty, with a warning. Without it such a "
+            "resume is an error."
+        },
+    )
+
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """
+        Raise a `ValueError` naming the field and its allowed values if any field is invalid. Runs when the config is
+        built and again when training starts (`SAMTrainer`), so a field changed after construction is checked too.
+        """
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
         if self.perturbation_sync not in PERTURBATION_SYNC_MODES:
             raise ValueError(
                 f"`perturbation_sync` must be one of {list(PERTURBATION_SYNC_MODES)}, got {self.perturbation_sync!r}."
             )
-        for name in ("adaptive", "normalize"):
+        for name in ("adaptive", "normalize", "allow_state_reset"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool (True or False), got {getattr(self, name)!r}.")
         _check_number("rho", self.rho, low=0.0, rule=">= 0")
@@ -163,7 +184,10 @@ class SAMConfig(PushToHubMixin):
         return asdict(self)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """`sam_config.json`'s text: the fields and the hf_sam version that wrote them (`hf_sam_version`)."""
+        from . import __version__
+
+        return json.dumps({**self.to_dict(), "hf_sam_version": __version__}, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write `sam_config.json` into `save_directory` (and push it with `push_to_hub=True`, like PEFT configs)."""
@@ -185,16 +209,40 @@ class SAMConfig(PushToHubMixin):
 
         `kwargs` are forwarded to [`~transformers.utils.cached_file`] (`revision`, `token`, `cache_dir`, ...).
         """
-        config_file = cached_file(pretrained_model_name_or_path, SAM_CONFIG_NAME, subfolder=subfolder or "", **kwargs)
-        with open(config_file, encoding="utf-8") as reader:
-            values = json.load(reader)
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            config_file = os.path.join(path, subfolder or "", SAM_CONFIG_NAME)
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"No {SAM_CONFIG_NAME} found in the directory {os.path.dirname(config_file)}.")
+        elif os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path) or path.count("/") > 1:
+            raise FileNotFoundError(
+                f"{path} is not a directory: pass a directory holding {SAM_CONFIG_NAME}, or a Hub repository id."
+            )
+        else:
+            config_file = cached_file(path, SAM_CONFIG_NAME, subfolder=subfolder or "", **kwargs)
+        try:
+            with open(config_file, encoding="utf-8") as reader:
+                values = json.load(reader)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config_file} is not valid JSON ({error}).") from None
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{config_file} must hold a JSON object of SAMConfig fields, got {type(values).__name__}."
+            )
+        from . import __version__
+
+        written_by = values.pop("hf_sam_version", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"{config_file} has keys that `SAMConfig` does not know: {unknown}. Known keys: {sorted(known)}."
+            logger.warning(
+                f"{config_file} has keys that this `SAMConfig` (hf_sam {__version__}) does not know, ignored: "
+                f"{unknown}. It was written by hf_sam {written_by or 'of an unknown version'}."
             )
-        return cls(**values)
+        try:
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except ValueError as error:
+            raise ValueError(f"{config_file}: {error}") from None
 
 
 def _check_number(name: str, value: Any, *, low: float, rule: str) -> None:

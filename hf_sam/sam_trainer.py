@@ -15,7 +15,6 @@
 
 import contextlib
 import copy
-import json
 import os
 
 import torch
@@ -25,60 +24,67 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
-from .distributed import all_reduce_sum_
+from .checkpointing import check_resumed_config, load_sam_state, sam_state_file, save_sam_state
+from .model_card import add_model_card_section, model_card_tags
 from .perturbation import (
-    FriendlySAMDirection,
-    LookSAMGradient,
+    foreach_mul_by_scalar_tensor_,
     global_norm,
     perturb_,
     restore_,
     sam_perturbation_,
+    zero_unless_,
 )
 from .sam_config import SAMConfig
+from .setup_checks import check_sharded_setup, check_trainer_setup, sharding_group
+from .variants import SAMVariant, variant_for
 
 
 logger = get_logger(__name__)
 
-SAM_STATE_NAME = "sam_state.pt"
-# Order of the values summed in `SAMMixin._sam_metric_sums`.
+# Order of the values summed in `SAMMixin._sam_metric_sums` after the weight.
 _METRIC_KEYS = ("perturbed_loss", "sharpness", "grad_norm", "perturbation_norm")
-# The section `SAMMixin.create_model_card` adds to the model card, and the papers it cites.
-_MODEL_CARD_START = "<!-- hf_sam: start -->"
-_MODEL_CARD_END = "<!-- hf_sam: end -->"
-_PAPERS = {
-    "SAM": ("Foret et al., 2021", "https://huggingface.co/papers/2010.01412"),
-    "ASAM": ("Kwon et al., 2021", "https://huggingface.co/papers/2102.11600"),
-    "USAM": ("Dai, Ahn & Sra, 2023", "https://huggingface.co/papers/2305.15287"),
-    "F-SAM": ("Li et al., 2024", "https://huggingface.co/papers/2403.12350"),
-    "LookSAM": ("Liu et al., 2022", "https://huggingface.co/papers/2203.02714"),
-}
 
 
 class SAMMixin:
     r"""
     Turns any [`~transformers.Trainer`] subclass into a sharpness-aware one: `class MySAMTrainer(SAMMixin, SFTTrainer)`.
 
-    The only change w.r.t. the trainer it is mixed into is `training_step`, which takes two forward/backward passes:
+    A perturbed optimizer step (with `perturbation_sync="global"`, the default) over the global batch :math:`B` (all
+    micro-batches of gradient accumulation, on all processes):
 
-    1. set aside the gradients accumulated from earlier micro-batches, then compute this micro-batch's gradient
-       :math:`g` at :math:`w` (pass 1; under DDP with `perturbation_sync="local"`, forward and backward run inside
-       `no_sync`);
-    2. unscale :math:`g` (fp16 loss scale, gradient accumulation) and turn it into the perturbation :math:`e` of
-       [`SAMConfig`] (SAM, ASAM, USAM or F-SAM); if :math:`g` holds inf/NaN, :math:`e = 0` and the F-SAM EMA is
-       left alone;
-    3. save :math:`w`, move to :math:`w + e`, compute the gradient there (pass 2, accumulated onto the set-aside
-       gradients; this is what the optimizer applies), then copy :math:`w` back bitwise. Running statistics of
-       BatchNorm-like layers keep their pass-1 values.
+    1. pass 1 of every micro-batch at :math:`w`, as the wrapped trainer does it: :math:`g = \nabla L_B(w)` accumulates
+       (and is all-reduced) in `.grad`; the micro-batches are kept;
+    2. at the last micro-batch: unscale :math:`g` (fp16 loss scale), let the variant ([`SAMVariant`]: SAM/ASAM/USAM,
+       F-SAM, LookSAM) turn it into a direction, and that into the perturbation :math:`e` of [`SAMConfig`];
+    3. save :math:`w`, move to :math:`w + e`, run pass 2 over the kept micro-batches (`no_sync` but for the last):
+       :math:`\nabla L_B(w + e)` is what the optimizer applies; then copy :math:`w` back bitwise. Running statistics
+       of BatchNorm-like layers keep their pass-1 values.
 
-    The optimizer, LR schedule, `max_grad_norm` clipping (applied to the pass-2 gradient only), gradient accumulation,
-    mixed precision, evaluation, logging and checkpointing are the wrapped trainer's own. The returned (and logged)
-    `loss` is the pass-1 loss :math:`L(w)`. Logged besides, averaged over the logging window and the processes:
-    `sam/perturbed_loss` :math:`L(w+e)`, `sam/sharpness` :math:`L(w+e) - L(w)`, `sam/grad_norm` :math:`\|g\|` and
-    `sam/perturbation_norm` :math:`\|e\|`. F-SAM's EMA (LookSAM's `g_v`) is saved in `sam_state.pt` next to `optimizer.pt` in every
-    checkpoint and restored on resume; `sam_config.json` is written next to every saved model.
+    So the result depends only on the global batch, not on how it is split into micro-batches and processes.
+    `perturbation_sync="local"` perturbs every micro-batch on every process with its own gradient instead
+    (m-sharpness). A gradient that is not finite gives :math:`e = 0` and leaves the variant's state alone, decided on
+    the device: the step reads nothing on the host that the plain step does not.
+
+    The optimizer, LR schedule, `max_grad_norm` clipping (of the applied gradient), mixed precision, evaluation,
+    logging and checkpointing are the wrapped trainer's own. The logged `loss` is the pass-1 loss :math:`L(w)`; logged
+    besides, averaged over the logging window and the processes: `sam/perturbed_loss` :math:`L(w+e)`, `sam/sharpness`
+    :math:`L(w+e) - L(w)`, `sam/grad_norm` :math:`\|g\|`, `sam/perturbation_norm` :math:`\|e\|` and
+    `sam/nonfinite_micro_batches` (micro-batches left unperturbed because their gradient was not finite).
+
+    Loss normalization: for models whose `forward` takes `**kwargs` but whose loss ignores `num_items_in_batch` (e.g.
+    BERT sequence classification; transformers issue #47688), the Trainer would multiply the loss by the accumulation
+    steps and processes. At the first step (when accumulating or on several processes) the mixin checks whether the
+    loss depends on `num_items_in_batch` and, if not, sets `model_accepts_loss_kwargs = False`, so every split trains
+    on the mean loss of the global batch (also at `rho=0`).
+
+    Trainer methods overridden: `training_step` (the step), `log` (adds `sam/*`), `save_model` (writes
+    `sam_config.json`), `create_model_card` (tags and a "Trained with hf_sam" section), `_inner_training_loop` (fresh
+    SAM state per loop, config validated), `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` (the
+    variant's state in `sam_state.pt`, the checkpoint's `sam_config.json` compared on resume).
 
     Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
-    USAM https://huggingface.co/papers/2305.15287, F-SAM https://huggingface.co/papers/2403.12350.
+    USAM https://huggingface.co/papers/2305.15287, F-SAM https://huggingface.co/papers/2403.12350,
+    LookSAM https://huggingface.co/papers/2203.02714.
     """
 
     def __init__(self, *args, sam_config: SAMConfig | None = None, **kwargs):
@@ -86,92 +92,37 @@ class SAMMixin:
             sam_config = SAMConfig()
         if not isinstance(sam_config, SAMConfig):
             raise TypeError(f"`sam_config` must be a `SAMConfig`, got {type(sam_config).__name__}.")
+        sam_config.validate()
         super().__init__(*args, **kwargs)
         self.sam_config = sam_config
-        self._check_sam_setup()
+        check_trainer_setup(self, sam_config)
         self._reset_sam_state()
-        self._sam_metric_sums: torch.Tensor | None = None
         self._sam_norm_buffers: list[torch.Tensor] | None = None
-        self._warned_nonfinite = False
         self._checked_rounding = False
+        self._warned_nonfinite = False
+        self._checked_loss_normalization = False
         self._sam_shard_group = None
         self._sam_sharding_checked = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf_sam", sam_config.method])
 
     def _reset_sam_state(self) -> None:
-        """Fresh F-SAM EMA / LookSAM component, as at the start of training."""
-        config = self.sam_config
-        self._fsam = (
-            FriendlySAMDirection(sigma=config.fsam_sigma, lam=config.fsam_lambda) if config.method == "fsam" else None
-        )
-        self._looksam = LookSAMGradient(alpha=config.looksam_alpha) if config.method == "looksam" else None
+        """A fresh variant (F-SAM EMA, LookSAM component), metric sums and kept micro-batches: a new training loop."""
+        self.sam_variant: SAMVariant = variant_for(self.sam_config)
+        self._sam_metric_sums: torch.Tensor | None = None
+        self._kept_micro_batches: list[tuple] = []
 
-    def _check_sam_setup(self) -> None:
-        """Refuse, before training starts, the set-ups where a two-pass step cannot be exact."""
-        if self.sam_config.rho == 0:
-            return
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError(
-                "SAMTrainer does not support DeepSpeed: Accelerate's DeepSpeed engine steps the optimizer inside "
-                "`backward`, so the first SAM pass would already update the weights. Use DDP or FSDP via "
-                "`accelerate launch` instead, or set `rho=0`."
-            )
-        if str(self.args.optim).lower().endswith("lomo"):
-            raise ValueError(
-                f"SAMTrainer does not support `optim={self.args.optim}`: (Ada)LOMO fuses the update into `backward`, "
-                "so the first SAM pass would already update the weights. Pick an optimizer that steps after backward "
-                "(e.g. `adamw_torch`)."
-            )
-        if getattr(self, "is_fsdp_enabled", False):
-            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            if getattr(plugin, "fsdp_version", 1) != 2:
-                raise ValueError(
-                    "SAMTrainer supports FSDP2 only (`fsdp_version: 2` in the Accelerate config, or `fsdp_config="
-                    '{"fsdp_version": 2}`): FSDP1 flattens parameters, so the perturbation cannot be applied to them.'
-                )
-            self._check_sharded_setup()
-
-    def _check_sharded_setup(self) -> None:
-        """What a two-pass step under FSDP2 (parameters sharded over processes) cannot do."""
-        if self.sam_config.perturbation_sync == "local":
-            raise ValueError(
-                "`perturbation_sync` must be 'global' under FSDP: the weights are sharded over the processes, so "
-                "they cannot take a different perturbation on each one, got 'local'."
-            )
-        if self.args.gradient_accumulation_steps > 1:
-            raise ValueError(
-                "SAMTrainer under FSDP needs `gradient_accumulation_steps=1` (got "
-                f"{self.args.gradient_accumulation_steps}): FSDP keeps unsynced micro-batch gradients unsharded and "
-                "outside `.grad`, where the first pass cannot be set apart. Raise the per-device batch size instead."
-            )
-        if self.sam_config.method == "looksam":
-            raise ValueError("`method='looksam'` is not supported under FSDP yet; use 'sam' or 'fsam'.")
+    def _trainable_params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _sharding_group(self, params: list[torch.Tensor]):
-        """
-        `None` for ordinary parameters; for FSDP2's (DTensors sharded over a 1-D mesh) the process group whose shards
-        make up each tensor, after checking the set-up. Cached after the first step.
-        """
-        if self._sam_sharding_checked:
-            return self._sam_shard_group
-        sharded = [p for p in params if isinstance(p, DTensor)]
-        group = None
-        if sharded:
-            mesh = sharded[0].device_mesh
-            if (
-                len(sharded) != len(params)
-                or mesh.ndim != 1
-                or any(p.device_mesh != mesh or not all(pl.is_shard() for pl in p.placements) for p in sharded)
-            ):
-                raise ValueError(
-                    "SAMTrainer supports sharded parameters as FSDP2's `fully_shard` makes them: every trainable "
-                    "parameter sharded on one 1-D device mesh (HSDP, tensor parallelism and mixed set-ups are not)."
-                )
-            self._check_sharded_setup()
-            group = mesh.get_group()
-        self._sam_shard_group, self._sam_sharding_checked = group, True
-        return group
+        """FSDP2's process group of the shards (`None` without sharding), checked once."""
+        if not self._sam_sharding_checked:
+            self._sam_shard_group = sharding_group(params)
+            if self._sam_shard_group is not None:
+                check_sharded_setup(self.sam_config, self.args.gradient_accumulation_steps)
+            self._sam_sharding_checked = True
+        return self._sam_shard_group
 
     # ------------------------------------------------------------------ the SAM step
 
@@ -181,119 +132,228 @@ class SAMMixin:
         inputs: dict[str, torch.Tensor],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        config = self.sam_config
-        if config.rho == 0:
+        if not self._checked_loss_normalization:
+            self._check_loss_normalization(model, inputs, num_items_in_batch)
+        if self.sam_config.rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
-        if self.state.global_step % config.interval != 0:
-            return self._unperturbed_step(model, inputs, num_items_in_batch)
+        if not self.sam_variant.is_sam_step(self.state.global_step):
+            return self._plain_step(model, inputs, num_items_in_batch)
+        if self.sam_config.perturbation_sync == "local":
+            return self._micro_batch_sam_step(model, inputs, num_items_in_batch)
+        return self._batch_sam_step(model, inputs, num_items_in_batch)
 
-        last_micro_batch = self.accelerator.sync_gradients
-        num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def _batch_sam_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """`perturbation_sync="global"`: one perturbation per optimizer step, from the whole global batch's gradient."""
+        # 1. Pass 1 at w, accumulating (and, at the last micro-batch, all-reducing) the step's gradient in `.grad`.
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._kept_micro_batches.append((copy.copy(inputs), num_items_in_batch, loss))
+        if not self.accelerator.sync_gradients:
+            return loss
+        micro_batches, self._kept_micro_batches = self._kept_micro_batches, []
+        params = self._trainable_params()
         group = self._sharding_group(params)
         shards = _local_shards(params)  # the parameters themselves, or this process's FSDP shards of them
+
+        # 2. The perturbation from the unscaled gradient of the whole batch.
+        grads = _local_shards(_grads_or_zeros(params))
+        grad_norm, finite = self._unscaled_grads_norm_(grads, group)
+        direction, direction_norm = self.sam_variant.direction(grads, grad_norm, finite=finite)
+        del grads
+        perturbation_norm = self._perturbation_(direction, shards, direction_norm, group, finite)
+        for p in params:
+            p.grad = None  # pass-1 gradients are not applied
+        saved_params = perturb_(shards, direction)
+        del direction
+        if not self._checked_rounding:
+            self._check_perturbation_survives_rounding(shards, saved_params, perturbation_norm, group)
+
+        # 3. Pass 2 at w + e over the kept micro-batches; restored even when it raises (e.g. out of memory).
+        perturbed_loss = torch.zeros((), device=loss.device, dtype=torch.float32)
+        saved_buffers = self._save_norm_buffers(model)
+        try:
+            with self._second_pass_context():
+                for index, (kept_inputs, kept_num_items, _) in enumerate(micro_batches):
+                    last = index == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                        step_loss = super().training_step(model, kept_inputs, kept_num_items)
+                    perturbed_loss = perturbed_loss + step_loss.float()
+        finally:
+            restore_(shards, saved_params)
+            if saved_buffers:
+                restore_(self._sam_norm_buffers, saved_buffers)
+        self.sam_variant.after_second_pass(_local_shards(_grads_or_zeros(params)), finite=finite)
+        batch_loss = sum(kept_loss.float() for _, _, kept_loss in micro_batches)
+        self._record_sam_metrics(
+            batch_loss,
+            perturbed_loss,
+            grad_norm,
+            perturbation_norm,
+            finite,
+            1.0,
+            skipped_micro_batches=len(micro_batches),
+        )
+        return loss
+
+    def _micro_batch_sam_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """
+        `perturbation_sync="local"`: every micro-batch on every process is perturbed with its own gradient (pass 1
+        under `no_sync`), which is put on the scale of one batch's mean gradient (times the accumulation steps).
+        """
+        last_micro_batch = self.accelerator.sync_gradients
+        num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        params = self._trainable_params()
+        group = self._sharding_group(params)
+        shards = _local_shards(params)
 
         # 1. Pass 1 at w, on this micro-batch alone: set the accumulated gradients aside.
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
-        with self._first_pass_sync_context(model):
+        with self.accelerator.no_sync(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
         grads = _local_shards(_grads_or_zeros(params))
         for p, acc in zip(params, accumulated, strict=True):
             p.grad = acc  # pass 2 accumulates onto the earlier micro-batches' gradients
         del accumulated
 
-        # 2. The perturbation, from the unscaled gradient on the scale of a whole batch.
-        if self._first_pass_needs_all_reduce(model):
-            _all_reduce_mean_(grads)
-        if self._looksam is not None:
-            self._looksam.accumulate_first_pass(grads)
-        unscale = num_micro_batches / self._loss_scale()
-        if unscale != 1.0:
-            torch._foreach_mul_(grads, unscale)
-        grad_norm = global_norm(grads, group)
-        if self._all_finite(grad_norm):
-            if self._fsam is not None:
-                direction = self._fsam.direction(
-                    grads, accumulate_scale=1.0 / num_micro_batches, last_micro_batch=last_micro_batch
-                )
-                direction_norm = None
-            else:
-                direction, direction_norm = grads, grad_norm  # turned into e in place
-            del grads
-            perturbation_norm = sam_perturbation_(
-                direction,
-                shards,
-                rho=config.rho,
-                adaptive=config.adaptive,
-                adaptive_eta=config.adaptive_eta,
-                normalize=config.normalize,
-                direction_norm=direction_norm,
-                process_group=group,
-            )
-            saved_params = perturb_(shards, direction)
-            del direction
-            if not self._checked_rounding:
-                self._check_perturbation_survives_rounding(shards, saved_params, perturbation_norm, group)
-        else:
-            del grads
-            if self._fsam is not None:
-                self._fsam.skip_ema_update(last_micro_batch=last_micro_batch)
-            if self._looksam is not None:
-                self._looksam.skip_step()
-            saved_params = None
-            if not self._warned_nonfinite:
-                logger.warning(
-                    "SAM: the first-pass gradient is not finite; this micro-batch is not perturbed (and F-SAM's EMA "
-                    "is not updated). The optimizer still gets the gradient at the unperturbed weights.",
-                    main_process_only=False,
-                )
-                self._warned_nonfinite = True
+        # 2. The perturbation.
+        grad_norm, finite = self._unscaled_grads_norm_(grads, group, extra_scale=float(num_micro_batches))
+        direction, direction_norm = self.sam_variant.direction(
+            grads, grad_norm, finite=finite, weight=1.0 / num_micro_batches, last_micro_batch=last_micro_batch
+        )
+        del grads
+        perturbation_norm = self._perturbation_(direction, shards, direction_norm, group, finite)
+        saved_params = perturb_(shards, direction)
+        del direction
+        if not self._checked_rounding:
+            self._check_perturbation_survives_rounding(shards, saved_params, perturbation_norm, group)
 
-        # 3. Pass 2 at w + e; its gradient is what the optimizer applies. Then restore w and the norm statistics.
-        # Restored even when pass 2 raises (e.g. the out-of-memory error `auto_find_batch_size` retries after).
+        # 3. Pass 2 at w + e (synced as the wrapped trainer syncs this micro-batch).
         saved_buffers = self._save_norm_buffers(model)
         try:
             with self._second_pass_context():
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            if saved_params is not None:
-                restore_(shards, saved_params)
+            restore_(shards, saved_params)
             if saved_buffers:
                 restore_(self._sam_norm_buffers, saved_buffers)
-
-        if self._looksam is not None and last_micro_batch:
-            self._looksam.decompose(_grads_or_zeros(params))
+        if last_micro_batch:
+            self.sam_variant.after_second_pass(_local_shards(_grads_or_zeros(params)), finite=finite)
         self._record_sam_metrics(
-            loss, perturbed_loss, grad_norm, perturbation_norm if saved_params is not None else None, num_micro_batches
+            loss.float(), perturbed_loss.float(), grad_norm, perturbation_norm, finite, weight=1.0 / num_micro_batches
         )
         return loss
 
-    def _unperturbed_step(
+    def _plain_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor:
         """
         A step between perturbed ones (`interval > 1`): the wrapped trainer's one-pass step at `w`. At its last
-        micro-batch the step's whole gradient (`p.grad`: summed over micro-batches, all-reduced under DDP) feeds
-        F-SAM's EMA (unscaled; in local mode it is the all-reduced gradient), or gets LookSAM's reused component.
+        micro-batch the variant sees the step's whole gradient (`.grad`: summed over micro-batches, all-reduced):
+        F-SAM's EMA is updated, LookSAM adds its reused component. Parameters without a gradient keep `grad=None`.
         """
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not self.accelerator.sync_gradients or (self._fsam is None and self._looksam is None):
+        if not self.accelerator.sync_gradients or not self.sam_variant.needs_plain_step:
             return loss
-        # A parameter the loss did not reach keeps `grad=None` (the optimizer skips it, as in the plain Trainer).
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable_params()
         group = self._sharding_group(params)
         grads = _local_shards(_grads_or_zeros(params))
         grad_norm = global_norm(grads, group)
-        if not self._all_finite(grad_norm):
-            return loss  # the GradScaler skips this step; the EMA and g_v stay as they are
-        if self._looksam is not None:
-            self._looksam.reuse_(grads, grad_norm)
-        if self._fsam is not None:
-            scale = self._loss_scale()
-            self._fsam.observe_step(grads if scale == 1.0 else torch._foreach_mul(grads, 1.0 / scale))
+        finite = torch.isfinite(grad_norm)
+        self.sam_variant.plain_step(grads, grad_norm, finite=finite, inverse_loss_scale=self._inverse_loss_scale())
         return loss
+
+    def _unscaled_grads_norm_(
+        self, grads: list[torch.Tensor], group, extra_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Unscale the pass-1 `grads` in place (fp16 loss scale, times `extra_scale`), take their norm and whether they
+        are finite (on every process alike), and zero them when not. No host synchronization.
+        """
+        inverse_scale = self._inverse_loss_scale()
+        if inverse_scale is not None:
+            foreach_mul_by_scalar_tensor_(grads, inverse_scale * extra_scale)
+        elif extra_scale != 1.0:
+            torch._foreach_mul_(grads, extra_scale)
+        grad_norm = global_norm(grads, group)
+        finite = torch.isfinite(grad_norm)
+        if self.sam_config.perturbation_sync == "local" and self.accelerator.num_processes > 1:
+            flag = finite.to(device=self.args.device, dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # a collective, not a host read
+            finite = flag.bool().to(grad_norm.device)
+        zero_unless_(grads, finite)
+        return grad_norm, finite
+
+    def _perturbation_(self, direction, shards, direction_norm, group, finite) -> torch.Tensor:
+        """Turn `direction` into `e` in place (zero when not `finite`); returns `||e||`."""
+        config = self.sam_config
+        return sam_perturbation_(
+            direction,
+            shards,
+            rho=config.rho,
+            adaptive=config.adaptive,
+            adaptive_eta=config.adaptive_eta,
+            normalize=config.normalize,
+            direction_norm=direction_norm,
+            process_group=group,
+            finite=finite,
+        )
+
+    def _inverse_loss_scale(self) -> torch.Tensor | None:
+        """`1 / scale` of the fp16 GradScaler as a 0-d tensor on its device (`None` without one); no host sync."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+        if scale is None:  # not initialized yet (no `scale()` call so far)
+            scale = torch.tensor(scaler.get_scale())
+        return scale.double().reciprocal().float()
+
+    def _check_loss_normalization(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> None:
+        """
+        Once, at the first step: when the Trainer would treat the loss as normalized by `num_items_in_batch` (it then
+        neither divides it by the accumulation steps, and multiplies it by the number of processes), check that the
+        loss really depends on it: two no-grad evaluations in eval mode, with `num_items_in_batch` and twice that. If
+        they are equal the model ignores it (transformers issue #47688): set `model_accepts_loss_kwargs = False`, so the
+        loss is the mean over the global batch in every split. Skipped (nothing to correct) with one micro-batch on one
+        process, and when the user set `loss_is_scaled_for_ga` or passed a `compute_loss_func`.
+        """
+        self._checked_loss_normalization = True
+        if (
+            num_items_in_batch is None
+            or not getattr(self, "model_accepts_loss_kwargs", False)
+            or getattr(self, "loss_is_scaled_for_ga", None) is not None
+            or getattr(self, "compute_loss_func", None) is not None
+            or (self.args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1)
+        ):
+            return
+        was_training = model.training
+        probe_inputs = self._prepare_inputs(inputs)
+        model.eval()
+        try:
+            with torch.no_grad(), self._second_pass_context(), self.compute_loss_context_manager():
+                once = self.compute_loss(model, dict(probe_inputs), num_items_in_batch=num_items_in_batch)
+                twice = self.compute_loss(model, dict(probe_inputs), num_items_in_batch=2 * num_items_in_batch)
+        finally:
+            model.train(was_training)
+        ignores = (once.detach().float() - twice.detach().float()).abs() <= 1e-6 * once.detach().float().abs()
+        ignores = ignores.to(self.args.device).to(torch.int32)
+        if self.accelerator.num_processes > 1:
+            ignores = self.accelerator.reduce(ignores, reduction="sum") // self.accelerator.num_processes
+        if bool(ignores):  # one host read, once per run
+            self.model_accepts_loss_kwargs = False
+            logger.info(
+                "hf_sam: this model's loss ignores `num_items_in_batch` although its `forward` takes `**kwargs` "
+                "(transformers issue #47688): set `model_accepts_loss_kwargs=False`, so the loss is divided by the "
+                "accumulation steps (and not multiplied by the number of processes) like a per-batch mean loss.",
+                main_process_only=True,
+            )
 
     def _check_perturbation_survives_rounding(
         self,
@@ -305,6 +365,7 @@ class SAMMixin:
         """
         Once per run, for bf16/fp16 weights: measure how much of `e` the weights really moved by (`w + e` is rounded
         to the weight dtype) and warn when most of it was lost, i.e. `rho` is too small for the weights' precision.
+        (Its host read happens once, at the first perturbed step, and only with half-precision weights.)
         """
         self._checked_rounding = True
         if all(p.dtype not in (torch.bfloat16, torch.float16) for p in params):
@@ -319,12 +380,6 @@ class SAMMixin:
                 "(`--bf16` on an fp32 model). `sam/sharpness` near 0 is the symptom.",
                 main_process_only=True,
             )
-
-    def _first_pass_sync_context(self, model: nn.Module):
-        """Local mode: pass 1 (forward and backward) runs inside `no_sync`, so its gradients stay per process."""
-        if self.sam_config.perturbation_sync == "local":
-            return self.accelerator.no_sync(model)
-        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _second_pass_context(self):
@@ -349,29 +404,6 @@ class SAMMixin:
             if saved_tokens is not None:
                 self._total_train_tokens = saved_tokens
 
-    def _first_pass_needs_all_reduce(self, model: nn.Module) -> bool:
-        """Global mode under DDP inside the Trainer's own `no_sync` (non-final micro-batches): average by hand."""
-        return (
-            self.sam_config.perturbation_sync == "global"
-            and isinstance(model, nn.parallel.DistributedDataParallel)
-            and not model.require_backward_grad_sync
-        )
-
-    def _loss_scale(self) -> float:
-        """The fp16 GradScaler's current scale (1 without one): pass-1 gradients are divided by it."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            return float(scaler.get_scale())
-        return 1.0
-
-    def _all_finite(self, grad_norm: torch.Tensor) -> bool:
-        """Whether the pass-1 gradient is finite, decided the same way on every process."""
-        finite = torch.isfinite(grad_norm).to(torch.float32)
-        if self.sam_config.perturbation_sync == "local" and self.accelerator.num_processes > 1:
-            finite = self.accelerator.reduce(finite.to(self.args.device), reduction="sum")
-            return bool(finite.item() == self.accelerator.num_processes)
-        return bool(finite.item())
-
     def _save_norm_buffers(self, model: nn.Module) -> list[torch.Tensor]:
         """Copies of the running statistics of BatchNorm-like layers, to undo pass 2's update of them."""
         if self._sam_norm_buffers is None:
@@ -395,29 +427,31 @@ class SAMMixin:
         loss: torch.Tensor,
         perturbed_loss: torch.Tensor,
         grad_norm: torch.Tensor,
-        perturbation_norm: torch.Tensor | None,
-        num_micro_batches: int,
+        perturbation_norm: torch.Tensor,
+        finite: torch.Tensor,
+        weight: float,
+        skipped_micro_batches: int = 1,
     ) -> None:
-        """Sum this micro-batch's SAM metrics on the device (no host sync); `log` averages and clears them."""
+        """
+        Add this step's (or micro-batch's) SAM metrics to on-device sums; `log` averages and clears them. A step that
+        was not `finite` counts as `skipped_micro_batches` micro-batches without perturbation.
+        """
+        device = loss.device
         if self._sam_metric_sums is None:
             # [weight, perturbed loss, sharpness, weight * grad norm, weight * perturbation norm, non-finite count]
-            self._sam_metric_sums = torch.zeros(6, dtype=torch.float32, device=loss.device)
-        if perturbation_norm is None:
-            self._sam_metric_sums[5] += 1
-            return
-        weight = 1.0 / num_micro_batches
-        loss, perturbed_loss = loss.float(), perturbed_loss.float()
+            self._sam_metric_sums = torch.zeros(6, dtype=torch.float32, device=device)
+        finite = finite.to(device)
         values = torch.stack(
             [
-                torch.tensor(weight, device=loss.device),
+                torch.ones((), device=device) * weight,
                 perturbed_loss,
                 perturbed_loss - loss,
-                grad_norm.to(loss.device) * weight,
-                perturbation_norm.to(loss.device) * weight,
-                torch.zeros((), device=loss.device),
+                grad_norm.to(device) * weight,
+                perturbation_norm.to(device) * weight,
             ]
         )
-        self._sam_metric_sums += values
+        self._sam_metric_sums[:5] += torch.where(finite, values, 0.0)
+        self._sam_metric_sums[5] += (~finite).float() * skipped_micro_batches
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._sam_metric_sums is not None:
@@ -430,6 +464,14 @@ class SAMMixin:
                     logs[f"sam/{key}"] = round(sums[i] / sums[0], 6)
             if sums[5] > 0:
                 logs["sam/nonfinite_micro_batches"] = int(sums[5])
+                if not self._warned_nonfinite:
+                    logger.warning(
+                        f"SAM: the first-pass gradient was not finite for {int(sums[5])} micro-batch(es) since the "
+                        "last log: they were not perturbed (and F-SAM's EMA / LookSAM's g_v were not updated); the "
+                        "optimizer got the gradient at the unperturbed weights. Logged as `sam/nonfinite_micro_batches`.",
+                        main_process_only=True,
+                    )
+                    self._warned_nonfinite = True
             self._sam_metric_sums.zero_()
         return super().log(logs, *args, **kwargs)
 
@@ -445,116 +487,76 @@ class SAMMixin:
         The wrapped trainer's model card (`output_dir/README.md`, also what `push_to_hub` uploads), tagged `hf_sam`
         and with the method, plus a "Trained with hf_sam" section naming the method, `rho` and the whole `SAMConfig`.
         """
-        tags = kwargs.get("tags")
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        kwargs["tags"] = tags + [tag for tag in ("hf_sam", self.sam_config.method) if tag not in tags]
+        kwargs["tags"] = model_card_tags(kwargs.get("tags"), self.sam_config)
         super().create_model_card(*args, **kwargs)
-        path = os.path.join(self.args.output_dir, "README.md")
-        if not self.is_world_process_zero() or not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as reader:
-            card = reader.read()
-        start = card.find(_MODEL_CARD_START)
-        if start != -1:  # the section of an earlier call: replace it
-            end = card.find(_MODEL_CARD_END, start)
-            card = card[:start] + (card[end + len(_MODEL_CARD_END) :] if end != -1 else "")
-        with open(path, "w", encoding="utf-8") as writer:
-            writer.write(card.rstrip("\n") + "\n\n" + self._sam_model_card_section() + "\n")
-
-    def _sam_model_card_section(self) -> str:
-        config = self.sam_config
-        names = [{"fsam": "F-SAM", "looksam": "LookSAM"}[config.method]] if config.method != "sam" else []
-        names += (["ASAM"] if config.adaptive else []) + ([] if config.normalize else ["USAM"])
-        method = " + ".join(f"{name} ([{_PAPERS[name][0]}]({_PAPERS[name][1]}))" for name in names or ["SAM"])
-        interval = f", `interval={config.interval}`" if config.interval != 1 else ""
-        return (
-            f"{_MODEL_CARD_START}\n## Trained with hf_sam\n\nThis model was trained with {method} through "
-            f"[hf_sam](https://github.com/hf-sam/hf_sam) (`method={config.method!r}`, `rho={config.rho}`{interval}): "
-            "its sharpness-aware steps apply the gradient taken at weights perturbed towards higher loss (radius "
-            "`rho`). The `SAMConfig` (`sam_config.json`):\n\n"
-            f"```json\n{json.dumps(config.to_dict(), indent=2, sort_keys=True)}\n```\n{_MODEL_CARD_END}"
-        )
+        if self.is_world_process_zero():
+            add_model_card_section(os.path.join(self.args.output_dir, "README.md"), self.sam_config)
 
     def _inner_training_loop(self, *args, **kwargs):
         # Each training loop starts from a fresh SAM state: `auto_find_batch_size` reruns this loop after an
         # out-of-memory error, and the failed attempt's F-SAM EMA and metric sums must not leak into the retry.
-        # `resume_from_checkpoint` then loads the EMA inside the loop.
+        # `resume_from_checkpoint` then loads the state inside the loop. A config changed since `__init__` is checked.
+        self.sam_config.validate()
         self._reset_sam_state()
-        self._sam_metric_sums = None
         return super()._inner_training_loop(*args, **kwargs)
 
-    def _sam_state_file(self, directory: str) -> str:
-        if self._sam_state_is_per_process():
-            name = f"rank{self.args.process_index}-of-{self.args.world_size}-{SAM_STATE_NAME}"
-        else:
-            name = SAM_STATE_NAME
-        return os.path.join(directory, name)
-
     def _sam_state_is_per_process(self) -> bool:
-        """Local mode (one EMA per process) and FSDP (each process holds its shards) save one file per process."""
+        """Local mode (one state per process) and FSDP (each process holds its shards) save one file per process."""
         sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
         return self.args.world_size > 1 and (self.sam_config.perturbation_sync == "local" or sharded)
 
-    def _trainable_parameter_names(self) -> list[str]:
-        return [name for name, p in self.model.named_parameters() if p.requires_grad]
-
-    def _stateful_sam_parts(self) -> dict:
-        """The per-parameter state that a checkpoint must carry: F-SAM's EMA or LookSAM's orthogonal component."""
-        parts = {}
-        if self._fsam is not None:
-            parts["ema"] = (self._fsam, "F-SAM gradient EMA")
-        if self._looksam is not None:
-            parts["orthogonal"] = (self._looksam, "LookSAM orthogonal gradient component")
-        return parts
+    def _sam_state_file(self, directory: str) -> str:
+        return sam_state_file(
+            directory,
+            per_process=self._sam_state_is_per_process(),
+            process_index=self.args.process_index,
+            world_size=self.args.world_size,
+        )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        parts = self._stateful_sam_parts()
-        if not parts:
+        if self.sam_variant.state_key is None or self.sam_config.rho == 0:
             return
         if not self._sam_state_is_per_process() and not self.args.should_save:
             return  # every process holds the same state: the main process writes it
-        names = self._trainable_parameter_names()
-        state = {"method": self.sam_config.method}
-        for key, (part, _) in parts.items():
-            tensors = part.state_dict()[key]
-            state[key] = None if tensors is None else {n: t.cpu() for n, t in zip(names, tensors, strict=True)}
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(state, self._sam_state_file(output_dir))
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        save_sam_state(self._sam_state_file(output_dir), self.sam_variant, self.sam_config.method, names)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        parts = self._stateful_sam_parts()
-        if checkpoint is None or not parts:
+        if checkpoint is None:
+            return
+        check_resumed_config(checkpoint, self.sam_config)
+        variant = self.sam_variant
+        if variant.state_key is None or self.sam_config.rho == 0:
             return
         path = self._sam_state_file(checkpoint)
         if not os.path.isfile(path):
-            what = " and ".join(description for _, description in parts.values())
+            reset = self.sam_config.allow_state_reset
             logger.warning(
                 f"Resuming {self.sam_config.method} from {checkpoint}, which has no {os.path.basename(path)}: the "
-                f"{what} restarts empty, so this run will not equal an uninterrupted one.",
+                f"{variant.state_description} restarts empty, so this run will not equal an uninterrupted one"
+                + (" (`allow_state_reset`)." if reset else "."),
                 main_process_only=False,
             )
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
         named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        for key, (part, description) in parts.items():
-            saved = state.get(key)
-            if saved is not None and set(named) != set(saved):
-                raise ValueError(
-                    f"{path} holds a {description} for other trainable parameters than this model's: missing "
-                    f"{sorted(set(named) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(named))[:5]}."
+        if self.sam_config.allow_state_reset:
+            try:
+                load_sam_state(path, variant, self.sam_config.method, named)
+            except ValueError as error:
+                logger.warning(
+                    f"{error} `allow_state_reset` is set: the state restarts empty.", main_process_only=False
                 )
-            tensors = (
-                None if saved is None else [saved[n].to(device=p.device, dtype=p.dtype) for n, p in named.items()]
-            )
-            part.load_state_dict({key: tensors})
+            return
+        load_sam_state(path, variant, self.sam_config.method, named)
 
 
 class SAMTrainer(SAMMixin, Trainer):
     r"""
-    [`~transformers.Trainer`] with Sharpness-Aware Minimization: SAM, ASAM, USAM or Friendly-SAM, set by a
-    [`SAMConfig`]. The only change w.r.t. `Trainer` is the two-pass `training_step` of [`SAMMixin`].
+    [`~transformers.Trainer`] with Sharpness-Aware Minimization: SAM, ASAM, USAM, Friendly-SAM or LookSAM, set by a
+    [`SAMConfig`]. The change w.r.t. `Trainer` is the two-pass `training_step` of [`SAMMixin`] (and its thin
+    overrides for logging, saving and resuming, listed there).
 
     Example:
 
@@ -576,9 +578,3 @@ def _local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def _grads_or_zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each parameter's `.grad`, or zeros for a parameter the loss did not reach."""
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
-def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average `tensors` over all processes in place."""
-    all_reduce_sum_(tensors)
-    torch._foreach_div_(tensors, float(dist.get_world_size()))

@@ -13,7 +13,8 @@ STEPS, BATCH_SIZE, LR = 6, 8, 0.1
 
 def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alpha=0.7):
     """
-    Step t is a SAM step when t % interval == 0, else one plain pass. With g the step's mean gradient at w and
+    Step t is a SAM step when t % interval == 0 (one perturbation from the gradient of all its micro-batches), else
+    one plain pass. With g the step's mean gradient at w and
     g_s the applied gradient of a SAM step, LookSAM (Liu et al. 2022, Algorithm 1) stores
     g_v = g_s - (g . g_s / ||g||^2) g, and a plain step applies g + alpha ||g|| / ||g_v|| g_v instead of g.
     F-SAM's EMA is updated with g at every step, perturbed or not.
@@ -25,26 +26,27 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
     ema, orthogonal = None, None
     for step in range(STEPS):
         sam_step = step % interval == 0
-        applied = [torch.zeros_like(p) for p in params]
+        micro_batches = [next(batches) for _ in range(grad_accum)]
         mean_grad = [torch.zeros_like(p) for p in params]
-        for _ in range(grad_accum):
-            batch = next(batches)
+        for batch in micro_batches:
             g = torch.autograd.grad(model(**batch)["loss"], params)
             mean_grad = [m + gi / grad_accum for m, gi in zip(mean_grad, g)]
-            if not sam_step:
-                applied = [a + gi / grad_accum for a, gi in zip(applied, g)]
-                continue
+        applied = mean_grad
+        if sam_step:  # one perturbation from the whole batch's gradient, then its gradient at w + e
+            g = mean_grad
             d = list(g) if (method != "fsam" or ema is None) else [gi - sigma * m for gi, m in zip(g, ema)]
             norm = torch.sqrt(sum((di**2).sum() for di in d))
             weights = [p.detach().clone() for p in params]
             with torch.no_grad():
                 for p, di in zip(params, d):
                     p.add_(rho * di / (norm + 1e-12))
-            g2 = torch.autograd.grad(model(**batch)["loss"], params)
+            applied = [torch.zeros_like(p) for p in params]
+            for batch in micro_batches:
+                g2 = torch.autograd.grad(model(**batch)["loss"], params)
+                applied = [a + gi / grad_accum for a, gi in zip(applied, g2)]
             with torch.no_grad():
                 for p, w in zip(params, weights):
                     p.copy_(w)
-            applied = [a + gi / grad_accum for a, gi in zip(applied, g2)]
         if method == "looksam":
             if sam_step:
                 dot = sum((a * m).sum() for a, m in zip(applied, mean_grad))

@@ -132,7 +132,7 @@ def test_lora_perturbs_and_copies_only_the_adapter(tmp_path, monkeypatch, method
     assert saved_bytes == [adapter_bytes] * 2
     assert adapter_bytes < model_bytes / 4
     if method == "fsam":
-        assert nbytes(trainer._fsam.ema) == adapter_bytes
+        assert nbytes(trainer.sam_variant.ema) == adapter_bytes
     print(
         f"\nLoRA/{method}: perturb_ saved {saved_bytes[0]} B per step; adapter {adapter_bytes} B; model {model_bytes} B"
     )

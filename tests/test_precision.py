@@ -71,7 +71,7 @@ def test_nonfinite_step_is_skipped_by_the_scaler_and_leaves_the_ema(tmp_path):
 
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            ema_and_weights[state.global_step] = ([m.clone() for m in trainer._fsam.ema], params_of(model))
+            ema_and_weights[state.global_step] = ([m.clone() for m in trainer.sam_variant.ema], params_of(model))
 
     trainer.add_callback(Snapshot())
     trainer.train()

@@ -1,10 +1,12 @@
 """SAMConfig: validation, argument parsing, and sharing as `sam_config.json`."""
 
 import json
+import logging
 
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
+import hf_sam
 from hf_sam import SAMConfig, SAMTrainer
 
 from .testing_utils import TinyDataset, tiny_args, tiny_model
@@ -61,18 +63,51 @@ def test_save_and_load_round_trip(tmp_path):
     assert SAMConfig.from_pretrained(tmp_path) == config
 
 
-def test_load_rejects_unknown_keys_and_bad_values(tmp_path):
-    (tmp_path / "sam_config.json").write_text(json.dumps({"method": "sam", "rho": 0.05, "lr": 1}))
-    with pytest.raises(ValueError, match="lr"):
-        SAMConfig.from_pretrained(tmp_path)
+def test_saved_config_records_the_hf_sam_version(tmp_path):
+    SAMConfig().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "sam_config.json").read_text())["hf_sam_version"] == hf_sam.__version__
+
+
+def test_load_warns_and_drops_unknown_keys_of_a_newer_version(tmp_path, caplog):
+    """Like PEFT: a config written by a newer hf_sam with one more field still loads, with a warning naming it."""
+    values = {"method": "fsam", "rho": 0.05, "future_field": 1, "hf_sam_version": "9.0.0"}
+    (tmp_path / "sam_config.json").write_text(json.dumps(values))
+    with caplog.at_level(logging.WARNING):
+        config = SAMConfig.from_pretrained(tmp_path)
+    assert config == SAMConfig(method="fsam", rho=0.05)
+    assert "future_field" in caplog.text and "9.0.0" in caplog.text
+
+
+def test_load_rejects_bad_values_naming_the_file(tmp_path):
     (tmp_path / "sam_config.json").write_text(json.dumps({"rho": -1}))
-    with pytest.raises(ValueError, match="`rho`"):
+    with pytest.raises(ValueError, match=r"sam_config\.json: `rho`"):
         SAMConfig.from_pretrained(tmp_path)
 
 
-def test_load_missing_repo_fails_clearly(tmp_path):
-    with pytest.raises(OSError):
+def test_load_corrupt_json_names_the_file(tmp_path):
+    (tmp_path / "sam_config.json").write_text('{"rho": 0.05,')
+    with pytest.raises(ValueError, match=r"sam_config\.json is not valid JSON"):
+        SAMConfig.from_pretrained(tmp_path)
+
+
+def test_load_missing_directory_or_file_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
         SAMConfig.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="No sam_config.json found in the directory"):
+        SAMConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("rho", float("nan"), "`rho`"), ("method", "foo", "`method`"), ("interval", 0, "`interval`")],
+)
+def test_config_changed_after_construction_is_refused_when_training_starts(tmp_path, field, value, message):
+    config = SAMConfig()
+    trainer = SAMTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=config)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_trainer_writes_config_into_output_dir_and_checkpoints(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from transformers import Trainer
 
 from hf_sam import SAMConfig, SAMTrainer
+from hf_sam.setup_checks import check_sharded_setup, check_trainer_setup
 
 from .testing_utils import (
     PoisonedClassifier,
@@ -80,14 +81,17 @@ def test_nonfinite_first_pass_leaves_weights_and_ema_untouched(tmp_path, caplog)
     first, second = TinyDataset().batches(8)[:2]
     training_step(trainer, first)  # calls 0 and 1: a normal F-SAM step, the EMA now exists
     model.zero_grad(set_to_none=True)
-    ema_before = [m.clone() for m in trainer._fsam.ema]
+    ema_before = [m.clone() for m in trainer.sam_variant.ema]
     weights_before = params_of(model)
 
+    loss = training_step(trainer, second)  # call 2 (pass 1) is inf; call 3 is pass 2 at w
+    logs = {"loss": 0.0}
     with caplog.at_level(logging.WARNING):
-        loss = training_step(trainer, second)  # call 2 (pass 1) is inf; call 3 is pass 2 at w
+        trainer.log(logs)  # the step reads nothing on the host: the warning comes with the logs
     assert "not finite" in caplog.text
+    assert logs["sam/nonfinite_micro_batches"] == 1
     assert not torch.isfinite(loss)
-    for m, m_before in zip(trainer._fsam.ema, ema_before):
+    for m, m_before in zip(trainer.sam_variant.ema, ema_before):
         assert torch.equal(m, m_before)
     for name, p in model.named_parameters():
         assert torch.equal(p, weights_before[name])
@@ -116,26 +120,45 @@ def _text_args(tmp_path, **overrides):
     return text_args(tmp_path, **{"gradient_accumulation_steps": 2, "max_steps": 6, **overrides})
 
 
-def test_rho_zero_is_the_stock_trainer_bitwise(tmp_path):
-    """`rho=0`: same updates as `Trainer` (AdamW, schedule, clipping, accumulation, dropout), one pass each."""
+class MeanLossTrainer(Trainer):
+    """The stock `Trainer` told that the model's loss ignores `num_items_in_batch` (transformers issue #47688)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_rho_zero_is_the_stock_trainer_bitwise(tmp_path, grad_accum):
+    """
+    `rho=0`: same updates as `Trainer` (AdamW, schedule, clipping, accumulation, dropout), one pass each. With
+    accumulation, BERT's loss ignores `num_items_in_batch` although its `forward` takes `**kwargs`: the stock Trainer
+    then does not divide it by the accumulation steps (#47688) and `SAMTrainer` corrects that, also at `rho=0`, after
+    a check of two extra no-grad forward calls: it equals the stock Trainer told `model_accepts_loss_kwargs=False`.
+    """
     runs = {}
+    reference = Trainer if grad_accum == 1 else MeanLossTrainer
     for name, trainer_class, kwargs in [
-        ("trainer", Trainer, {}),
+        ("trainer", reference, {}),
+        ("stock", Trainer, {}),
         ("sam", SAMTrainer, {"sam_config": SAMConfig(method="fsam", rho=0.0)}),
     ]:
         model = tiny_bert()
         calls = []
         model.register_forward_pre_hook(lambda module, args, kwargs, calls=calls: calls.append(1), with_kwargs=True)
-        trainer = trainer_class(
-            model=model, args=_text_args(tmp_path / name), train_dataset=TinyTextDataset(), **kwargs
-        )
+        args = _text_args(tmp_path / name, gradient_accumulation_steps=grad_accum)
+        trainer = trainer_class(model=model, args=args, train_dataset=TinyTextDataset(), **kwargs)
         trainer.train()
         runs[name] = (params_of(model), len(calls), trainer.state.log_history)
     (trainer_params, trainer_calls, _), (sam_params, sam_calls, sam_logs) = runs["trainer"], runs["sam"]
     for name, p in trainer_params.items():
         assert torch.equal(p, sam_params[name]), name
-    assert sam_calls == trainer_calls == 12
+    assert trainer_calls == 6 * grad_accum
+    assert sam_calls == trainer_calls + (2 if grad_accum > 1 else 0)
     assert not any(key.startswith("sam/") for log in sam_logs for key in log)
+    stock_params = runs["stock"][0]
+    differs = any(not torch.equal(p, stock_params[name]) for name, p in trainer_params.items())
+    assert differs == (grad_accum > 1)  # the upstream behaviour the correction removes
 
 
 def _train_with_checkpoints(output_dir, sam_config, model, resume=None):
@@ -199,15 +222,17 @@ def test_lomo_is_refused_before_training(tmp_path, optim):
 
 @pytest.mark.parametrize(("engine", "match"), [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")])
 def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match):
-    """DeepSpeed and FSDP need several processes to switch on; the check that runs in `__init__` is called directly."""
+    """
+    DeepSpeed and FSDP need several processes (and DeepSpeed its package) to switch on: the check that `__init__` runs
+    is called on a real trainer with the engine's flag set (the recipes refuse `--deepspeed` before loading anything).
+    """
     trainer = SAMTrainer(
         model=tiny_model(), args=tiny_args(tmp_path), train_dataset=TinyDataset(), sam_config=SAMConfig()
     )
     setattr(trainer, engine, True)
     with pytest.raises(ValueError, match=match):
-        trainer._check_sam_setup()
-    trainer.sam_config = SAMConfig(rho=0.0)  # plain training needs no second pass
-    trainer._check_sam_setup()
+        check_trainer_setup(trainer, trainer.sam_config)
+    check_trainer_setup(trainer, SAMConfig(rho=0.0))  # plain training needs no second pass
 
 
 @pytest.mark.parametrize(
@@ -223,4 +248,4 @@ def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
         model=tiny_model(), args=tiny_args(tmp_path, **args), train_dataset=TinyDataset(), sam_config=sam_config
     )
     with pytest.raises(ValueError, match=match):
-        trainer._check_sharded_setup()
+        check_sharded_setup(trainer.sam_config, trainer.args.gradient_accumulation_steps)

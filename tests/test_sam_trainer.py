@@ -1,5 +1,7 @@
 """SAMTrainer against independent references: a hand-written two-pass loop and pytorch_optimizer's SAM."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,46 +29,65 @@ def reference_sam_run(
     sigma=1.0,
     lam=0.9,
     max_grad_norm=0.0,
+    per_micro_batch=False,
 ):
     """
     SAM / ASAM / USAM / F-SAM written out from the papers, one tensor at a time, with plain SGD.
 
-    Per micro-batch i of step t (K micro-batches): g = grad of the micro-batch mean loss at w;
-    d = g (SAM) or g - sigma * m_{t-1} (F-SAM, d = g on the first step); T = |w| + eta (ASAM) or 1;
-    e = rho T^2 d / ||T d|| (or rho T^2 d unnormalized); the applied gradient is the sum over micro-batches of
-    grad(L_i(w + e) / K), with BatchNorm statistics and weights put back after each pass 2.
-    Then m_t = mean_i g (first step) or lam * m_{t-1} + (1 - lam) * mean_i g; clip; w -= lr * applied.
+    Step t over K micro-batches with mean losses L_i (batch loss L = mean_i L_i): g = grad L(w), taken micro-batch
+    by micro-batch (BatchNorm statistics updated by each); d = g (SAM) or g - sigma * m_{t-1} (F-SAM, d = g on the
+    first step); T = |w| + eta (ASAM) or 1; e = rho T^2 d / ||T d|| (or rho T^2 d unnormalized); the applied gradient
+    is grad L(w + e), after which weights and BatchNorm statistics are put back; m_t = g (first step) or
+    lam * m_{t-1} + (1 - lam) * g; clip; w -= lr * applied.
+
+    `per_micro_batch=True` (m-sharpness, `perturbation_sync="local"`): every micro-batch i takes its own
+    e_i from g_i = grad L_i(w) (F-SAM: g_i - sigma * m_{t-1}) and the applied gradient is mean_i grad L_i(w + e_i).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(dataset.batches(BATCH_SIZE))
     ema = None
     model.train()
+
+    def perturbation(g):
+        d = list(g) if (not fsam or ema is None) else [gi - sigma * mi for gi, mi in zip(g, ema)]
+        scaling = [p.detach().abs() + eta if adaptive else torch.ones_like(p) for p in params]
+        if normalize:
+            norm = torch.sqrt(sum(((t * di) ** 2).sum() for t, di in zip(scaling, d)))
+            return [rho * t * t * di / (norm + 1e-12) for t, di in zip(scaling, d)]
+        return [rho * t * t * di for t, di in zip(scaling, d)]
+
+    def gradient_at(e, micro_batches):
+        weights = [p.detach().clone() for p in params]
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.add_(ei)
+        total = [torch.zeros_like(p) for p in params]
+        for batch in micro_batches:
+            g = torch.autograd.grad(model(**batch)["loss"] / grad_accum, params)
+            total = [t + gi for t, gi in zip(total, g)]
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        return total
+
     for _ in range(steps):
         micro_batches = [next(batches) for _ in range(grad_accum)]
-        applied = [torch.zeros_like(p) for p in params]
-        mean_grad = [torch.zeros_like(p) for p in params]
-        for batch in micro_batches:
-            g = torch.autograd.grad(model(**batch)["loss"], params)
-            d = list(g) if (not fsam or ema is None) else [gi - sigma * mi for gi, mi in zip(g, ema)]
-            scaling = [p.detach().abs() + eta if adaptive else torch.ones_like(p) for p in params]
-            if normalize:
-                norm = torch.sqrt(sum(((t * di) ** 2).sum() for t, di in zip(scaling, d)))
-                e = [rho * t * t * di / (norm + 1e-12) for t, di in zip(scaling, d)]
-            else:
-                e = [rho * t * t * di for t, di in zip(scaling, d)]
-            weights = [p.detach().clone() for p in params]
-            buffers = {name: b.clone() for name, b in model.named_buffers()}
-            with torch.no_grad():
-                for p, ei in zip(params, e):
-                    p.add_(ei)
-            g_perturbed = torch.autograd.grad(model(**batch)["loss"] / grad_accum, params)
-            with torch.no_grad():
-                for p, w in zip(params, weights):
-                    p.copy_(w)
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
-            applied = [a + gp for a, gp in zip(applied, g_perturbed)]
-            mean_grad = [mg + gi / grad_accum for mg, gi in zip(mean_grad, g)]
+        if per_micro_batch:
+            applied = [torch.zeros_like(p) for p in params]
+            mean_grad = [torch.zeros_like(p) for p in params]
+            for batch in micro_batches:
+                g = torch.autograd.grad(model(**batch)["loss"], params)
+                applied = [a + gp for a, gp in zip(applied, gradient_at(perturbation(g), [batch]))]
+                mean_grad = [mg + gi / grad_accum for mg, gi in zip(mean_grad, g)]
+        else:
+            mean_grad = [torch.zeros_like(p) for p in params]
+            for batch in micro_batches:
+                g = torch.autograd.grad(model(**batch)["loss"] / grad_accum, params)
+                mean_grad = [mg + gi for mg, gi in zip(mean_grad, g)]
+            applied = gradient_at(perturbation(mean_grad), micro_batches)
         ema = mean_grad if ema is None else [lam * mi + (1 - lam) * gi for mi, gi in zip(ema, mean_grad)]
         if max_grad_norm > 0:
             total = torch.sqrt(sum((a**2).sum() for a in applied))
@@ -108,10 +129,11 @@ def _train(tmp_path, sam_config, *, grad_accum, batch_norm, **args):
 
 
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["mlp", "batchnorm"])
-@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize(("grad_accum", "sync"), [(1, "global"), (2, "global"), (2, "local")])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_hand_written_reference(tmp_path, variant, grad_accum, batch_norm):
+def test_matches_hand_written_reference(tmp_path, variant, grad_accum, sync, batch_norm):
     sam_config, reference_kwargs = VARIANTS[variant]
+    sam_config = dataclasses.replace(sam_config, perturbation_sync=sync)
     model = _train(
         tmp_path,
         sam_config,
@@ -120,7 +142,12 @@ def test_matches_hand_written_reference(tmp_path, variant, grad_accum, batch_nor
         max_grad_norm=reference_kwargs.get("max_grad_norm", 0.0),
     )
     reference = reference_sam_run(
-        tiny_model(batch_norm=batch_norm), TinyDataset(), steps=STEPS, grad_accum=grad_accum, **reference_kwargs
+        tiny_model(batch_norm=batch_norm),
+        TinyDataset(),
+        steps=STEPS,
+        grad_accum=grad_accum,
+        per_micro_batch=sync == "local",
+        **reference_kwargs,
     )
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=f"{variant}: {name} differs")

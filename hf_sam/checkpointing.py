@@ -1,0 +1,188 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Checkpoints of `SAMTrainer`: which ones are complete, and where to resume.
+
+A `checkpoint-N` folder is written by `Trainer._save_checkpoint` in this order: the model (and, from
+`SAMTrainer.save_model`, `sam_config.json`), the optimizer and scheduler (and `sam_state.pt`, the variant's state), the
+scaler and RNG states, and `trainer_state.json` last. A save cut short (an interrupt, a full disk, a killed job) leaves
+a folder without some of these; resuming from it would fail, or worse, resume with a state silently reset.
+"""
+
+import json
+import logging
+import os
+import re
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+SAM_CONFIG_NAME = "sam_config.json"
+SAM_STATE_NAME = "sam_state.pt"
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+# Methods whose per-parameter state a checkpoint must carry in `sam_state.pt` (see `hf_sam.variants`).
+_STATEFUL_METHODS = ("fsam", "looksam")
+
+
+def checkpoint_problems(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """What `checkpoint_dir` lacks to resume a `SAMTrainer` run from it; an empty list when it is complete."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        return [f"{checkpoint_dir} is not a directory"]
+    names = set(os.listdir(checkpoint_dir))
+    problems = []
+    if TRAINER_STATE_NAME not in names:
+        problems.append(f"no {TRAINER_STATE_NAME} (the Trainer writes it last: the save was cut short)")
+    else:
+        try:
+            with open(os.path.join(checkpoint_dir, TRAINER_STATE_NAME), encoding="utf-8") as reader:
+                json.load(reader)
+        except (OSError, ValueError) as error:
+            problems.append(f"{TRAINER_STATE_NAME} cannot be read ({error})")
+    if not any(name in names for name in _WEIGHT_FILES) and not any(n.startswith("pytorch_model_fsdp") for n in names):
+        problems.append("no model weights")
+    if not any(name.startswith(("optimizer.", "optimizer_")) for name in names):
+        problems.append("no optimizer state")
+    if SAM_CONFIG_NAME not in names:
+        problems.append(f"no {SAM_CONFIG_NAME}")
+    else:
+        try:
+            with open(os.path.join(checkpoint_dir, SAM_CONFIG_NAME), encoding="utf-8") as reader:
+                config = json.load(reader)
+        except (OSError, ValueError) as error:
+            problems.append(f"{SAM_CONFIG_NAME} cannot be read ({error})")
+        else:
+            stateful = config.get("method") in _STATEFUL_METHODS and config.get("rho", 0) != 0
+            if stateful and not any(name.endswith(SAM_STATE_NAME) for name in names):
+                problems.append(f"no {SAM_STATE_NAME} (the {config.get('method')} state)")
+    return problems
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """
+    The newest `checkpoint-N` in `output_dir` that `checkpoint_problems` finds complete, or `None`. Newer incomplete
+    ones are skipped with a warning that says what they lack.
+    """
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path
+        logger.warning(f"Skipping the incomplete checkpoint {path}: {'; '.join(problems)}.")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- the SAM state
+# Fields whose change between a checkpoint and the resumed run changes what the saved state means.
+STATE_FIELDS = ("method", "perturbation_sync")
+
+
+def sam_state_file(directory: str, *, per_process: bool, process_index: int, world_size: int) -> str:
+    """`sam_state.pt` in `directory`, or this process's `rank{r}-of-{W}-sam_state.pt` when each process has its own."""
+    name = f"rank{process_index}-of-{world_size}-{SAM_STATE_NAME}" if per_process else SAM_STATE_NAME
+    return os.path.join(directory, name)
+
+
+def save_sam_state(path: str, variant, method: str, parameter_names: list[str]) -> None:
+    """Write `variant`'s per-parameter state (by parameter name, on the CPU) with the method and hf_sam version."""
+    from . import __version__
+
+    state = {"method": method, "hf_sam_version": __version__}
+    for key, tensors in variant.state_dict().items():
+        state[key] = None if tensors is None else {n: t.cpu() for n, t in zip(parameter_names, tensors, strict=True)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(state, path)
+
+
+def load_sam_state(path: str, variant, method: str, named_parameters: dict) -> None:
+    """
+    Load `save_sam_state`'s file into `variant`. A file that cannot be read, holds another method's state or other
+    parameters raises a `ValueError` naming the file (it is only ever loaded with `weights_only=True`).
+    """
+    key, description = variant.state_key, variant.state_description
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated zip, a pickle with other objects, a file of another kind
+        raise ValueError(
+            f"{path} cannot be read as an hf_sam state file ({type(error).__name__}): it is truncated, corrupt or not "
+            f"written by hf_sam. Resume from an earlier checkpoint, or delete this file to restart the {description} "
+            "empty (the run will then differ from an uninterrupted one)."
+        ) from None
+    if not isinstance(state, dict) or key not in state:
+        saved = state.get("method") if isinstance(state, dict) else None
+        raise ValueError(
+            f"{path} holds no {description} (`{key}`): it was written by method {saved!r}, this run is {method!r}."
+        )
+    saved = state[key]
+    if saved is not None and set(named_parameters) != set(saved):
+        raise ValueError(
+            f"{path} holds a {description} for other trainable parameters than this model's: missing "
+            f"{sorted(set(named_parameters) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(named_parameters))[:5]}."
+        )
+    tensors = None
+    if saved is not None:
+        tensors = [saved[n].to(device=p.device, dtype=p.dtype) for n, p in named_parameters.items()]
+    variant.load_state_dict({key: tensors})
+
+
+def check_resumed_config(checkpoint: str, config) -> None:
+    """
+    Compare the `sam_config.json` of `checkpoint` with the resumed run's `config` (a `SAMConfig`). A change of a
+    `STATE_FIELDS` field raises a `ValueError` unless `config.allow_state_reset` (then a warning says what restarts);
+    other changes are listed in a warning.
+    """
+    from .sam_config import SAMConfig
+
+    if not os.path.isfile(os.path.join(checkpoint, SAM_CONFIG_NAME)):
+        logger.warning(f"{checkpoint} has no {SAM_CONFIG_NAME}: its SAM settings cannot be compared with this run's.")
+        return
+    saved = SAMConfig.from_pretrained(checkpoint).to_dict()
+    current = config.to_dict()
+    changed = {k: (saved[k], current[k]) for k in current if k != "allow_state_reset" and saved.get(k) != current[k]}
+    if not changed:
+        return
+    listed = ", ".join(f"`{k}` {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+    state_changes = [k for k in STATE_FIELDS if k in changed]
+    if state_changes and not config.allow_state_reset:
+        raise ValueError(
+            f"Resuming from {checkpoint} with other SAM settings that change the meaning of its saved state: {listed}. "
+            "Resume with the checkpoint's settings, or set `allow_state_reset=True` in the SAMConfig "
+            "(`--allow_state_reset` in the recipes) to drop the saved state and start the new method's state empty."
+        )
+    if state_changes:
+        logger.warning(
+            f"Resuming from {checkpoint} with {listed}: `allow_state_reset` is set, so the checkpoint's SAM state is "
+            "dropped and this run's state (F-SAM's EMA, LookSAM's g_v) starts empty."
+        )
+    else:
+        logger.warning(f"Resuming from {checkpoint} with changed SAM settings: {listed}.")

@@ -1,0 +1,83 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The training set-ups where a two-pass SAM step cannot be exact, refused before training starts."""
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .sam_config import SAMConfig
+
+
+def check_trainer_setup(trainer, config: SAMConfig) -> None:
+    """Refuse DeepSpeed, (Ada)LOMO and FSDP1; check FSDP2's limits. `trainer` is a `transformers.Trainer`."""
+    if config.rho == 0:
+        return
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            "SAMTrainer does not support DeepSpeed: Accelerate's DeepSpeed engine steps the optimizer inside "
+            "`backward`, so the first SAM pass would already update the weights. Use DDP or FSDP via "
+            "`accelerate launch` instead, or set `rho=0`."
+        )
+    if str(trainer.args.optim).lower().endswith("lomo"):
+        raise ValueError(
+            f"SAMTrainer does not support `optim={trainer.args.optim}`: (Ada)LOMO fuses the update into `backward`, "
+            "so the first SAM pass would already update the weights. Pick an optimizer that steps after backward "
+            "(e.g. `adamw_torch`)."
+        )
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "SAMTrainer supports FSDP2 only (`fsdp_version: 2` in the Accelerate config, or `fsdp_config="
+                '{"fsdp_version": 2}`): FSDP1 flattens parameters, so the perturbation cannot be applied to them.'
+            )
+        check_sharded_setup(config, trainer.args.gradient_accumulation_steps)
+
+
+def check_sharded_setup(config: SAMConfig, gradient_accumulation_steps: int) -> None:
+    """What a two-pass step under FSDP2 (parameters sharded over processes) cannot do."""
+    if config.perturbation_sync == "local":
+        raise ValueError(
+            "`perturbation_sync` must be 'global' under FSDP: the weights are sharded over the processes, so "
+            "they cannot take a different perturbation on each one, got 'local'."
+        )
+    if gradient_accumulation_steps > 1:
+        raise ValueError(
+            "SAMTrainer under FSDP needs `gradient_accumulation_steps=1` (got "
+            f"{gradient_accumulation_steps}): FSDP keeps unsynced micro-batch gradients unsharded and "
+            "outside `.grad`, where the first pass cannot be set apart. Raise the per-device batch size instead."
+        )
+    if config.method == "looksam":
+        raise ValueError("`method='looksam'` is not supported under FSDP yet; use 'sam' or 'fsam'.")
+
+
+def sharding_group(params: list[torch.Tensor]):
+    """
+    `None` for ordinary parameters; for FSDP2's (DTensors sharded over a 1-D mesh) the process group whose shards make
+    up each tensor. Other sharded layouts raise a `ValueError`.
+    """
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    if (
+        len(sharded) != len(params)
+        or mesh.ndim != 1
+        or any(p.device_mesh != mesh or not all(pl.is_shard() for pl in p.placements) for p in sharded)
+    ):
+        raise ValueError(
+            "SAMTrainer supports sharded parameters as FSDP2's `fully_shard` makes them: every trainable "
+            "parameter sharded on one 1-D device mesh (HSDP, tensor parallelism and mixed set-ups are not)."
+        )
+    return mesh.get_group()
