@@ -13,13 +13,12 @@
 # limitations under the License.
 """
 Shared by `benchmarks/sharpness_demo.py` and `benchmarks/looksam_accuracy.py`: a small GLUE fine-tuning set-up on the
-local TSV files, reusing the data loading and metrics of `recipes/run_glue.py` (no Hub, no copy of the data).
+local TSV files, with the data loading, tokenization and metrics of `recipes/run_glue.py` (`hf_sam.scripts.glue`; no
+Hub, no copy of the data). The benchmarks run as scripts, so Python finds this module next to them.
 """
 
-import importlib.util
 import os
 import platform
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,25 +27,19 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from hf_sam.scripts.glue import TASK_TO_KEYS, default_model_path, glue_metrics, load_glue_tsv, tokenize_glue
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "glue"))
 TASK_DIRS = {"mrpc": "MRPC", "rte": "RTE"}
-MAJORITY = {"mrpc": 0.684, "rte": 0.527}  # dev-set majority-class accuracy (recipes/results.md)
-
-
-def load_run_glue():
-    """`recipes/run_glue.py` as a module (the recipes are scripts, not a package)."""
-    path = os.path.join(REPO_ROOT, "recipes", "run_glue.py")
-    spec = importlib.util.spec_from_file_location("hf_sam_recipe_run_glue", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+MAJORITY = {"mrpc": 0.684, "rte": 0.527}  # dev-set majority-class accuracy
 
 
 @dataclass
 class GlueData:
+    """A tokenized GLUE task: its splits, tokenizer, collator, and the model to fine-tune (path, number of labels)."""
+
     task: str
     tokenizer: Any
     train: Any
@@ -57,29 +50,30 @@ class GlueData:
 
     def compute_metrics(self, prediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return RUN_GLUE.glue_metrics(self.task, np.argmax(logits, axis=1), prediction.label_ids)
+        return glue_metrics(self.task, np.argmax(logits, axis=1), prediction.label_ids)
 
     def new_model(self):
         """A fresh model: call `transformers.set_seed` first so the classifier head is the same in every run."""
         return AutoModelForSequenceClassification.from_pretrained(self.model_path, num_labels=self.num_labels)
 
-
-RUN_GLUE = load_run_glue()
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The data arguments of a `SAMTrainer` on this task: datasets, tokenizer, collator, metrics."""
+        return dict(
+            train_dataset=self.train,
+            eval_dataset=self.validation,
+            processing_class=self.tokenizer,
+            data_collator=self.collator,
+            compute_metrics=self.compute_metrics,
+        )
 
 
 def load_glue(task: str, data_dir: str | None, max_train_samples: int | None, max_seq_length: int) -> GlueData:
     """Tokenized train (first `max_train_samples` rows) and full dev split of a GLUE task from its TSV files."""
     data_dir = data_dir or os.path.join(GLUE_DIR, TASK_DIRS[task])
-    raw = RUN_GLUE.load_glue_tsv(task, data_dir)
-    key1, key2 = RUN_GLUE.TASK_TO_KEYS[task]
-    model_path = RUN_GLUE.default_model_path()
+    raw = load_glue_tsv(task, data_dir)
+    model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-
-    def tokenize(batch):
-        return tokenizer(batch[key1], batch[key2], truncation=True, max_length=max_seq_length)
-
-    columns = [c for c in raw["train"].column_names if c != "label"]
-    data = raw.map(tokenize, batched=True, remove_columns=columns)
+    data = tokenize_glue(raw, tokenizer, *TASK_TO_KEYS[task], max_seq_length)
     train = data["train"]
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
@@ -90,6 +84,7 @@ def load_glue(task: str, data_dir: str | None, max_train_samples: int | None, ma
 
 
 def environment() -> str:
+    """The machine and versions a benchmark ran on, in one line."""
     return (
         f"{platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} thread(s)), "
         f"transformers {transformers.__version__}, {os.cpu_count()} CPU cores (shared with other jobs)"

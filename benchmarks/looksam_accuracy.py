@@ -43,13 +43,10 @@ import time
 
 import torch
 import transformers
+from glue_bench_utils import MAJORITY, REPO_ROOT, environment, load_glue
 from transformers import TrainingArguments, set_seed
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glue_bench_utils import MAJORITY, REPO_ROOT, environment, load_glue  # noqa: E402
-
-from hf_sam import SAMConfig, SAMTrainer  # noqa: E402
+from hf_sam import SAMConfig, SAMTrainer
 
 
 METHODS = {
@@ -83,11 +80,7 @@ def run(task: str, name: str, seed: int, data, args) -> dict:
     trainer = SAMTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.validation,
-        processing_class=data.tokenizer,
-        data_collator=data.collator,
-        compute_metrics=data.compute_metrics,
+        **data.trainer_kwargs(),
         sam_config=sam_config,
     )
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -40,13 +40,10 @@ import time
 
 import torch
 import transformers
+from glue_bench_utils import REPO_ROOT, environment, load_glue
 from transformers import TrainingArguments, set_seed
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glue_bench_utils import REPO_ROOT, environment, load_glue  # noqa: E402
-
-from hf_sam import SAMConfig, SAMTrainer, SharpnessCallback  # noqa: E402
+from hf_sam import SAMConfig, SAMTrainer, SharpnessCallback
 
 
 METHODS = {
@@ -137,11 +134,7 @@ def run(name: str, sam_config: SAMConfig, data, args, recorder: _WarningRecorder
     trainer = SAMTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.validation,
-        processing_class=data.tokenizer,
-        data_collator=data.collator,
-        compute_metrics=data.compute_metrics,
+        **data.trainer_kwargs(),
         sam_config=sam_config,
         callbacks=[cheap, hessian],
     )

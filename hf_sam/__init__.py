@@ -19,6 +19,7 @@ from .perturbation import global_norm, perturb_, restore_, sam_perturbation_
 from .sam_config import SAMConfig
 from .sam_trainer import SAMMixin, SAMTrainer
 from .sharpness import (
+    AlignmentResult,
     HessianEigenResult,
     SharpnessResult,
     ascent_sharpness,
@@ -33,6 +34,7 @@ from .variants import VARIANTS, FriendlySAM, LookSAM, SAMVariant
 
 
 __all__ = [
+    "AlignmentResult",
     "FriendlySAM",
     "HessianEigenResult",
     "LookSAM",

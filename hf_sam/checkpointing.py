@@ -26,6 +26,7 @@ import os
 import re
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 logger = logging.getLogger(__name__)
@@ -186,3 +187,51 @@ def check_resumed_config(checkpoint: str, config) -> None:
         )
     else:
         logger.warning(f"Resuming from {checkpoint} with changed SAM settings: {listed}.")
+
+
+def _trainer_sam_state_file(trainer, directory: str) -> str:
+    """Local mode (one state per process) and FSDP (each process holds its shards) write one file per process."""
+    sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
+    per_process = trainer.args.world_size > 1 and (trainer.sam_config.perturbation_sync == "local" or sharded)
+    return sam_state_file(
+        directory,
+        per_process=per_process,
+        process_index=trainer.args.process_index,
+        world_size=trainer.args.world_size,
+    )
+
+
+def save_trainer_sam_state(trainer, output_dir: str) -> None:
+    """Write a `SAMTrainer`'s variant state into the checkpoint folder `output_dir` (once, or once per process)."""
+    variant, config = trainer.sam_variant, trainer.sam_config
+    if variant.state_key is None or config.rho == 0:
+        return
+    path = _trainer_sam_state_file(trainer, output_dir)
+    if os.path.basename(path) == SAM_STATE_NAME and not trainer.args.should_save:
+        return  # every process holds the same state: the main process writes it
+    names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    save_sam_state(path, variant, config.method, names)
+
+
+def load_trainer_sam_state(trainer, checkpoint: str) -> None:
+    """
+    Load a `SAMTrainer`'s variant state from `checkpoint`. A missing file warns (the state restarts empty); an
+    unreadable or mismatched one raises, unless `allow_state_reset` (then it warns and the state restarts empty).
+    """
+    variant, config = trainer.sam_variant, trainer.sam_config
+    if variant.state_key is None or config.rho == 0:
+        return
+    path = _trainer_sam_state_file(trainer, checkpoint)
+    if not os.path.isfile(path):
+        logger.warning(
+            f"Resuming {config.method} from {checkpoint}, which has no {os.path.basename(path)}: the "
+            f"{variant.state_description} restarts empty, so this run will not equal an uninterrupted one."
+        )
+        return
+    named = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+    try:
+        load_sam_state(path, variant, config.method, named)
+    except ValueError as error:
+        if not config.allow_state_reset:
+            raise
+        logger.warning(f"{error} `allow_state_reset` is set: the {variant.state_description} restarts empty.")

@@ -56,6 +56,19 @@ def find_trainer_state(run: str | Path) -> Path:
     return max(checkpoints)[1] / TRAINER_STATE_NAME
 
 
+def logged_keys(run: str | Path) -> list[str]:
+    """The keys with a numeric value somewhere in a run's `log_history` (but `step` and `epoch`), sorted."""
+    with open(find_trainer_state(run)) as f:
+        history = json.load(f).get("log_history", [])
+    numeric = {
+        key
+        for entry in history
+        for key, value in entry.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    return sorted(numeric - {"step", "epoch"})
+
+
 def load_series(run: str | Path, keys: Sequence[str] | None = None) -> Series:
     """
     `{key: (steps, values, stderrs or None)}` from a run's `log_history`, for `keys` (default: `DEFAULT_KEYS` and
@@ -176,6 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     parser.add_argument("--title", default=None, help="a title for the whole figure")
     args = parser.parse_args(argv)
+    try:
+        series = [load_series(run, args.keys) for run in args.runs]
+    except (OSError, ValueError) as error:  # no trainer_state.json, or one that is not JSON
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    # A run with none of the keys, or a key no run logged: say what the runs have, exit 2 (argparse's usage error).
+    missing = [run for run, found in zip(args.runs, series, strict=True) if not found]
+    absent = [key for key in args.keys or () if not any(key in found for found in series)]
+    if missing or absent:
+        wanted = " ".join(args.keys) if args.keys else f"{' '.join(DEFAULT_KEYS)} or sharpness/*"
+        problem = f"{' '.join(absent)} not logged by any run" if absent else f"none of {wanted} in {' '.join(missing)}"
+        lines = [f"{parser.prog}: error: {problem}. The keys each run logged:"]
+        lines += [f"  {run}: {' '.join(logged_keys(run)) or '(none)'}" for run in args.runs]
+        parser.exit(2, "\n".join(lines) + "\nPick from them with --keys.\n")
     plot_runs(args.runs, args.out, keys=args.keys, labels=args.labels, title=args.title)
     return 0
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
-from .checkpointing import check_resumed_config, load_sam_state, sam_state_file, save_sam_state
+from .checkpointing import check_resumed_config, load_trainer_sam_state, save_trainer_sam_state
 from .model_card import add_model_card_section, model_card_tags
 from .perturbation import (
     foreach_mul_by_scalar_tensor_,
@@ -35,14 +35,19 @@ from .perturbation import (
     zero_unless_,
 )
 from .sam_config import SAMConfig
+from .sam_metrics import SAMMetrics
 from .setup_checks import check_sharded_setup, check_trainer_setup, sharding_group
+from .trainer_utils import (
+    inverse_loss_scale,
+    loss_ignores_num_items_in_batch,
+    norm_buffers,
+    protect_trainer_metrics,
+    warn_if_perturbation_rounded_away,
+)
 from .variants import SAMVariant, variant_for
 
 
 logger = get_logger(__name__)
-
-# Order of the values summed in `SAMMixin._sam_metric_sums` after the weight.
-_METRIC_KEYS = ("perturbed_loss", "sharpness", "grad_norm", "perturbation_norm")
 
 
 class SAMMixin:
@@ -99,7 +104,6 @@ class SAMMixin:
         self._reset_sam_state()
         self._sam_norm_buffers: list[torch.Tensor] | None = None
         self._checked_rounding = False
-        self._warned_nonfinite = False
         self._checked_loss_normalization = False
         self._sam_shard_group = None
         self._sam_sharding_checked = False
@@ -109,7 +113,7 @@ class SAMMixin:
     def _reset_sam_state(self) -> None:
         """A fresh variant (F-SAM EMA, LookSAM component), metric sums and kept micro-batches: a new training loop."""
         self.sam_variant: SAMVariant = variant_for(self.sam_config)
-        self._sam_metric_sums: torch.Tensor | None = None
+        self.sam_metrics = SAMMetrics()
         self._kept_micro_batches: list[tuple] = []
 
     def _trainable_params(self) -> list[torch.Tensor]:
@@ -146,54 +150,17 @@ class SAMMixin:
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor:
         """`perturbation_sync="global"`: one perturbation per optimizer step, from the whole global batch's gradient."""
-        # 1. Pass 1 at w, accumulating (and, at the last micro-batch, all-reducing) the step's gradient in `.grad`.
+        # Pass 1 at w, accumulating (and, at the last micro-batch, all-reducing) the step's gradient in `.grad`.
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._kept_micro_batches.append((copy.copy(inputs), num_items_in_batch, loss))
         if not self.accelerator.sync_gradients:
             return loss
         micro_batches, self._kept_micro_batches = self._kept_micro_batches, []
         params = self._trainable_params()
-        group = self._sharding_group(params)
-        shards = _local_shards(params)  # the parameters themselves, or this process's FSDP shards of them
-
-        # 2. The perturbation from the unscaled gradient of the whole batch.
         grads = _local_shards(_grads_or_zeros(params))
-        grad_norm, finite = self._unscaled_grads_norm_(grads, group)
-        direction, direction_norm = self.sam_variant.direction(grads, grad_norm, finite=finite)
-        del grads
-        perturbation_norm = self._perturbation_(direction, shards, direction_norm, group, finite)
         for p in params:
             p.grad = None  # pass-1 gradients are not applied
-        saved_params = perturb_(shards, direction)
-        del direction
-        if not self._checked_rounding:
-            self._check_perturbation_survives_rounding(shards, saved_params, perturbation_norm, group)
-
-        # 3. Pass 2 at w + e over the kept micro-batches; restored even when it raises (e.g. out of memory).
-        perturbed_loss = torch.zeros((), device=loss.device, dtype=torch.float32)
-        saved_buffers = self._save_norm_buffers(model)
-        try:
-            with self._second_pass_context():
-                for index, (kept_inputs, kept_num_items, _) in enumerate(micro_batches):
-                    last = index == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                        step_loss = super().training_step(model, kept_inputs, kept_num_items)
-                    perturbed_loss = perturbed_loss + step_loss.float()
-        finally:
-            restore_(shards, saved_params)
-            if saved_buffers:
-                restore_(self._sam_norm_buffers, saved_buffers)
-        self.sam_variant.after_second_pass(_local_shards(_grads_or_zeros(params)), finite=finite)
-        batch_loss = sum(kept_loss.float() for _, _, kept_loss in micro_batches)
-        self._record_sam_metrics(
-            batch_loss,
-            perturbed_loss,
-            grad_norm,
-            perturbation_norm,
-            finite,
-            1.0,
-            skipped_micro_batches=len(micro_batches),
-        )
+        self._perturbed_pass(model, params, grads, micro_batches, num_shares=1, last_micro_batch=True)
         return loss
 
     def _micro_batch_sam_step(
@@ -201,16 +168,10 @@ class SAMMixin:
     ) -> torch.Tensor:
         """
         `perturbation_sync="local"`: every micro-batch on every process is perturbed with its own gradient (pass 1
-        under `no_sync`), which is put on the scale of one batch's mean gradient (times the accumulation steps).
+        under `no_sync`), put on the scale of one batch's mean gradient (times the accumulation steps).
         """
-        last_micro_batch = self.accelerator.sync_gradients
-        num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         params = self._trainable_params()
-        group = self._sharding_group(params)
-        shards = _local_shards(params)
-
-        # 1. Pass 1 at w, on this micro-batch alone: set the accumulated gradients aside.
-        accumulated = [p.grad for p in params]
+        accumulated = [p.grad for p in params]  # set aside: pass 1 sees this micro-batch alone
         for p in params:
             p.grad = None
         with self.accelerator.no_sync(model):
@@ -219,34 +180,73 @@ class SAMMixin:
         for p, acc in zip(params, accumulated, strict=True):
             p.grad = acc  # pass 2 accumulates onto the earlier micro-batches' gradients
         del accumulated
+        num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self._perturbed_pass(
+            model,
+            params,
+            grads,
+            [(inputs, num_items_in_batch, loss)],
+            num_shares=num_micro_batches,
+            last_micro_batch=self.accelerator.sync_gradients,
+        )
+        return loss
 
-        # 2. The perturbation.
-        grad_norm, finite = self._unscaled_grads_norm_(grads, group, extra_scale=float(num_micro_batches))
+    def _perturbed_pass(
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        micro_batches: list[tuple],
+        *,
+        num_shares: int,
+        last_micro_batch: bool,
+    ) -> None:
+        """
+        From the pass-1 gradient `grads` (taken over; one of `num_shares` equal parts of a step's gradient, so it is
+        multiplied by `num_shares` to be on the scale of one batch's), the perturbation `e`; then pass 2 at
+        `w + e` over `micro_batches` (`(inputs, num_items_in_batch, pass-1 loss)`, `no_sync` but for the last one),
+        accumulating the applied gradient in `.grad`; `w` and the norm statistics are restored even when it raises
+        (e.g. the out-of-memory error `auto_find_batch_size` retries after).
+        """
+        group = self._sharding_group(params)
+        shards = _local_shards(params)  # the parameters themselves, or this process's FSDP shards of them
+        weight = 1.0 / num_shares
+        grad_norm, finite = self._unscaled_grads_norm_(grads, group, extra_scale=float(num_shares))
         direction, direction_norm = self.sam_variant.direction(
-            grads, grad_norm, finite=finite, weight=1.0 / num_micro_batches, last_micro_batch=last_micro_batch
+            grads, grad_norm, finite=finite, weight=weight, last_micro_batch=last_micro_batch
         )
         del grads
         perturbation_norm = self._perturbation_(direction, shards, direction_norm, group, finite)
         saved_params = perturb_(shards, direction)
         del direction
         if not self._checked_rounding:
-            self._check_perturbation_survives_rounding(shards, saved_params, perturbation_norm, group)
+            self._checked_rounding = True
+            warn_if_perturbation_rounded_away(shards, saved_params, perturbation_norm, self.sam_config.rho, group)
 
-        # 3. Pass 2 at w + e (synced as the wrapped trainer syncs this micro-batch).
+        perturbed_loss = 0.0
         saved_buffers = self._save_norm_buffers(model)
         try:
             with self._second_pass_context():
-                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+                for index, (kept_inputs, kept_num_items, _) in enumerate(micro_batches):
+                    last = index == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                        perturbed_loss += super().training_step(model, kept_inputs, kept_num_items).float()
         finally:
             restore_(shards, saved_params)
             if saved_buffers:
                 restore_(self._sam_norm_buffers, saved_buffers)
         if last_micro_batch:
             self.sam_variant.after_second_pass(_local_shards(_grads_or_zeros(params)), finite=finite)
-        self._record_sam_metrics(
-            loss.float(), perturbed_loss.float(), grad_norm, perturbation_norm, finite, weight=1.0 / num_micro_batches
+        loss = sum(kept_loss.float() for _, _, kept_loss in micro_batches)
+        self.sam_metrics.record(
+            loss,
+            perturbed_loss,
+            grad_norm,
+            perturbation_norm,
+            finite,
+            weight,
+            skipped_micro_batches=len(micro_batches),
         )
-        return loss
 
     def _plain_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
@@ -264,7 +264,9 @@ class SAMMixin:
         grads = _local_shards(_grads_or_zeros(params))
         grad_norm = global_norm(grads, group)
         finite = torch.isfinite(grad_norm)
-        self.sam_variant.plain_step(grads, grad_norm, finite=finite, inverse_loss_scale=self._inverse_loss_scale())
+        self.sam_variant.plain_step(
+            grads, grad_norm, finite=finite, inverse_loss_scale=inverse_loss_scale(self.accelerator)
+        )
         return loss
 
     def _unscaled_grads_norm_(
@@ -274,7 +276,7 @@ class SAMMixin:
         Unscale the pass-1 `grads` in place (fp16 loss scale, times `extra_scale`), take their norm and whether they
         are finite (on every process alike), and zero them when not. No host synchronization.
         """
-        inverse_scale = self._inverse_loss_scale()
+        inverse_scale = inverse_loss_scale(self.accelerator)
         if inverse_scale is not None:
             foreach_mul_by_scalar_tensor_(grads, inverse_scale * extra_scale)
         elif extra_scale != 1.0:
@@ -303,26 +305,13 @@ class SAMMixin:
             finite=finite,
         )
 
-    def _inverse_loss_scale(self) -> torch.Tensor | None:
-        """`1 / scale` of the fp16 GradScaler as a 0-d tensor on its device (`None` without one); no host sync."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
-        if scale is None:  # not initialized yet (no `scale()` call so far)
-            scale = torch.tensor(scaler.get_scale())
-        return scale.double().reciprocal().float()
-
-    def _check_loss_normalization(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
-    ) -> None:
+    def _check_loss_normalization(self, model: nn.Module, inputs: dict, num_items_in_batch) -> None:
         """
-        Once, at the first step: when the Trainer would treat the loss as normalized by `num_items_in_batch` (it then
-        neither divides it by the accumulation steps, and multiplies it by the number of processes), check that the
-        loss really depends on it: two no-grad evaluations in eval mode, with `num_items_in_batch` and twice that. If
-        they are equal the model ignores it (transformers issue #47688): set `model_accepts_loss_kwargs = False`, so the
-        loss is the mean over the global batch in every split. Skipped (nothing to correct) with one micro-batch on one
-        process, and when the user set `loss_is_scaled_for_ga` or passed a `compute_loss_func`.
+        Once, at the first step: when the Trainer would take the loss as normalized by `num_items_in_batch` (so it
+        neither divides it by the accumulation steps and multiplies it by the number of processes) but the loss ignores
+        it (transformers issue #47688, e.g. BERT sequence classification), set `model_accepts_loss_kwargs = False`: the
+        loss is then the global batch's mean in every split. Nothing to correct with one micro-batch on one process, or
+        when the user set `loss_is_scaled_for_ga` or passed a `compute_loss_func`.
         """
         self._checked_loss_normalization = True
         if (
@@ -333,20 +322,7 @@ class SAMMixin:
             or (self.args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1)
         ):
             return
-        was_training = model.training
-        probe_inputs = self._prepare_inputs(inputs)
-        model.eval()
-        try:
-            with torch.no_grad(), self._second_pass_context(), self.compute_loss_context_manager():
-                once = self.compute_loss(model, dict(probe_inputs), num_items_in_batch=num_items_in_batch)
-                twice = self.compute_loss(model, dict(probe_inputs), num_items_in_batch=2 * num_items_in_batch)
-        finally:
-            model.train(was_training)
-        ignores = (once.detach().float() - twice.detach().float()).abs() <= 1e-6 * once.detach().float().abs()
-        ignores = ignores.to(self.args.device).to(torch.int32)
-        if self.accelerator.num_processes > 1:
-            ignores = self.accelerator.reduce(ignores, reduction="sum") // self.accelerator.num_processes
-        if bool(ignores):  # one host read, once per run
+        if loss_ignores_num_items_in_batch(self, model, inputs, num_items_in_batch):
             self.model_accepts_loss_kwargs = False
             logger.info(
                 "hf_sam: this model's loss ignores `num_items_in_batch` although its `forward` takes `**kwargs` "
@@ -355,124 +331,23 @@ class SAMMixin:
                 main_process_only=True,
             )
 
-    def _check_perturbation_survives_rounding(
-        self,
-        params: list[torch.Tensor],
-        saved_params: list[torch.Tensor],
-        perturbation_norm: torch.Tensor,
-        process_group=None,
-    ) -> None:
-        """
-        Once per run, for bf16/fp16 weights: measure how much of `e` the weights really moved by (`w + e` is rounded
-        to the weight dtype) and warn when most of it was lost, i.e. `rho` is too small for the weights' precision.
-        (Its host read happens once, at the first perturbed step, and only with half-precision weights.)
-        """
-        self._checked_rounding = True
-        if all(p.dtype not in (torch.bfloat16, torch.float16) for p in params):
-            return
-        realized = global_norm(torch._foreach_sub(params, saved_params), process_group).item()
-        intended = float(perturbation_norm)
-        if intended > 0 and realized < 0.5 * intended:
-            logger.warning(
-                f"SAM: with {params[0].dtype} weights only {realized:.3g} of the perturbation norm {intended:.3g} "
-                f"survived rounding (rho={self.sam_config.rho}): pass 2 runs at nearly the same weights, so SAM "
-                "degenerates to plain training. Use a larger `rho`, or fp32 master weights with bf16 autocast "
-                "(`--bf16` on an fp32 model). `sam/sharpness` near 0 is the symptom.",
-                main_process_only=True,
-            )
-
-    @contextlib.contextmanager
     def _second_pass_context(self):
-        """
-        Pass 2 runs the wrapped trainer's `compute_loss` again, at `w + e`. TRL's trainers record per-step metrics
-        there (`self._metrics["train"]`, e.g. SFT's `entropy`, `mean_token_accuracy`, `num_tokens`, and the counter
-        `self._total_train_tokens`), which would then count every micro-batch twice and average values at `w + e`
-        into those at `w`: keep pass 1's only, like the logged `loss`. Override to protect other such state.
-        """
-        metrics = getattr(self, "_metrics", None)
-        train_metrics = metrics.get("train") if isinstance(metrics, dict) else None
-        saved_metrics = None
-        if isinstance(train_metrics, dict):
-            saved_metrics = {key: copy.copy(value) for key, value in train_metrics.items()}
-        saved_tokens = getattr(self, "_total_train_tokens", None)
-        try:
-            yield
-        finally:
-            if saved_metrics is not None:
-                train_metrics.clear()
-                train_metrics.update(saved_metrics)
-            if saved_tokens is not None:
-                self._total_train_tokens = saved_tokens
+        """What pass 2 must leave alone besides the weights: TRL's per-step metrics. Override to protect more."""
+        return protect_trainer_metrics(self)
 
     def _save_norm_buffers(self, model: nn.Module) -> list[torch.Tensor]:
         """Copies of the running statistics of BatchNorm-like layers, to undo pass 2's update of them."""
         if self._sam_norm_buffers is None:
-            self._sam_norm_buffers = [
-                buffer
-                for module in model.modules()
-                if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
-                if buffer is not None
-            ]
+            self._sam_norm_buffers = norm_buffers(model)
         if not self._sam_norm_buffers:
             return []
         saved = [torch.empty_like(b) for b in self._sam_norm_buffers]
         torch._foreach_copy_(saved, self._sam_norm_buffers)
         return saved
 
-    # ------------------------------------------------------------------ logging
-
-    def _record_sam_metrics(
-        self,
-        loss: torch.Tensor,
-        perturbed_loss: torch.Tensor,
-        grad_norm: torch.Tensor,
-        perturbation_norm: torch.Tensor,
-        finite: torch.Tensor,
-        weight: float,
-        skipped_micro_batches: int = 1,
-    ) -> None:
-        """
-        Add this step's (or micro-batch's) SAM metrics to on-device sums; `log` averages and clears them. A step that
-        was not `finite` counts as `skipped_micro_batches` micro-batches without perturbation.
-        """
-        device = loss.device
-        if self._sam_metric_sums is None:
-            # [weight, perturbed loss, sharpness, weight * grad norm, weight * perturbation norm, non-finite count]
-            self._sam_metric_sums = torch.zeros(6, dtype=torch.float32, device=device)
-        finite = finite.to(device)
-        values = torch.stack(
-            [
-                torch.ones((), device=device) * weight,
-                perturbed_loss,
-                perturbed_loss - loss,
-                grad_norm.to(device) * weight,
-                perturbation_norm.to(device) * weight,
-            ]
-        )
-        self._sam_metric_sums[:5] += torch.where(finite, values, 0.0)
-        self._sam_metric_sums[5] += (~finite).float() * skipped_micro_batches
-
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._sam_metric_sums is not None:
-            sums = self._sam_metric_sums
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
-            sums = sums.tolist()
-            if sums[0] > 0:
-                for i, key in enumerate(_METRIC_KEYS, start=1):
-                    logs[f"sam/{key}"] = round(sums[i] / sums[0], 6)
-            if sums[5] > 0:
-                logs["sam/nonfinite_micro_batches"] = int(sums[5])
-                if not self._warned_nonfinite:
-                    logger.warning(
-                        f"SAM: the first-pass gradient was not finite for {int(sums[5])} micro-batch(es) since the "
-                        "last log: they were not perturbed (and F-SAM's EMA / LookSAM's g_v were not updated); the "
-                        "optimizer got the gradient at the unperturbed weights. Logged as `sam/nonfinite_micro_batches`.",
-                        main_process_only=True,
-                    )
-                    self._warned_nonfinite = True
-            self._sam_metric_sums.zero_()
+        if "loss" in logs:
+            logs.update(self.sam_metrics.pop_logs(self.accelerator))
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ saving and resuming
@@ -500,56 +375,15 @@ class SAMMixin:
         self._reset_sam_state()
         return super()._inner_training_loop(*args, **kwargs)
 
-    def _sam_state_is_per_process(self) -> bool:
-        """Local mode (one state per process) and FSDP (each process holds its shards) save one file per process."""
-        sharded = any(isinstance(p, DTensor) for p in self.model.parameters())
-        return self.args.world_size > 1 and (self.sam_config.perturbation_sync == "local" or sharded)
-
-    def _sam_state_file(self, directory: str) -> str:
-        return sam_state_file(
-            directory,
-            per_process=self._sam_state_is_per_process(),
-            process_index=self.args.process_index,
-            world_size=self.args.world_size,
-        )
-
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.sam_variant.state_key is None or self.sam_config.rho == 0:
-            return
-        if not self._sam_state_is_per_process() and not self.args.should_save:
-            return  # every process holds the same state: the main process writes it
-        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        save_sam_state(self._sam_state_file(output_dir), self.sam_variant, self.sam_config.method, names)
+        save_trainer_sam_state(self, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        check_resumed_config(checkpoint, self.sam_config)
-        variant = self.sam_variant
-        if variant.state_key is None or self.sam_config.rho == 0:
-            return
-        path = self._sam_state_file(checkpoint)
-        if not os.path.isfile(path):
-            reset = self.sam_config.allow_state_reset
-            logger.warning(
-                f"Resuming {self.sam_config.method} from {checkpoint}, which has no {os.path.basename(path)}: the "
-                f"{variant.state_description} restarts empty, so this run will not equal an uninterrupted one"
-                + (" (`allow_state_reset`)." if reset else "."),
-                main_process_only=False,
-            )
-            return
-        named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        if self.sam_config.allow_state_reset:
-            try:
-                load_sam_state(path, variant, self.sam_config.method, named)
-            except ValueError as error:
-                logger.warning(
-                    f"{error} `allow_state_reset` is set: the state restarts empty.", main_process_only=False
-                )
-            return
-        load_sam_state(path, variant, self.sam_config.method, named)
+        if checkpoint is not None:
+            check_resumed_config(checkpoint, self.sam_config)
+            load_trainer_sam_state(self, checkpoint)
 
 
 class SAMTrainer(SAMMixin, Trainer):

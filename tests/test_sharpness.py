@@ -1,5 +1,6 @@
 """Sharpness diagnostics against closed forms (quadratics) and exact Hessians (a float64 MLP); the callback; the plot."""
 
+import inspect
 import json
 import logging
 import math
@@ -11,9 +12,11 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from transformers import TrainerCallback, TrainerState
 
 from hf_sam import SAMConfig
 from hf_sam.sharpness import (
+    AlignmentResult,
     HessianEigenResult,
     SharpnessResult,
     ascent_sharpness,
@@ -23,7 +26,8 @@ from hf_sam.sharpness import (
     top_hessian_eigenvalue,
     worst_case_sharpness,
 )
-from hf_sam.sharpness_callback import DIAGNOSTICS, SharpnessCallback
+from hf_sam.sharpness_callback import DIAGNOSTICS, SETTINGS, SharpnessCallback
+from hf_sam.sharpness_callback import FUNCTIONS as CALLBACK_FUNCTIONS
 
 from .testing_utils import (
     SequentialSAMTrainer,
@@ -81,6 +85,11 @@ def test_result_objects():
     with pytest.raises(AttributeError):
         result.value = 2.0
     assert isinstance(HessianEigenResult(2.0, eigenvector=[torch.ones(1)]), SharpnessResult)
+    eigen = HessianEigenResult(2.0, None, 7, [torch.ones(1)], False, 0.5)  # positional order kept, residual appended
+    assert (float(eigen), eigen.iterations, eigen.converged, eigen.residual) == (2.0, 7, False, 0.5)
+    assert HessianEigenResult(2.0).residual is None
+    alignment = AlignmentResult(0.5, None, 4, eigenvalue=3.0, residual=1e-6)
+    assert float(alignment) == 0.5 and isinstance(alignment, SharpnessResult) and alignment.converged
 
 
 def test_top_eigenvalue_quadratic():
@@ -105,10 +114,33 @@ def test_top_eigenvalue_indefinite_algebraic_and_magnitude():
     assert dominant.iterations < top.iterations
 
 
-def test_top_eigenvalue_not_converged_flag():
-    model, _, _ = quadratic([1.0, 0.999, 0.5])
-    result = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=3, tol=1e-14)
+def test_top_eigenvalue_not_converged_flag_and_one_warning_with_the_residual(caplog):
+    model, A, _ = quadratic([1.0, 0.999, 0.5])
+    with caplog.at_level(logging.WARNING):
+        result = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=3, tol=1e-14)
     assert not result.converged and result.iterations == 3
+    assert result.residual > 1e-14 * abs(result.value)
+    (v,) = result.eigenvector
+    assert_close(result.residual, (A @ v - result.value * v).norm().item(), 1e-9)  # the residual of the returned pair
+    (record,) = [r for r in caplog.records if "power iteration" in r.getMessage()]
+    assert "max_iterations=3" in record.getMessage() and f"{result.residual:.3g}" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        alignment = gradient_eigenvector_alignment(model, DUMMY_BATCHES, max_iterations=3, tol=1e-14)
+    assert not alignment.converged and alignment.residual == result.residual
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["gradient_eigenvector_alignment"]
+
+
+def test_top_eigenvalue_indefinite_residual_is_that_of_the_returned_pair():
+    """The shifted run (on H + 5 I) reports ||H v - lambda_max v|| and stops at tol * (lambda_max - lambda_d)."""
+    model, A, _ = quadratic([3.0, 1.0, 0.5, -1.0, -5.0])
+    tol = 1e-6
+    top = top_hessian_eigenvalue(model, DUMMY_BATCHES, tol=tol)
+    assert top.converged
+    (v,) = top.eigenvector
+    assert_close(top.residual, (A @ v - top.value * v).norm().item(), 1e-6)
+    assert top.residual <= tol * (top.value + 5.0) * (1 + 1e-6)
+    assert_close(top.value, 3.0, 1e-8)
 
 
 def test_trace_exact_for_diagonal_hessian():
@@ -195,7 +227,76 @@ def test_alignment_quadratic():
     assert_close(result.value, expected, 1e-6)
     given = gradient_eigenvector_alignment(model, DUMMY_BATCHES, eigenvector=[q[:, 0].float()])
     assert_close(given.value, expected, 1e-6)
-    assert given.iterations == 0
+    assert given.iterations == 0 and given.residual is None and given.eigenvalue is None
+
+
+# Spectra whose top two eigenvalues are within a factor 2-3 (power iteration gains a factor 2-2.5 per step), and
+# gradients given by their components along the eigenvectors: |cos(g, v_max)| = |c_1| / ||c||.
+CLOSE_SPECTRA = [[3.0, 1.5, 1.0, 0.5, 0.2, 0.1], [3.0, 1.2, 1.1, 0.7, 0.3, -0.4]]
+GRADIENT_COMPONENTS = [
+    [0.5, 0.6, 0.3, 0.3, 0.3, 0.3],
+    [0.8, -0.5, 0.2, 0.1, -0.2, 0.1],
+    [0.3, 0.9, -0.2, 0.2, 0.1, 0.1],
+]
+
+
+def close_spectrum_quadratic(eigenvalues, components, seed):
+    """The quadratic with Hessian A = Q diag(eigenvalues) Q^T (Q random orthogonal) and gradient g = Q c at w."""
+    q = rotation(len(eigenvalues), seed)
+    A = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    g = q @ torch.tensor(components, dtype=torch.float64)
+    model = Quadratic(A, torch.linalg.solve(A, g))  # grad L(w) = A w = g
+    assert torch.allclose(A @ model.w.detach(), g, rtol=0, atol=1e-12)
+    c = torch.tensor(components, dtype=torch.float64)
+    return model, A, q, abs(c[0]).item() / c.norm().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("components", GRADIENT_COMPONENTS)
+@pytest.mark.parametrize("eigenvalues", CLOSE_SPECTRA)
+def test_alignment_default_matches_closed_form_when_top_eigenvalues_are_close(eigenvalues, components, seed):
+    """With the defaults, the eigenvector's residual bounds the alignment error below 1e-4 relative."""
+    model, _, _, expected = close_spectrum_quadratic(eigenvalues, components, seed)
+    result = gradient_eigenvector_alignment(model, DUMMY_BATCHES)
+    assert result.converged and result.iterations < 100
+    assert_close(result.value, expected, 1e-4)
+    assert result.residual <= 1e-5 * abs(result.eigenvalue)
+    assert_close(result.eigenvalue, eigenvalues[0], 1e-9)  # error <= residual^2 / gap
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-5, 1e-8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_residual_certifies_eigenvector_and_alignment(tol, seed):
+    """
+    On convergence residual = ||A v - lambda v|| <= tol |lambda|, and it bounds the errors (Davis-Kahan):
+    sin(v, v_max) <= r / delta, |lambda - lambda_max| <= r^2 / delta, alignment error <= sqrt(2) r / delta, with delta
+    the distance from lambda to the rest of the spectrum.
+    """
+    eigenvalues, components = CLOSE_SPECTRA[0], GRADIENT_COMPONENTS[0]
+    model, A, q, expected = close_spectrum_quadratic(eigenvalues, components, seed)
+    top = top_hessian_eigenvalue(model, DUMMY_BATCHES, tol=tol)
+    alignment = gradient_eigenvector_alignment(model, DUMMY_BATCHES, tol=tol)
+    assert top.converged and alignment.converged
+    assert (alignment.eigenvalue, alignment.residual, alignment.iterations) == (
+        top.value,
+        top.residual,
+        top.iterations,
+    )
+    (v,) = top.eigenvector
+    r = top.residual
+    assert_close(r, (A @ v - top.value * v).norm().item(), 1e-6)
+    assert r <= tol * abs(top.value)
+    delta = min(abs(top.value - e) for e in eigenvalues[1:])
+    eps = 1e-13
+    sin_theta = (v - (v @ q[:, 0]) * q[:, 0]).norm().item()  # (not sqrt(1 - cos^2): it loses half the digits)
+    assert sin_theta <= r / delta + eps
+    assert abs(top.value - eigenvalues[0]) <= r**2 / delta + eps
+    assert abs(alignment.value - expected) <= math.sqrt(2) * r / delta + eps
+    if tol == 1e-2:
+        # The old failure mode: the eigenvalue has settled (to 1e-3 relative) long before the eigenvector, so stopping
+        # on the eigenvalue leaves the alignment off by far more than the eigenvalue.
+        assert abs(top.value - eigenvalues[0]) <= 1e-3 * eigenvalues[0]
+        assert abs(alignment.value - expected) > 1e-3 * expected
 
 
 # ---------------------------------------------------------------------------------------------- an MLP, exactly
@@ -224,8 +325,8 @@ def mlp_exact():
 def test_mlp_top_eigenvalue_and_alignment_match_exact_hessian(mlp_exact):
     model, batches, _, _, grad, hessian = mlp_exact
     eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
-    result = top_hessian_eigenvalue(model, batches, max_iterations=1000, tol=1e-12)
-    assert result.converged
+    result = top_hessian_eigenvalue(model, batches, max_iterations=1000, tol=1e-8)
+    assert result.converged and result.residual <= 1e-8 * result.value
     assert_close(result.value, eigenvalues[-1].item(), 1e-6)
     flat_vector = torch.cat([v.reshape(-1) for v in result.eigenvector])
     assert_close(abs(flat_vector @ eigenvectors[:, -1]).item(), 1.0, 1e-5)
@@ -411,7 +512,7 @@ def two_runs(tmp_path_factory):
 def test_callback_logs_at_the_right_steps(two_runs):
     trainer = two_runs[0]
     entries = [e for e in trainer.state.log_history if any(k.startswith("sharpness/") for k in e)]
-    assert [e["step"] for e in entries] == [2, 4]
+    assert [e["step"] for e in entries] == [0, 2, 4]  # 0: before the first optimizer step
     expected = {f"sharpness/{name}" for name in DIAGNOSTICS} | {"sharpness/average_stderr", "sharpness/trace_stderr"}
     for entry in entries:
         assert {k for k in entry if k.startswith("sharpness/")} == expected
@@ -433,7 +534,7 @@ def test_callback_from_dataset_without_trainer_and_on_evaluate(tmp_path):
         dataset=TinyDataset(64),
         batch_size=16,
         num_batches=2,
-        **callback_options(on_evaluate=True, diagnostics=("ascent", "top_eigenvalue")),
+        **callback_options(on_train_begin=False, on_evaluate=True, diagnostics=("ascent", "top_eigenvalue")),
     )
     trainer = train(tmp_path, callback, attach=False, eval_strategy="steps", eval_steps=3)
     entries = [e for e in trainer.state.log_history if "sharpness/ascent" in e]
@@ -449,6 +550,151 @@ def test_callback_rejects_bad_options():
         SharpnessCallback()
     with pytest.raises(ValueError, match="every_n_steps"):
         SharpnessCallback([{}], every_n_steps=0)
+    names = r"\('worst_case', 'ascent', 'average', 'top_eigenvalue', 'trace', 'alignment'\)"
+    with pytest.raises(ValueError, match=r"`diagnostics` has an unknown name 'hessian_trace': the names are " + names):
+        SharpnessCallback([{}], diagnostics={"hessian_trace": {"samples": 8}})
+    with pytest.raises(ValueError, match=r"`diagnostics\['trace'\]` has unknown settings \['rho'\]: 'trace' accepts "):
+        SharpnessCallback([{}], diagnostics={"trace": {"rho": 0.1, "samples": 8}})
+    with pytest.raises(ValueError, match=r"`diagnostics\['ascent'\]` has unknown settings \['eval_mode'\]"):
+        SharpnessCallback([{}], diagnostics={"ascent": {"eval_mode": False}})  # shared: the constructor's eval_mode
+    with pytest.raises(ValueError, match=r"`diagnostics\['ascent'\]` must be a mapping"):
+        SharpnessCallback([{}], diagnostics={"ascent": 0.05})
+    with pytest.raises(ValueError, match="at least one"):
+        SharpnessCallback([{}], diagnostics={})
+    with pytest.raises(ValueError, match="twice"):
+        SharpnessCallback([{}], diagnostics=("ascent", "ascent"))
+    with pytest.raises(ValueError, match="sequence or mapping"):
+        SharpnessCallback([{}], diagnostics="ascent")
+
+
+def test_callback_settings_shared_and_per_diagnostic():
+    """The shared arguments are the defaults (as before per-diagnostic settings existed); a mapping overrides them."""
+    legacy = SharpnessCallback(
+        [{}], diagnostics=DIAGNOSTICS, rho=0.1, worst_case_steps=3, max_iterations=7, tol=1e-4, samples=6, seed=2
+    )
+    assert legacy.settings == {
+        "worst_case": {"rho": 0.1, "steps": 3, "seed": 2},
+        "ascent": {"rho": 0.1},
+        "average": {"rho": 0.1, "samples": 6, "seed": 2},
+        "top_eigenvalue": {"max_iterations": 7, "tol": 1e-4, "seed": 2},
+        "trace": {"samples": 6, "seed": 2},
+        "alignment": {"max_iterations": 7, "tol": 1e-4, "seed": 2},
+    }
+    callback = SharpnessCallback(
+        [{}],
+        rho=0.1,
+        diagnostics={"trace": {"samples": 8}, "ascent": None, "average": {"rho": 0.5, "antithetic": False}},
+    )
+    assert callback.diagnostics == ("ascent", "average", "trace")  # measuring order
+    assert callback.settings == {
+        "ascent": {"rho": 0.1},
+        "average": {"rho": 0.5, "samples": 10, "seed": 0, "antithetic": False},
+        "trace": {"samples": 8, "seed": 0},
+    }
+    # every per-diagnostic setting is a keyword argument of the function it is passed to
+    for name, keys in SETTINGS.items():
+        parameters = inspect.signature(CALLBACK_FUNCTIONS[name]).parameters
+        assert all(parameters[key].kind is inspect.Parameter.KEYWORD_ONLY for key in keys), name
+
+
+DIRECT_SETTINGS = {
+    "worst_case": {"rho": 0.1, "steps": 3, "step_size": 0.5},
+    "ascent": {"rho": 0.02},
+    "average": {"rho": 0.5, "samples": 2, "seed": 3},
+    "top_eigenvalue": {"max_iterations": 10, "tol": 1e-3},
+    "trace": {"samples": 4, "seed": 1},
+    "alignment": {"max_iterations": 10, "tol": 1e-3},
+}
+
+
+def direct_calls(model: nn.Module, batches) -> dict[str, float]:
+    """The callback's values for DIRECT_SETTINGS (with its defaults seed=0, eval_mode=True), from direct calls."""
+    values = {
+        "worst_case": worst_case_sharpness(model, batches, rho=0.1, steps=3, step_size=0.5, seed=0),
+        "ascent": ascent_sharpness(model, batches, rho=0.02),
+        "average": average_sharpness(model, batches, rho=0.5, samples=2, seed=3),
+        "top_eigenvalue": top_hessian_eigenvalue(model, batches, max_iterations=10, tol=1e-3, seed=0),
+        "trace": hessian_trace(model, batches, samples=4, seed=1),
+        "alignment": gradient_eigenvector_alignment(model, batches, max_iterations=10, tol=1e-3, seed=0),
+    }
+    logs = {f"sharpness/{name}": result.value for name, result in values.items()}
+    logs.update({f"sharpness/{name}_stderr": r.stderr for name, r in values.items() if r.stderr is not None})
+    return logs
+
+
+def assert_logs_equal(logged: dict, expected: dict) -> None:
+    assert {k for k in logged if k.startswith("sharpness/")} == expected.keys()
+    for key, value in expected.items():
+        assert math.isclose(logged[key], value, rel_tol=1e-12, abs_tol=0.0), (key, logged[key], value)
+
+
+class WeightsAtSteps(TrainerCallback):
+    """The model's weights when training begins (after the callbacks before it) and after every optimizer step."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    on_step_end = on_train_begin
+
+
+def test_callback_values_equal_direct_calls_at_step_0_and_later(tmp_path):
+    """What the callback logs at step 0 and step 2 is what the functions return on those weights and batches."""
+    batches = TinyDataset(64).batches(16)[:2]
+    callback = SharpnessCallback(batches, every_n_steps=2, on_evaluate=False, diagnostics=DIRECT_SETTINGS)
+    weights = WeightsAtSteps()
+    trainer = SequentialSAMTrainer(
+        model=tiny_model(),
+        args=tiny_args(tmp_path, max_steps=2),
+        train_dataset=TinyDataset(64),
+        sam_config=SAMConfig(rho=0.05),
+        callbacks=[callback, weights],
+    )
+    callback.trainer = trainer
+    trainer.train()
+    logged = {e["step"]: e for e in trainer.state.log_history if "sharpness/ascent" in e}
+    assert list(logged) == [0, 2]
+    for step in (0, 2):
+        model = tiny_model()
+        model.load_state_dict(weights.weights[step])
+        assert_logs_equal(logged[step], direct_calls(model, batches))
+    assert not torch.equal(weights.weights[0]["fc1.weight"], weights.weights[2]["fc1.weight"])  # it trained
+
+
+def test_callback_compute_equals_direct_calls_with_and_without_eigenvector_reuse():
+    """`"alignment"` reuses `"top_eigenvalue"`'s eigenvector only when that changes nothing; else it iterates itself."""
+    model, batches = mlp_setup(torch.float32)
+    callback = SharpnessCallback(batches, diagnostics=DIRECT_SETTINGS)
+    assert callback._alignment_reuses_eigenvector()
+    expected = direct_calls(model, batches)
+    assert_logs_equal(callback.compute(model), expected)
+
+    own = {"top_eigenvalue": DIRECT_SETTINGS["top_eigenvalue"], "alignment": {"max_iterations": 3}}  # tol=1e-3
+    callback = SharpnessCallback(batches, diagnostics=own)
+    assert not callback._alignment_reuses_eigenvector()
+    alignment = callback.compute(model)["sharpness/alignment"]
+    assert alignment == gradient_eigenvector_alignment(model, batches, max_iterations=3, tol=1e-3, seed=0).value
+    assert alignment != expected["sharpness/alignment"]
+
+    magnitude = {**DIRECT_SETTINGS, "top_eigenvalue": {**DIRECT_SETTINGS["top_eigenvalue"], "which": "magnitude"}}
+    assert not SharpnessCallback(batches, diagnostics=magnitude)._alignment_reuses_eigenvector()
+
+
+def test_callback_on_train_begin_measures_once_per_step():
+    """Resuming at a step whose values are in `log_history` does not measure it again; a new step is measured."""
+    model, batches = mlp_setup(torch.float32)
+    callback = SharpnessCallback(batches, diagnostics=("ascent",))
+    state = TrainerState(global_step=4, log_history=[{"sharpness/ascent": 0.1, "step": 4}])
+    callback.on_train_begin(None, state, None, model=model)
+    assert len(state.log_history) == 1
+    state.global_step = 6
+    callback.on_train_begin(None, state, None, model=model)
+    assert state.log_history[-1] == {"sharpness/ascent": ascent_sharpness(model, batches).value, "step": 6}
+    off = SharpnessCallback(batches, on_train_begin=False)
+    off.on_train_begin(None, state, None, model=model)
+    assert len(state.log_history) == 2
 
 
 # ---------------------------------------------------------------------------------------------- the plot
@@ -463,7 +709,7 @@ def test_plot_two_runs(two_runs, tmp_path):
     series = load_series(first)
     assert {"loss", "sam/sharpness", "sharpness/ascent", "sharpness/trace"} <= series.keys()
     assert "sharpness/trace_stderr" not in series and series["sharpness/trace"][2] is not None
-    assert series["sharpness/ascent"][0] == [2, 4]
+    assert series["sharpness/ascent"][0] == [0, 2, 4]
 
     out = tmp_path / "fig.png"
     assert main([first, second, "--out", str(out)]) == 0
@@ -476,13 +722,14 @@ def test_plot_two_runs(two_runs, tmp_path):
 
 def test_plot_errors(tmp_path):
     pytest.importorskip("matplotlib")
-    from hf_sam.plot import main
+    from hf_sam.plot import find_trainer_state, plot_runs
 
+    # the library functions raise; `python -m hf_sam.plot` turns these into exit code 2 (tests/test_plot.py)
     with pytest.raises(FileNotFoundError):
-        main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+        find_trainer_state(tmp_path)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "other": 1.0}]}))
     with pytest.raises(ValueError, match="None of the runs"):
-        main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+        plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
 
 
 def test_average_sharpness_below_the_loss_resolution_warns(caplog):

@@ -1,5 +1,13 @@
-"""Tiny models, data and a trainer with a fixed data order, shared by the tests."""
+"""Tiny models, data and a trainer with a fixed data order, shared by the tests; helpers to run the recipes."""
 
+import os
+import socket
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
@@ -156,3 +164,79 @@ class TinyTextDataset(Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("HF_SAM_DATA_DIR", REPO.parent / "shared" / "data"))
+requires_glue = pytest.mark.skipif(
+    not (DATA_DIR / "glue").is_dir(),
+    reason=f"GLUE TSV files not found at {DATA_DIR / 'glue'} (set HF_SAM_DATA_DIR; CI has ../shared/data)",
+)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free right now, for a `torch.distributed` rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipe_command(recipe: str, argv: list[str], processes: int = 1) -> list[str]:
+    """The command line of `recipes/<recipe>.py argv`: plain python, or torchrun with `processes` CPU processes."""
+    script = [str(REPO / "recipes" / f"{recipe}.py"), *argv]
+    if processes == 1:
+        return [sys.executable, *script]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    return [sys.executable, *launcher, *script]
+
+
+def recipe_env() -> dict[str, str]:
+    """The environment of a recipe subprocess: offline, one torch thread per process, this checkout's hf_sam."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def run_recipe(log_dir: Path, recipe: str, argv: list[str], processes: int = 1, timeout: int = 240):
+    """
+    Run `recipes/<recipe>.py argv` in a subprocess (with `processes` > 1: torchrun, gloo; `accelerate launch --cpu
+    --num_processes 2` starts a single process on these machines), assert it exits 0 and return the completed process.
+    Its output is kept in `log_dir/<recipe>.log`.
+    """
+    try:
+        completed = subprocess.run(
+            recipe_command(recipe, argv, processes),
+            env=recipe_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{recipe}: did not exit within {timeout} s\n{error.stdout}\n{error.stderr}")
+    (log_dir / f"{recipe}.log").write_text(completed.stdout + completed.stderr)
+    assert completed.returncode == 0, completed.stderr[-6000:]
+    return completed
+
+
+def save_tiny_text_model(path: Path) -> Path:
+    """
+    A 2-layer, 16-wide BERT encoder with a character-level WordPiece tokenizer (any English text tokenizes), saved in
+    `path` for `--model_name_or_path`: the recipe adds a classification head of the task's size.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path

@@ -1,0 +1,243 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+What every recipe does the same way: parse its flags (with `--config recipe.yaml` defaults), set up logging, decide
+whether to resume or refuse a used `--output_dir`, and run the train-and-evaluate tail.
+"""
+
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import transformers
+from datasets import ClassLabel, DatasetDict
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from ..checkpointing import checkpoint_problems, last_complete_checkpoint
+from ..sam_config import SAMConfig
+
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED_REFUSED = (
+    "SAMTrainer does not support DeepSpeed (`--deepspeed`, or an `accelerate` config with DeepSpeed): its engine steps "
+    "the optimizer inside `backward`, which breaks SAM's two-pass step. Use DDP or FSDP2 instead "
+    "(recipes/accelerate_configs)."
+)
+_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
+_TRUE = ("true", "latest")
+_FALSE = ("false", "none", "")
+
+
+class SAMArgumentParser(HfArgumentParser):
+    """
+    `HfArgumentParser` over the recipe's dataclasses, with `--config file.yaml` defaults (the layout of TRL's
+    `TrlParser`, without depending on TRL).
+
+    The YAML file is a flat mapping from flag names (any field of the dataclasses) to values; flags on the command line
+    override it. A value from the file satisfies a required flag. A key no flag takes raises a `ValueError` naming
+    it, so a typo in a recipe does not pass silently. An `env:` mapping sets environment variables before parsing
+    (for variables read when training starts, e.g. `WANDB_PROJECT`; those read at import time, such as
+    `HF_HUB_OFFLINE`, must be exported in the shell). `--deepspeed` is refused before anything is loaded.
+    """
+
+    def __init__(self, dataclass_types: Sequence[type], **kwargs: Any):
+        kwargs.setdefault(
+            "epilog", "--config FILE.yaml: defaults for any of the flags above; flags on the command line override it."
+        )
+        super().__init__(tuple(dataclass_types), **kwargs)
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple:
+        """Parse `args` (default: `sys.argv[1:]`) into one instance per dataclass, after applying `--config`."""
+        args = list(sys.argv[1:] if args is None else args)
+        config_path, args = _pop_config_flag(args)
+        if config_path is not None:
+            try:
+                self.set_defaults_with_config(**load_yaml_config(config_path))
+            except ValueError as error:
+                raise ValueError(f"{config_path}: {error}") from None
+        namespace, _ = self.parse_known_args(args)
+        # Before the dataclasses are built: `TrainingArguments(deepspeed=...)` imports deepspeed, which may be absent.
+        if getattr(namespace, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ValueError(DEEPSPEED_REFUSED)
+        return self.parse_args_into_dataclasses(args)
+
+    def set_defaults_with_config(self, **config: Any) -> None:
+        """Make `config`'s values the flags' defaults (no longer required) and apply its `env:` mapping."""
+        known = {action.dest: action for action in self._actions}
+        if "env" in config and "env" not in known:
+            env = config.pop("env")
+            if not isinstance(env, dict):
+                raise ValueError(f"`env` in the config must be a mapping of variable names to values, got {env!r}.")
+            os.environ.update({str(name): str(value) for name, value in env.items()})
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ValueError(f"The config has keys no argument takes: {unknown}.")
+        for name, value in config.items():
+            known[name].default = value
+            known[name].required = False
+        self.set_defaults(**config)
+
+
+def make_parser(script_arguments: type) -> SAMArgumentParser:
+    """The parser of a recipe: its `script_arguments` dataclass, `SAMConfig` and `TrainingArguments`, in that order."""
+    return SAMArgumentParser((script_arguments, SAMConfig, TrainingArguments))
+
+
+@dataclass
+class RecipeArguments:
+    """The flags every recipe's `ScriptArguments` takes (it subclasses this) besides those of its data and model."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from scratch into a non-empty `output_dir` (its checkpoint-* folders are deleted). "
+            "Without it, a run resumes from the last complete checkpoint there, or refuses to start."
+        },
+    )
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of flag names to values in the YAML file `path`."""
+    import yaml
+
+    with open(path, encoding="utf-8") as reader:
+        config = yaml.safe_load(reader) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+    return config
+
+
+def _pop_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
+    for index, arg in enumerate(args):
+        if arg == "--config":
+            if index + 1 >= len(args):
+                raise ValueError("`--config` needs a path to a YAML file.")
+            return args[index + 1], args[:index] + args[index + 2 :]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], args[:index] + args[index + 1 :]
+    return None, args
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_positive(arguments: Any, *names: str) -> None:
+    """Raise a `ValueError` naming the flag if one of the fields `names` of `arguments` is set and not positive."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"`--{name}` must be positive, got {value}.")
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Log to stderr at the process's level (the main process at INFO), for the recipe, hf_sam, transformers, datasets."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    log_level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    logging.getLogger("hf_sam").setLevel(logging.INFO if training_args.should_log else log_level)
+
+
+def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
+    """
+    The checkpoint a recipe resumes from, or `None` to train from scratch; refuses an `--output_dir` it would clobber.
+
+    - `--resume_from_checkpoint PATH`: that checkpoint (a `ValueError` saying what it lacks if it is incomplete);
+      `true` or `latest`: the last complete checkpoint of `--output_dir` (an error if there is none).
+    - Without it, when training into an existing `--output_dir`: its last complete checkpoint (incomplete ones, from
+      a save cut short, are skipped with a warning), so rerunning a killed command resumes it. With no complete
+      checkpoint, a folder holding anything but incomplete `checkpoint-*` folders is refused with a `ValueError`
+      naming `--overwrite_output_dir`.
+    - `--overwrite_output_dir`: train from scratch; the `checkpoint-*` folders already there are deleted, so that a
+      later resume cannot pick up a checkpoint of the earlier run.
+    """
+    output_dir, value = training_args.output_dir, training_args.resume_from_checkpoint
+    if isinstance(value, bool):
+        value = str(value)
+    if value is not None and value.lower() in _FALSE:
+        value = None
+    if value is not None:
+        if value.lower() in _TRUE:
+            checkpoint = last_complete_checkpoint(output_dir)
+            if checkpoint is None:
+                raise ValueError(f"`--resume_from_checkpoint {value}`: no complete checkpoint in {output_dir}.")
+            return checkpoint
+        problems = checkpoint_problems(value)
+        if problems:
+            raise ValueError(f"`--resume_from_checkpoint {value}` cannot be resumed from: {'; '.join(problems)}.")
+        return value
+    if not training_args.do_train or output_dir is None or not os.path.isdir(output_dir):
+        return None
+    if overwrite_output_dir:
+        if training_args.local_process_index == 0:
+            for name in sorted(os.listdir(output_dir)):
+                if _CHECKPOINT_RE.match(name):
+                    logger.warning(f"--overwrite_output_dir: deleting {os.path.join(output_dir, name)}.")
+                    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        return None
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}, the last complete checkpoint in {output_dir}.")
+        return checkpoint
+    other = sorted(name for name in os.listdir(output_dir) if not _CHECKPOINT_RE.match(name))
+    if other:
+        raise ValueError(
+            f"The output directory {output_dir} is not empty ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})"
+            " and holds no complete checkpoint to resume from. Pass `--overwrite_output_dir` to train into it from "
+            "scratch, or choose another `--output_dir`."
+        )
+    return None
+
+
+def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments, checkpoint: str | None) -> dict[str, float]:
+    """
+    The tail of every recipe: train (resuming from `checkpoint`), save the model and state, evaluate; write
+    `train_results.json`, `eval_results.json` and `all_results.json`. Returns the metrics of both, with the number of
+    examples as `train_samples` / `eval_samples`.
+    """
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = {**result.metrics, "train_samples": len(trainer.train_dataset)}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if training_args.do_eval:
+        eval_metrics = {**trainer.evaluate(), "eval_samples": len(trainer.eval_dataset)}
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def class_labels(raw: DatasetDict, column: str) -> tuple[list[str], dict[Any, int] | None]:
+    """
+    The class names of the label `column` of `raw`, and the map from its values to class ids: `None` for a
+    `ClassLabel` (its values are the ids), else the sorted distinct values of all splits (ints or strings) in order.
+    """
+    feature = raw["train"].features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), None
+    values = sorted({value for split in raw for value in raw[split].unique(column)})
+    return [str(value) for value in values], {value: index for index, value in enumerate(values)}

@@ -1,0 +1,123 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+What the two-pass SAM step needs from around the wrapped `Trainer`: the fp16 loss scale as a tensor, the loss
+normalization check (transformers issue #47688), snapshots of state that pass 2 must not change (BatchNorm running
+statistics, TRL's per-step metrics), and the one-time check that `e` survives rounding to half-precision weights.
+"""
+
+import contextlib
+import copy
+
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+
+from .perturbation import global_norm
+
+
+logger = get_logger(__name__)
+
+
+def inverse_loss_scale(accelerator) -> torch.Tensor | None:
+    """`1 / scale` of the accelerator's fp16 GradScaler as a 0-d tensor on its device (`None` without one); no sync."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+    if scale is None:  # not initialized yet (no `scale()` call so far)
+        scale = torch.tensor(scaler.get_scale())
+    return scale.double().reciprocal().float()
+
+
+def loss_ignores_num_items_in_batch(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> bool:
+    """
+    Whether `trainer.compute_loss` gives the same loss for `num_items_in_batch` and twice that: two no-grad
+    evaluations in eval mode on `inputs`, with TRL's per-step metrics protected; decided alike on every process. A
+    loss that ignores it while the model's `forward` takes `**kwargs` is what transformers issue #47688 describes.
+    """
+    was_training = model.training
+    probe_inputs = trainer._prepare_inputs(inputs)
+    model.eval()
+    try:
+        with torch.no_grad(), protect_trainer_metrics(trainer), trainer.compute_loss_context_manager():
+            once = trainer.compute_loss(model, dict(probe_inputs), num_items_in_batch=num_items_in_batch)
+            twice = trainer.compute_loss(model, dict(probe_inputs), num_items_in_batch=2 * num_items_in_batch)
+    finally:
+        model.train(was_training)
+    once, twice = once.detach().float(), twice.detach().float()
+    ignores = ((once - twice).abs() <= 1e-6 * once.abs()).to(trainer.args.device).to(torch.int32)
+    if trainer.accelerator.num_processes > 1:
+        ignores = trainer.accelerator.reduce(ignores, reduction="sum") // trainer.accelerator.num_processes
+    return bool(ignores)  # one host read, once per run
+
+
+@contextlib.contextmanager
+def protect_trainer_metrics(trainer):
+    """
+    Keep TRL's per-step metrics (`trainer._metrics["train"]`, e.g. SFT's `entropy`, `mean_token_accuracy`,
+    `num_tokens`) and its counter `trainer._total_train_tokens` as they were before the block: a second pass at
+    `w + e` would count every micro-batch twice and average values at `w + e` into those at `w`.
+    """
+    metrics = getattr(trainer, "_metrics", None)
+    train_metrics = metrics.get("train") if isinstance(metrics, dict) else None
+    saved_metrics = None
+    if isinstance(train_metrics, dict):
+        saved_metrics = {key: copy.copy(value) for key, value in train_metrics.items()}
+    saved_tokens = getattr(trainer, "_total_train_tokens", None)
+    try:
+        yield
+    finally:
+        if saved_metrics is not None:
+            train_metrics.clear()
+            train_metrics.update(saved_metrics)
+        if saved_tokens is not None:
+            trainer._total_train_tokens = saved_tokens
+
+
+def norm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics of the BatchNorm-like layers of `model` (what pass 2 must not update)."""
+    return [
+        buffer
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if buffer is not None
+    ]
+
+
+def warn_if_perturbation_rounded_away(
+    params: list[torch.Tensor],
+    saved_params: list[torch.Tensor],
+    perturbation_norm: torch.Tensor,
+    rho: float,
+    process_group=None,
+) -> None:
+    """
+    For bf16/fp16 weights: measure how much of `e` the weights really moved by (`w + e` is rounded to the weight
+    dtype) and warn when most of it was lost, i.e. `rho` is too small for the weights' precision. It reads two values
+    on the host: call it once per run.
+    """
+    if all(p.dtype not in (torch.bfloat16, torch.float16) for p in params):
+        return
+    realized = global_norm(torch._foreach_sub(params, saved_params), process_group).item()
+    intended = float(perturbation_norm)
+    if intended > 0 and realized < 0.5 * intended:
+        logger.warning(
+            f"SAM: with {params[0].dtype} weights only {realized:.3g} of the perturbation norm {intended:.3g} "
+            f"survived rounding (rho={rho}): pass 2 runs at nearly the same weights, so SAM degenerates to plain "
+            "training. Use a larger `rho`, or fp32 master weights with bf16 autocast (`--bf16` on an fp32 model). "
+            "`sam/sharpness` near 0 is the symptom.",
+            main_process_only=True,
+        )
