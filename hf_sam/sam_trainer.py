@@ -24,7 +24,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
-from .checkpointing import check_resumed_config, load_trainer_sam_state, save_trainer_sam_state
+from .checkpointing import (
+    check_resumed_config,
+    last_complete_checkpoint,
+    load_trainer_sam_state,
+    save_trainer_sam_state,
+)
 from .model_card import add_model_card_section, model_card_tags
 from .perturbation import (
     foreach_mul_by_scalar_tensor_,
@@ -85,7 +90,8 @@ class SAMMixin:
     Trainer methods overridden: `training_step` (the step), `log` (adds `sam/*`), `save_model` (writes
     `sam_config.json`), `create_model_card` (tags and a "Trained with hf_sam" section), `_inner_training_loop` (fresh
     SAM state per loop, config validated), `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` (the
-    variant's state in `sam_state.pt`, the checkpoint's `sam_config.json` compared on resume).
+    variant's state in `sam_state.pt`, the checkpoint's `sam_config.json` compared on resume), `train` (`True`
+    resumes from the newest complete checkpoint).
 
     Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
     USAM https://huggingface.co/papers/2305.15287, F-SAM https://huggingface.co/papers/2403.12350,
@@ -374,6 +380,18 @@ class SAMMixin:
         self.sam_config.validate()
         self._reset_sam_state()
         return super()._inner_training_loop(*args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """
+        The wrapped trainer's `train`; `resume_from_checkpoint=True` resumes from the newest **complete** checkpoint
+        of `output_dir` (`hf_sam.checkpointing.last_complete_checkpoint`): a save cut short is skipped with a warning
+        instead of failing the resume or silently restarting the SAM state.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in the output directory ({self.args.output_dir}).")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

@@ -1,0 +1,145 @@
+"""Checkpoints: complete or not, resumed only with compatible SAM settings, unreadable state files named."""
+
+import datetime
+import logging
+import shutil
+
+import pytest
+import torch
+
+from hf_sam import SAMConfig, SAMTrainer
+from hf_sam.checkpointing import checkpoint_problems, last_complete_checkpoint
+
+from .testing_utils import TinyTextDataset, params_of, text_args, tiny_bert
+
+
+def _trainer(output_dir, sam_config, seed=0):
+    """6 steps of a tiny BERT, a checkpoint every 2."""
+    return SAMTrainer(
+        model=tiny_bert(seed=seed),
+        args=text_args(output_dir, max_steps=6, save_strategy="steps", save_steps=2),
+        train_dataset=TinyTextDataset(),
+        sam_config=sam_config,
+    )
+
+
+@pytest.fixture(scope="module")
+def fsam_run(tmp_path_factory):
+    """An uninterrupted F-SAM run with checkpoints 2, 4, 6 and its final weights."""
+    output_dir = tmp_path_factory.mktemp("fsam")
+    trainer = _trainer(output_dir, SAMConfig(method="fsam", rho=0.1))
+    trainer.train()
+    return output_dir, params_of(trainer.model)
+
+
+def test_complete_checkpoint_has_no_problems(fsam_run):
+    output_dir, _ = fsam_run
+    assert checkpoint_problems(output_dir / "checkpoint-4") == []
+    assert last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-6")
+
+
+@pytest.mark.parametrize(
+    ("removed", "problem"),
+    [
+        ("trainer_state.json", "trainer_state.json"),
+        ("sam_state.pt", "sam_state.pt"),
+        ("optimizer.pt", "optimizer"),
+        ("model.safetensors", "model weights"),
+        ("sam_config.json", "sam_config.json"),
+    ],
+)
+def test_a_save_cut_short_is_skipped_with_a_warning(fsam_run, tmp_path, caplog, removed, problem):
+    output_dir, _ = fsam_run
+    copy = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(output_dir / name, copy / name)
+    (copy / "checkpoint-4" / removed).unlink()
+    assert any(problem in p for p in checkpoint_problems(copy / "checkpoint-4"))
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(copy) == str(copy / "checkpoint-2")
+    assert "checkpoint-4" in caplog.text and problem in caplog.text
+
+
+def test_an_empty_checkpoint_folder_is_skipped(fsam_run, tmp_path):
+    output_dir, _ = fsam_run
+    shutil.copytree(output_dir / "checkpoint-2", tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4").mkdir()  # interrupted right after the folder was made
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_run, tmp_path):
+    """`train(resume_from_checkpoint=True)` after a save cut short: resumes from the last complete checkpoint."""
+    output_dir, final = fsam_run
+    copy = tmp_path / "run"
+    shutil.copytree(output_dir / "checkpoint-2", copy / "checkpoint-2")
+    shutil.copytree(output_dir / "checkpoint-4", copy / "checkpoint-4")
+    (copy / "checkpoint-4" / "trainer_state.json").unlink()
+    trainer = _trainer(copy, SAMConfig(method="fsam", rho=0.1), seed=1)
+    trainer.train(resume_from_checkpoint=True)
+    for name, p in params_of(trainer.model).items():
+        assert torch.equal(p, final[name]), name
+
+
+def test_resume_true_without_complete_checkpoint_fails_clearly(tmp_path):
+    trainer = _trainer(tmp_path, SAMConfig(method="fsam", rho=0.1))
+    with pytest.raises(ValueError, match="No complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    ("saved_method", "new_config"),
+    [
+        ("fsam", SAMConfig(method="sam", rho=0.1)),
+        ("fsam", SAMConfig(method="looksam", rho=0.1, interval=2)),
+        ("looksam", SAMConfig(method="fsam", rho=0.1)),
+        ("fsam", SAMConfig(method="fsam", rho=0.1, perturbation_sync="local")),
+    ],
+)
+def test_resume_with_a_changed_method_is_an_error_unless_allowed(tmp_path, caplog, saved_method, new_config):
+    saved = SAMConfig(method=saved_method, rho=0.1, interval=2 if saved_method == "looksam" else 1)
+    _trainer(tmp_path / "run", saved).train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(ValueError, match="allow_state_reset") as error:
+        _trainer(tmp_path / "resumed", new_config).train(resume_from_checkpoint=checkpoint)
+    assert "`method`" in str(error.value) or "`perturbation_sync`" in str(error.value)
+
+    allowed = SAMConfig(**{**new_config.to_dict(), "allow_state_reset": True})
+    with caplog.at_level(logging.WARNING):
+        trainer = _trainer(tmp_path / "allowed", allowed)
+        trainer.train(resume_from_checkpoint=checkpoint)
+    assert "starts empty" in caplog.text or "restarts empty" in caplog.text
+    assert trainer.state.global_step == 6
+
+
+def test_resume_with_other_hyperparameters_warns_and_lists_them(tmp_path, caplog):
+    _trainer(tmp_path / "run", SAMConfig(method="fsam", rho=0.1)).train()
+    with caplog.at_level(logging.WARNING):
+        trainer = _trainer(tmp_path / "resumed", SAMConfig(method="fsam", rho=0.2))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert "`rho` 0.1 -> 0.2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    ["truncated", "garbage", "pickled_object", "other_method"],
+)
+def test_unreadable_state_file_names_the_file_and_never_advises_unsafe_loading(fsam_run, tmp_path, corruption):
+    output_dir, _ = fsam_run
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(output_dir / "checkpoint-2", checkpoint)
+    path = checkpoint / "sam_state.pt"
+    if corruption == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif corruption == "garbage":
+        path.write_bytes(b"not a torch file at all")
+    elif corruption == "pickled_object":  # torch's own error would advise `weights_only=False`
+        torch.save({"method": "fsam", "ema": datetime.date(2026, 1, 1)}, path)
+    else:
+        torch.save({"method": "looksam", "orthogonal": None}, path)
+    trainer = _trainer(tmp_path / "resumed", SAMConfig(method="fsam", rho=0.1))
+    with pytest.raises(ValueError) as error:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    message = str(error.value)
+    assert str(path) in message
+    assert "weights_only=False" not in message and "weights_only" not in message
