@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from hf_sam import SAMConfig
-from tests.testing_utils import SequentialSAMTrainer, TinyTextDataset, params_of, tiny_args, tiny_bert
+from tests.testing_utils import SequentialSAMTrainer, TinyTextDataset, params_of, tiny_args, tiny_bert, tiny_llama
 
 
 GLOBAL_BATCH, STEPS = 8, 2
@@ -36,19 +36,7 @@ def tiny_model(kind: str):
     """A tiny BERT classifier or Llama causal LM, built from a config with dropout off (splits draw no other masks)."""
     if kind == "bert":
         return tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab_size=64)
 
 
 def dataset(kind: str) -> Dataset:

@@ -34,6 +34,7 @@ from .testing_utils import (
     text_args,
     tiny_args,
     tiny_bert,
+    tiny_llama,
     tiny_model,
 )
 
@@ -187,25 +188,6 @@ def tiny_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def tiny_text_dataset(n: int = 16, seed: int = 0):

@@ -240,3 +240,24 @@ def save_tiny_text_model(path: Path) -> Path:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     return path
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer, 16-wide Llama causal LM built from a config (vocabulary of 32 unless overridden)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**values))
