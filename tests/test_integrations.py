@@ -30,6 +30,7 @@ from .testing_utils import (
     TinyClassifier,
     TinyDataset,
     TinyTextDataset,
+    _SequentialMixin,
     params_of,
     text_args,
     tiny_args,
@@ -252,10 +253,11 @@ def test_sft_trainer(tmp_path, plain_sft_logs, method):
     assert "TRL" in card.text and "## Trained with hf_sam" in card.text and "rho=0.05" in card.text
 
 
-def tiny_t5(seed: int = 0):
+def tiny_t5(seed: int = 0, **overrides):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
+        **overrides,
         vocab_size=32,
         d_model=16,
         d_kv=4,
@@ -319,6 +321,49 @@ def test_seq2seq_trainer(tmp_path):
     assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
     metrics = trainer.evaluate()
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+class SequentialSAMSeq2SeqTrainer(_SequentialMixin, SAMSeq2SeqTrainer):
+    pass
+
+
+def test_seq2seq_trainer_matches_a_hand_written_sam_loop(tmp_path):
+    """The oracle: SAM written out on T5 (no dropout, SGD), batch by batch in order, against `Seq2SeqTrainer`."""
+    rho, lr, steps, batch_size = 0.1, 0.1, 3, 4
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        optim="sgd",
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    dataset = TinySeq2SeqDataset()
+    model = tiny_t5(dropout_rate=0.0)
+    SequentialSAMSeq2SeqTrainer(model=model, args=args, train_dataset=dataset, sam_config=SAMConfig(rho=rho)).train()
+
+    oracle = tiny_t5(dropout_rate=0.0)
+    params = list(oracle.parameters())
+    for step in range(steps):
+        batch = dataset[slice(step * batch_size, (step + 1) * batch_size)]
+        g = torch.autograd.grad(oracle(**batch).loss, params)
+        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.add_(rho * gi / (norm + 1e-12))
+        g_perturbed = torch.autograd.grad(oracle(**batch).loss, params)
+        with torch.no_grad():
+            for p, w, gp in zip(params, weights, g_perturbed):
+                p.copy_(w - lr * gp)
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------- Trainer flags
