@@ -87,11 +87,12 @@ def _args() -> TrainingArguments:
     )
 
 
-def trainer_runner(model, batch, sam_config: SAMConfig | None):
+def trainer_runner(model, batch, sam_config: SAMConfig | None, grad_accum: int = 1):
     """
     Optimizer steps through (SAM)Trainer.training_step, as the Trainer's loop runs them: one per call, or a whole
     period of `interval` steps per call for the cheaper schedules (their steps alternate in cost, so a median over
-    single steps would mean nothing). `step.steps_per_call` says how many.
+    single steps would mean nothing). `step.steps_per_call` says how many. With `grad_accum > 1` the batch is split
+    into that many micro-batches, the last one marked as the synchronizing one, as the Trainer's loop does.
     """
     trainer = (
         Trainer(model=model, args=_args())
@@ -99,14 +100,18 @@ def trainer_runner(model, batch, sam_config: SAMConfig | None):
         else SAMTrainer(model=model, args=_args(), sam_config=sam_config)
     )
     trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1
+    trainer.current_gradient_accumulation_steps = grad_accum
     optimizer = trainer.optimizer
+    chunks = {key: t.chunk(grad_accum) for key, t in batch.items()}
+    micro_batches = [{key: chunks[key][i] for key in batch} for i in range(grad_accum)]
 
     steps_per_call = 1 if sam_config is None else sam_config.interval
 
     def step():
         for _ in range(steps_per_call):
-            trainer.training_step(model, batch)
+            for index, micro_batch in enumerate(micro_batches):
+                trainer.accelerator.gradient_state._set_sync_gradients(index == len(micro_batches) - 1)
+                trainer.training_step(model, micro_batch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             trainer.state.global_step += 1  # drives `interval`
@@ -151,7 +156,7 @@ def two_pass_loop_runner(model, batch):
     return step
 
 
-def make_runners(kind: str, include_peers: bool) -> dict:
+def make_runners(kind: str, include_peers: bool, grad_accum: int = 1) -> dict:
     runners = {}
     specs = {
         "Trainer": None,
@@ -163,8 +168,8 @@ def make_runners(kind: str, include_peers: bool) -> dict:
     }
     for name, sam_config in specs.items():
         model, batch = build_model(kind)
-        runners[name] = trainer_runner(model, batch, sam_config)
-    if include_peers:
+        runners[name] = trainer_runner(model, batch, sam_config, grad_accum)
+    if include_peers and grad_accum == 1:  # the peers' loops have no accumulation
         import pytorch_optimizer
 
         for name, optimizer_class in [("pytorch_optimizer SAM", pytorch_optimizer.SAM), ("pytorch_optimizer FriendlySAM", pytorch_optimizer.FriendlySAM)]:  # fmt: skip
@@ -274,6 +279,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no_peers", action="store_true")
     parser.add_argument("--no_memory", action="store_true")
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Split each batch into this many micro-batches."
+    )
     parser.add_argument("--memory_child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -286,8 +294,13 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         shape = "x".join(str(s) for s in batch["input_ids"].shape)
         del model
-        print(f"\n## {kind}: {n_params / 1e6:.1f}M parameters, batch {shape}, AdamW, {args.repeats} repeats (medians)")
-        medians = time_runners(make_runners(kind, not args.no_peers), args.repeats, args.warmup)
+        accumulation = args.gradient_accumulation_steps
+        print(
+            f"\n## {kind}: {n_params / 1e6:.1f}M parameters, batch {shape} in {accumulation} micro-batch(es), AdamW, "
+            f"{args.repeats} repeats (medians)"
+        )
+        runners = make_runners(kind, not args.no_peers, accumulation)
+        medians = time_runners(runners, args.repeats, args.warmup)
         base = medians["Trainer"]
         print("| runner | ms/step | ratio to Trainer |\n|---|---|---|")
         for name, value in medians.items():
