@@ -18,7 +18,6 @@ import copy
 import os
 
 import torch
-import torch.distributed as dist
 from accelerate.logging import get_logger
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -32,21 +31,20 @@ from .checkpointing import (
 )
 from .model_card import add_model_card_section, model_card_tags
 from .perturbation import (
-    foreach_mul_by_scalar_tensor_,
     global_norm,
     perturb_,
     restore_,
     sam_perturbation_,
-    zero_unless_,
 )
 from .sam_config import SAMConfig
 from .sam_metrics import SAMMetrics
 from .setup_checks import check_sharded_setup, check_trainer_setup, sharding_group
 from .trainer_utils import (
+    correct_loss_normalization,
     inverse_loss_scale,
-    loss_ignores_num_items_in_batch,
     norm_buffers,
     protect_trainer_metrics,
+    unscale_and_check_,
     warn_if_perturbation_rounded_away,
 )
 from .variants import SAMVariant, variant_for
@@ -275,26 +273,11 @@ class SAMMixin:
         )
         return loss
 
-    def _unscaled_grads_norm_(
-        self, grads: list[torch.Tensor], group, extra_scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Unscale the pass-1 `grads` in place (fp16 loss scale, times `extra_scale`), take their norm and whether they
-        are finite (on every process alike), and zero them when not. No host synchronization.
-        """
-        inverse_scale = inverse_loss_scale(self.accelerator)
-        if inverse_scale is not None:
-            foreach_mul_by_scalar_tensor_(grads, inverse_scale * extra_scale)
-        elif extra_scale != 1.0:
-            torch._foreach_mul_(grads, extra_scale)
-        grad_norm = global_norm(grads, group)
-        finite = torch.isfinite(grad_norm)
-        if self.sam_config.perturbation_sync == "local" and self.accelerator.num_processes > 1:
-            flag = finite.to(device=self.args.device, dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # a collective, not a host read
-            finite = flag.bool().to(grad_norm.device)
-        zero_unless_(grads, finite)
-        return grad_norm, finite
+    def _unscaled_grads_norm_(self, grads: list[torch.Tensor], group, extra_scale: float = 1.0):
+        """`unscale_and_check_` with this run's loss scale and, in local mode, the processes to agree with."""
+        agree = self.sam_config.perturbation_sync == "local" and self.accelerator.num_processes > 1
+        scale = inverse_loss_scale(self.accelerator)
+        return unscale_and_check_(grads, scale, extra_scale, group, agree_across_processes=agree)
 
     def _perturbation_(self, direction, shards, direction_norm, group, finite) -> torch.Tensor:
         """Turn `direction` into `e` in place (zero when not `finite`); returns `||e||`."""
@@ -312,30 +295,9 @@ class SAMMixin:
         )
 
     def _check_loss_normalization(self, model: nn.Module, inputs: dict, num_items_in_batch) -> None:
-        """
-        Once, at the first step: when the Trainer would take the loss as normalized by `num_items_in_batch` (so it
-        neither divides it by the accumulation steps and multiplies it by the number of processes) but the loss ignores
-        it (transformers issue #47688, e.g. BERT sequence classification), set `model_accepts_loss_kwargs = False`: the
-        loss is then the global batch's mean in every split. Nothing to correct with one micro-batch on one process, or
-        when the user set `loss_is_scaled_for_ga` or passed a `compute_loss_func`.
-        """
+        """Once, at the first step: `correct_loss_normalization` (transformers issue #47688)."""
         self._checked_loss_normalization = True
-        if (
-            num_items_in_batch is None
-            or not getattr(self, "model_accepts_loss_kwargs", False)
-            or getattr(self, "loss_is_scaled_for_ga", None) is not None
-            or getattr(self, "compute_loss_func", None) is not None
-            or (self.args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1)
-        ):
-            return
-        if loss_ignores_num_items_in_batch(self, model, inputs, num_items_in_batch):
-            self.model_accepts_loss_kwargs = False
-            logger.info(
-                "hf_sam: this model's loss ignores `num_items_in_batch` although its `forward` takes `**kwargs` "
-                "(transformers issue #47688): set `model_accepts_loss_kwargs=False`, so the loss is divided by the "
-                "accumulation steps (and not multiplied by the number of processes) like a per-batch mean loss.",
-                main_process_only=True,
-            )
+        correct_loss_normalization(self, model, inputs, num_items_in_batch)
 
     def _second_pass_context(self):
         """What pass 2 must leave alone besides the weights: TRL's per-step metrics. Override to protect more."""

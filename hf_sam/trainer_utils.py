@@ -21,10 +21,11 @@ import contextlib
 import copy
 
 import torch
+import torch.distributed as dist
 from accelerate.logging import get_logger
 from torch import nn
 
-from .perturbation import global_norm
+from .perturbation import foreach_mul_by_scalar_tensor_, global_norm, zero_unless_
 
 
 logger = get_logger(__name__)
@@ -39,6 +40,60 @@ def inverse_loss_scale(accelerator) -> torch.Tensor | None:
     if scale is None:  # not initialized yet (no `scale()` call so far)
         scale = torch.tensor(scaler.get_scale())
     return scale.double().reciprocal().float()
+
+
+def unscale_and_check_(
+    grads: list[torch.Tensor],
+    inverse_scale: torch.Tensor | None,
+    extra_scale: float,
+    process_group=None,
+    agree_across_processes: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Unscale the pass-1 `grads` in place (times `inverse_scale`, the fp16 loss scale's inverse, and `extra_scale`);
+    return their norm and whether they are finite (with `agree_across_processes`, on every process: a MIN
+    all-reduce, a collective rather than a host read), after zeroing them when not. No host synchronization.
+    """
+    if inverse_scale is not None:
+        foreach_mul_by_scalar_tensor_(grads, inverse_scale * extra_scale)
+    elif extra_scale != 1.0:
+        torch._foreach_mul_(grads, extra_scale)
+    grad_norm = global_norm(grads, process_group)
+    finite = torch.isfinite(grad_norm)
+    if agree_across_processes:
+        flag = finite.to(torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool().to(grad_norm.device)
+    zero_unless_(grads, finite)
+    return grad_norm, finite
+
+
+def correct_loss_normalization(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> None:
+    """
+    When `trainer` would take the loss as normalized by `num_items_in_batch` (so it neither divides it by the
+    accumulation steps and multiplies it by the number of processes) but the loss ignores it (transformers issue
+    #47688, e.g. BERT sequence classification), set `trainer.model_accepts_loss_kwargs = False`: the loss is then the
+    global batch's mean in every split. Nothing to correct with one micro-batch on one process, or when the user set
+    `loss_is_scaled_for_ga` or passed a `compute_loss_func`.
+    """
+    if (
+        num_items_in_batch is None
+        or not getattr(trainer, "model_accepts_loss_kwargs", False)
+        or getattr(trainer, "loss_is_scaled_for_ga", None) is not None
+        or getattr(trainer, "compute_loss_func", None) is not None
+        or (trainer.args.gradient_accumulation_steps == 1 and trainer.accelerator.num_processes == 1)
+    ):
+        return
+    if loss_ignores_num_items_in_batch(trainer, model, inputs, num_items_in_batch):
+        trainer.model_accepts_loss_kwargs = False
+        logger.info(
+            "hf_sam: this model's loss ignores `num_items_in_batch` although its `forward` takes `**kwargs` "
+            "(transformers issue #47688): set `model_accepts_loss_kwargs=False`, so the loss is divided by the "
+            "accumulation steps (and not multiplied by the number of processes) like a per-batch mean loss.",
+            main_process_only=True,
+        )
 
 
 def loss_ignores_num_items_in_batch(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> bool:
