@@ -60,6 +60,7 @@ from hf_sam.scripts.glue import (
     tokenize_glue,
 )
 from hf_sam.scripts.utils import (
+    SHARPNESS_FLAGS,
     RecipeArguments,
     check_positive,
     checkpoint_to_resume,
@@ -115,7 +116,7 @@ class ScriptArguments(RecipeArguments):
             raise ValueError("Pass `task_name` (a GLUE task) or `train_file` (a csv or json file).")
         if self.data_dir is not None and self.task_name is None:
             raise ValueError("`data_dir` needs `task_name`, to know the task's TSV layout.")
-        check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples")
+        check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples", *SHARPNESS_FLAGS)
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"`validation_split_percentage` must be between 1 and 99, got {self.validation_split_percentage}."
@@ -209,7 +210,7 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
-    return train_and_evaluate(trainer, training_args, checkpoint)
+    return train_and_evaluate(trainer, training_args, checkpoint, script_args)
 
 
 if __name__ == "__main__":

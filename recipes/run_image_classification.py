@@ -69,6 +69,7 @@ from hf_sam.scripts.image import (
     make_transforms,
 )
 from hf_sam.scripts.utils import (
+    SHARPNESS_FLAGS,
     RecipeArguments,
     check_positive,
     checkpoint_to_resume,
@@ -169,7 +170,7 @@ class ScriptArguments(RecipeArguments):
             raise ValueError(f"Unknown `model_type` {self.model_type!r}; e.g. `vit`.")
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"`train_val_split` must be in (0, 1), got {self.train_val_split!r}.")
-        check_positive(self, "max_train_samples", "max_eval_samples")
+        check_positive(self, "max_train_samples", "max_eval_samples", *SHARPNESS_FLAGS)
         if self.random_crop_padding < 0:
             raise ValueError(f"`random_crop_padding` must be >= 0, got {self.random_crop_padding!r}.")
 
@@ -285,7 +286,7 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
-    return train_and_evaluate(trainer, training_args, checkpoint)
+    return train_and_evaluate(trainer, training_args, checkpoint, script_args)
 
 
 if __name__ == "__main__":

@@ -374,3 +374,22 @@ def test_run_glue_default_model_two_processes(tmp_path):
     assert json.loads((tmp_path / "out" / "sam_config.json").read_text())["method"] == "sam"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"} and config["hidden_size"] == 384
+
+
+@requires_glue
+def test_run_glue_measures_sharpness_on_held_out_batches_when_asked(tmp_path, tiny_text_model):
+    """`--sharpness_every_n_steps`: `sharpness/*` at step 0, every N steps and at the end, on the evaluation data."""
+    data_dir = str(DATA_DIR / "glue" / "RTE")
+    argv = ["--task_name", "rte", "--data_dir", data_dir, "--model_name_or_path", tiny_text_model, "--method", "sam"]
+    argv += ["--sharpness_every_n_steps", "1", "--sharpness_num_batches", "1", "--sharpness_batch_size", "4"]
+    argv += ["--sharpness_diagnostics", "ascent,top_eigenvalue", "--do_train", "--do_eval"]
+    run_glue.main(*parse(argv + _common_flags(tmp_path)))
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    steps = sorted({log["step"] for log in history if "sharpness/top_eigenvalue" in log})
+    assert steps[0] == 0 and len(steps) >= 2
+    assert all("sharpness/ascent" in log for log in history if "sharpness/top_eigenvalue" in log)
+
+
+def test_bad_sharpness_flags_are_refused_naming_the_flag():
+    with pytest.raises(ValueError, match="--sharpness_num_batches"):
+        parse(["--task_name", "rte", "--output_dir", "unused", "--sharpness_num_batches", "0"])

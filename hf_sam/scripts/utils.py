@@ -112,6 +112,23 @@ class RecipeArguments:
             "Without it, a run resumes from the last complete checkpoint there, or refuses to start."
         },
     )
+    sharpness_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Measure sharpness (`hf_sam.SharpnessCallback`) at step 0, every N optimizer steps and at each "
+            "evaluation, on the first `sharpness_num_batches` batches of the evaluation data; logged as "
+            "`sharpness/*`. Off by default (the Hessian quantities cost many passes)."
+        },
+    )
+    sharpness_diagnostics: str = field(
+        default="top_eigenvalue,trace,ascent,alignment",
+        metadata={
+            "help": "Comma-separated diagnostics of `SharpnessCallback`: worst_case, ascent, average, "
+            "top_eigenvalue, trace, alignment."
+        },
+    )
+    sharpness_num_batches: int = field(default=4, metadata={"help": "Evaluation batches the sharpness is taken on."})
+    sharpness_batch_size: int = field(default=64, metadata={"help": "Examples per sharpness batch."})
 
 
 def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -208,12 +225,45 @@ def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir:
     return None
 
 
-def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments, checkpoint: str | None) -> dict[str, float]:
+# The sharpness flags a recipe checks with `check_positive`.
+SHARPNESS_FLAGS = ("sharpness_every_n_steps", "sharpness_num_batches", "sharpness_batch_size")
+
+
+def add_sharpness_callback(trainer: Trainer, script_args: RecipeArguments) -> None:
+    """With `--sharpness_every_n_steps`, a `SharpnessCallback` on a fixed subset of the trainer's evaluation data."""
+    if script_args.sharpness_every_n_steps is None:
+        return
+    if trainer.eval_dataset is None:
+        raise ValueError("`--sharpness_every_n_steps` measures on the evaluation data: pass `--do_eval` and its data.")
+    from hf_sam import SharpnessCallback
+
+    names = [name.strip() for name in script_args.sharpness_diagnostics.split(",") if name.strip()]
+    trainer.add_callback(
+        SharpnessCallback(
+            dataset=trainer.eval_dataset,
+            batch_size=script_args.sharpness_batch_size,
+            num_batches=script_args.sharpness_num_batches,
+            data_collator=trainer.data_collator,
+            every_n_steps=script_args.sharpness_every_n_steps,
+            diagnostics=names,
+            trainer=trainer,
+        )
+    )
+
+
+def train_and_evaluate(
+    trainer: Trainer,
+    training_args: TrainingArguments,
+    checkpoint: str | None,
+    script_args: RecipeArguments | None = None,
+) -> dict[str, float]:
     """
-    The tail of every recipe: train (resuming from `checkpoint`), save the model and state, evaluate; write
-    `train_results.json`, `eval_results.json` and `all_results.json`. Returns the metrics of both, with the number of
-    examples as `train_samples` / `eval_samples`.
+    The tail of every recipe: add the sharpness callback if `script_args` asks for it, train (resuming from
+    `checkpoint`), save the model and state, evaluate; write `train_results.json`, `eval_results.json` and
+    `all_results.json`. Returns the metrics of both, with the number of examples as `train_samples` / `eval_samples`.
     """
+    if script_args is not None:
+        add_sharpness_callback(trainer, script_args)
     metrics: dict[str, float] = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
