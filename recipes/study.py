@@ -181,11 +181,22 @@ IMAGE_FLAGS = [
 ]  # fmt: skip
 
 
-def image_run(study: str, method: str, rho: float, seed: int, data_dir: str, held_out: bool) -> dict:
+# Sharpness of seed 0's runs (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top
+# eigenvalue, through gradient / top-eigenvector alignment), on 500 fixed test images, at step 0, every 1,000 steps,
+# and at the end.
+IMAGE_SHARPNESS_FLAGS = [
+    "--sharpness_every_n_steps", "1000", "--sharpness_num_batches", "2", "--sharpness_batch_size", "250",
+    "--sharpness_diagnostics", "top_eigenvalue,trace,ascent,alignment",
+]  # fmt: skip
+
+
+def image_run(
+    study: str, method: str, rho: float, seed: int, data_dir: str, held_out: bool, extra: tuple = ()
+) -> dict:
     cifar = os.path.join(data_dir, "cifar10-small")
     argv = ["--train_file", os.path.join(cifar, "train.parquet")]
     argv += ["--train_val_split", "0.1"] if held_out else ["--validation_file", os.path.join(cifar, "test.parquet")]
-    argv += IMAGE_FLAGS + method_flags(method, rho) + RUN_FLAGS + ["--seed", str(seed)]
+    argv += IMAGE_FLAGS + list(extra) + method_flags(method, rho) + RUN_FLAGS + ["--seed", str(seed)]
     rho = 0.0 if method == "AdamW" else rho
     run_id = f"{study}/cifar10/{method}/rho{rho:g}/seed{seed}"
     return dict(
@@ -205,11 +216,24 @@ def plan_image_grid(args, results) -> list[dict]:
     rhos = chosen_rhos(results, "image-sweep")
     runs = []
     for seed in args.seeds:
-        runs.append(image_run("image", "AdamW", 0.0, seed, args.data_dir, held_out=False))
+        extra = IMAGE_SHARPNESS_FLAGS if seed == min(args.seeds) else ()
+        runs.append(image_run("image", "AdamW", 0.0, seed, args.data_dir, held_out=False, extra=extra))
         for method, rho in [("SAM", rhos["SAM"]), ("F-SAM", rhos["F-SAM"]), ("LookSAM-k5", rhos["SAM"])]:
             if rho is not None:
-                runs.append(image_run("image", method, rho, seed, args.data_dir, held_out=False))
+                runs.append(image_run("image", method, rho, seed, args.data_dir, held_out=False, extra=extra))
     return runs
+
+
+def plan_image_full_batch(args, results) -> list[dict]:
+    """
+    The other half of Wen, Ma & Li's claim: full-batch SAM (one batch of the first 512 training images per step,
+    300 steps) against full-batch AdamW, with the sharpness of seed 0 every 50 steps.
+    """
+    rho = chosen_rhos(results, "image-sweep")["SAM"]
+    extra = ["--max_train_samples", "512", "--per_device_train_batch_size", "512", "--num_train_epochs", "300"]
+    extra += IMAGE_SHARPNESS_FLAGS[:1] + ["50"] + IMAGE_SHARPNESS_FLAGS[2:]
+    methods = [("AdamW", 0.0)] + ([("SAM", rho)] if rho is not None else [])
+    return [image_run("image-full-batch", m, r, 0, args.data_dir, held_out=False, extra=extra) for m, r in methods]
 
 
 STUDIES = {
@@ -218,6 +242,7 @@ STUDIES = {
     "glue-cheap": plan_glue_cheap,
     "image-sweep": plan_image_sweep,
     "image": plan_image_grid,
+    "image-full-batch": plan_image_full_batch,
 }
 
 
@@ -305,6 +330,7 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
         "metrics": {k: v for k, v in all_results.items() if isinstance(v, (int, float))},
         "eval_history": [log for log in history if any(k.startswith("eval_") for k in log)],
         "train_history": [log for log in history if "loss" in log],
+        "sharpness_history": [log for log in history if any(k.startswith("sharpness/") for k in log)],
         # Time of this process only: a run resumed from a checkpoint adds its earlier attempts' time (`attempts`).
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
