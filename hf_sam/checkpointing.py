@@ -66,9 +66,14 @@ def checkpoint_problems(checkpoint_dir: str | os.PathLike) -> list[str]:
         problems.append("no model weights")
     if not any(name.startswith(("optimizer.", "optimizer_")) for name in names):
         problems.append("no optimizer state")
-    if SAM_CONFIG_NAME not in names:
-        problems.append(f"no {SAM_CONFIG_NAME}")
-    else:
+    rank_files = [re.match(rf"^rank(\d+)-of-(\d+)-{re.escape(SAM_STATE_NAME)}$", n) for n in names]
+    rank_files = [match for match in rank_files if match]
+    if rank_files:  # one state file per process: every process's must be there
+        world_size = int(rank_files[0].group(2))
+        missing = sorted(set(range(world_size)) - {int(match.group(1)) for match in rank_files})
+        if missing:
+            problems.append(f"no {SAM_STATE_NAME} of process(es) {missing} of {world_size}")
+    if SAM_CONFIG_NAME in names:  # a plain Trainer's checkpoint has none, and needs none
         try:
             with open(os.path.join(checkpoint_dir, SAM_CONFIG_NAME), encoding="utf-8") as reader:
                 config = json.load(reader)
@@ -156,22 +161,23 @@ def load_sam_state(path: str, variant, method: str, named_parameters: dict) -> N
     variant.load_state_dict({key: tensors})
 
 
-def check_resumed_config(checkpoint: str, config) -> None:
+def check_resumed_config(checkpoint: str, config) -> bool:
     """
     Compare the `sam_config.json` of `checkpoint` with the resumed run's `config` (a `SAMConfig`). A change of a
-    `STATE_FIELDS` field raises a `ValueError` unless `config.allow_state_reset` (then a warning says what restarts);
-    other changes are listed in a warning.
+    `STATE_FIELDS` field raises a `ValueError` unless `config.allow_state_reset` (then a warning says the state
+    restarts, and this returns `True`: do not load it); other changes are listed in a warning. Returns `False` when
+    the checkpoint's state is to be loaded.
     """
     from .sam_config import SAMConfig
 
     if not os.path.isfile(os.path.join(checkpoint, SAM_CONFIG_NAME)):
         logger.warning(f"{checkpoint} has no {SAM_CONFIG_NAME}: its SAM settings cannot be compared with this run's.")
-        return
+        return False
     saved = SAMConfig.from_pretrained(checkpoint).to_dict()
     current = config.to_dict()
     changed = {k: (saved[k], current[k]) for k in current if k != "allow_state_reset" and saved.get(k) != current[k]}
     if not changed:
-        return
+        return False
     listed = ", ".join(f"`{k}` {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
     state_changes = [k for k in STATE_FIELDS if k in changed]
     if state_changes and not config.allow_state_reset:
@@ -185,8 +191,9 @@ def check_resumed_config(checkpoint: str, config) -> None:
             f"Resuming from {checkpoint} with {listed}: `allow_state_reset` is set, so the checkpoint's SAM state is "
             "dropped and this run's state (F-SAM's EMA, LookSAM's g_v) starts empty."
         )
-    else:
-        logger.warning(f"Resuming from {checkpoint} with changed SAM settings: {listed}.")
+        return True
+    logger.warning(f"Resuming from {checkpoint} with changed SAM settings: {listed}.")
+    return False
 
 
 def _trainer_sam_state_file(trainer, directory: str) -> str:

@@ -96,9 +96,9 @@ def sam_perturbation_(
             direction_norm = global_norm(direction, process_group)
         scale = rho / (direction_norm + NORM_EPS)
     else:
-        scale = torch.tensor(rho, dtype=torch.float32)
+        scale = torch.full((), rho, dtype=torch.float32, device=direction[0].device if direction else None)
     if finite is not None:
-        scale = scale.to(finite.device) * finite
+        scale = scale * finite.to(scale.device)
     if adaptive:
         torch._foreach_mul_(direction, scaling)  # T^2 d
     foreach_mul_by_scalar_tensor_(direction, scale)

@@ -61,7 +61,8 @@ class SAMMetrics:
                 perturbation_norm.to(device) * weight,
             ]
         )
-        self.sums[:5] += torch.where(finite, values, 0.0)
+        usable = finite & torch.isfinite(values).all()  # a non-finite pass-2 loss must not turn the window's means NaN
+        self.sums[:5] += torch.where(usable, values, 0.0)
         self.sums[5] += (~finite).float() * skipped_micro_batches
 
     def pop_logs(self, accelerator) -> dict[str, float]:

@@ -105,20 +105,23 @@ class SAMMixin:
         super().__init__(*args, **kwargs)
         self.sam_config = sam_config
         check_trainer_setup(self, sam_config)
-        self._reset_sam_state()
-        self._sam_norm_buffers: list[torch.Tensor] | None = None
-        self._checked_rounding = False
         self._checked_loss_normalization = False
-        self._sam_shard_group = None
-        self._sam_sharding_checked = False
+        self._reset_sam_state()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["hf_sam", sam_config.method])
 
     def _reset_sam_state(self) -> None:
-        """A fresh variant (F-SAM EMA, LookSAM component), metric sums and kept micro-batches: a new training loop."""
+        """
+        A fresh variant (F-SAM EMA, LookSAM component), metric sums, kept micro-batches and the caches of the model's
+        buffers and sharding: a new training loop (perhaps with a new model, from `model_init`).
+        """
         self.sam_variant: SAMVariant = variant_for(self.sam_config)
         self.sam_metrics = SAMMetrics()
         self._kept_micro_batches: list[tuple] = []
+        self._sam_norm_buffers: list[torch.Tensor] | None = None
+        self._sam_shard_group = None
+        self._sam_sharding_checked = False
+        self._checked_rounding = False
 
     def _trainable_params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -214,6 +217,8 @@ class SAMMixin:
         """
         group = self._sharding_group(params)
         shards = _local_shards(params)  # the parameters themselves, or this process's FSDP shards of them
+        grads, taken = list(grads), grads
+        taken.clear()  # the caller's list let go: `e` (made from `grads` in place) is freed before pass 2 ends
         weight = 1.0 / num_shares
         grad_norm, finite = self._unscaled_grads_norm_(grads, group, extra_scale=float(num_shares))
         direction, direction_norm = self.sam_variant.direction(
@@ -223,13 +228,12 @@ class SAMMixin:
         perturbation_norm = self._perturbation_(direction, shards, direction_norm, group, finite)
         saved_params = perturb_(shards, direction)
         del direction
-        if not self._checked_rounding:
-            self._checked_rounding = True
-            warn_if_perturbation_rounded_away(shards, saved_params, perturbation_norm, self.sam_config.rho, group)
-
-        perturbed_loss = 0.0
-        saved_buffers = self._save_norm_buffers(model)
-        try:
+        perturbed_loss, saved_buffers = 0.0, []
+        try:  # w (and the norm statistics) restored whatever raises, e.g. the out-of-memory error auto_find_batch_size retries
+            if not self._checked_rounding:
+                self._checked_rounding = True
+                warn_if_perturbation_rounded_away(shards, saved_params, perturbation_norm, self.sam_config.rho, group)
+            saved_buffers = self._save_norm_buffers(model)
             with self._second_pass_context():
                 for index, (kept_inputs, kept_num_items, _) in enumerate(micro_batches):
                     last = index == len(micro_batches) - 1
@@ -295,9 +299,8 @@ class SAMMixin:
         )
 
     def _check_loss_normalization(self, model: nn.Module, inputs: dict, num_items_in_batch) -> None:
-        """Once, at the first step: `correct_loss_normalization` (transformers issue #47688)."""
-        self._checked_loss_normalization = True
-        correct_loss_normalization(self, model, inputs, num_items_in_batch)
+        """At the first step (until a batch can tell): `correct_loss_normalization` (transformers issue #47688)."""
+        self._checked_loss_normalization = correct_loss_normalization(self, model, inputs, num_items_in_batch)
 
     def _second_pass_context(self):
         """What pass 2 must leave alone besides the weights: TRL's per-step metrics. Override to protect more."""
@@ -361,8 +364,7 @@ class SAMMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            check_resumed_config(checkpoint, self.sam_config)
+        if checkpoint is not None and not check_resumed_config(checkpoint, self.sam_config):
             load_trainer_sam_state(self, checkpoint)
 
 

@@ -35,6 +35,12 @@ def check_trainer_setup(trainer, config: SAMConfig) -> None:
             "so the first SAM pass would already update the weights. Pick an optimizer that steps after backward "
             "(e.g. `adamw_torch`)."
         )
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    if parallelism is not None and getattr(parallelism, "cp_enabled", False):
+        raise ValueError(
+            "SAMTrainer does not support context parallelism: the Trainer shards each batch's sequences in place "
+            "before the first pass, so the second pass would see them sharded twice. Disable `cp_size` or set `rho=0`."
+        )
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         if getattr(plugin, "fsdp_version", 1) != 2:

@@ -70,13 +70,14 @@ def unscale_and_check_(
     return grad_norm, finite
 
 
-def correct_loss_normalization(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> None:
+def correct_loss_normalization(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> bool:
     """
     When `trainer` would take the loss as normalized by `num_items_in_batch` (so it neither divides it by the
     accumulation steps and multiplies it by the number of processes) but the loss ignores it (transformers issue
     #47688, e.g. BERT sequence classification), set `trainer.model_accepts_loss_kwargs = False`: the loss is then the
     global batch's mean in every split. Nothing to correct with one micro-batch on one process, or when the user set
-    `loss_is_scaled_for_ga` or passed a `compute_loss_func`.
+    `loss_is_scaled_for_ga` or passed a `compute_loss_func`. Returns whether it is decided (`False`: this batch could
+    not tell, e.g. every label was masked; try again at the next step).
     """
     if (
         num_items_in_batch is None
@@ -85,8 +86,11 @@ def correct_loss_normalization(trainer, model: nn.Module, inputs: dict, num_item
         or getattr(trainer, "compute_loss_func", None) is not None
         or (trainer.args.gradient_accumulation_steps == 1 and trainer.accelerator.num_processes == 1)
     ):
-        return
-    if loss_ignores_num_items_in_batch(trainer, model, inputs, num_items_in_batch):
+        return True
+    ignores = loss_ignores_num_items_in_batch(trainer, model, inputs, num_items_in_batch)
+    if ignores is None:
+        return False
+    if ignores:
         trainer.model_accepts_loss_kwargs = False
         logger.info(
             "hf_sam: this model's loss ignores `num_items_in_batch` although its `forward` takes `**kwargs` "
@@ -94,13 +98,16 @@ def correct_loss_normalization(trainer, model: nn.Module, inputs: dict, num_item
             "accumulation steps (and not multiplied by the number of processes) like a per-batch mean loss.",
             main_process_only=True,
         )
+    return True
 
 
-def loss_ignores_num_items_in_batch(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> bool:
+def loss_ignores_num_items_in_batch(trainer, model: nn.Module, inputs: dict, num_items_in_batch) -> bool | None:
     """
-    Whether `trainer.compute_loss` gives the same loss for `num_items_in_batch` and twice that: two no-grad
-    evaluations in eval mode on `inputs`, with TRL's per-step metrics protected; decided alike on every process. A
-    loss that ignores it while the model's `forward` takes `**kwargs` is what transformers issue #47688 describes.
+    Whether `trainer.compute_loss` ignores `num_items_in_batch`: two no-grad evaluations in eval mode on `inputs`,
+    with it and with twice it (TRL's per-step metrics protected). A loss that honours it halves; one that ignores it
+    stays. Each process votes (a zero or non-finite loss cannot tell); the votes are summed over processes, so all
+    decide alike: `None` when no process could tell. A loss that ignores it while the model's `forward` takes
+    `**kwargs` is what transformers issue #47688 describes.
     """
     was_training = model.training
     probe_inputs = trainer._prepare_inputs(inputs)
@@ -112,31 +119,41 @@ def loss_ignores_num_items_in_batch(trainer, model: nn.Module, inputs: dict, num
     finally:
         model.train(was_training)
     once, twice = once.detach().float(), twice.detach().float()
-    ignores = ((once - twice).abs() <= 1e-6 * once.abs()).to(trainer.args.device).to(torch.int32)
+    conclusive = torch.isfinite(once) & torch.isfinite(twice) & (once != 0)
+    stays = (twice - once).abs() < (twice - once / 2).abs()
+    votes = torch.stack([conclusive & stays, conclusive & ~stays]).to(trainer.args.device).to(torch.int32)
     if trainer.accelerator.num_processes > 1:
-        ignores = trainer.accelerator.reduce(ignores, reduction="sum") // trainer.accelerator.num_processes
-    return bool(ignores)  # one host read, once per run
+        votes = trainer.accelerator.reduce(votes, reduction="sum")
+    ignores, honours = votes.tolist()  # one host read, at the first step(s) only
+    if honours:
+        return False
+    return True if ignores else None
 
 
 @contextlib.contextmanager
 def protect_trainer_metrics(trainer):
     """
-    Keep TRL's per-step metrics (`trainer._metrics["train"]`, e.g. SFT's `entropy`, `mean_token_accuracy`,
-    `num_tokens`) and its counter `trainer._total_train_tokens` as they were before the block: a second pass at
-    `w + e` would count every micro-batch twice and average values at `w + e` into those at `w`.
+    Keep TRL's per-step metrics (`trainer._metrics[mode]` for every mode, e.g. SFT's `entropy`,
+    `mean_token_accuracy`, `num_tokens`) and its counter `trainer._total_train_tokens` as they were before the block:
+    a second pass at `w + e` would count every micro-batch twice and average values at `w + e` into those at `w`, and
+    the loss-normalization probe (in eval mode) would add training batches to the evaluation metrics.
     """
     metrics = getattr(trainer, "_metrics", None)
-    train_metrics = metrics.get("train") if isinstance(metrics, dict) else None
     saved_metrics = None
-    if isinstance(train_metrics, dict):
-        saved_metrics = {key: copy.copy(value) for key, value in train_metrics.items()}
+    if isinstance(metrics, dict):
+        saved_metrics = {
+            mode: {key: copy.copy(value) for key, value in values.items()}
+            for mode, values in metrics.items()
+            if isinstance(values, dict)
+        }
     saved_tokens = getattr(trainer, "_total_train_tokens", None)
     try:
         yield
     finally:
         if saved_metrics is not None:
-            train_metrics.clear()
-            train_metrics.update(saved_metrics)
+            for mode, values in saved_metrics.items():
+                metrics[mode].clear()
+                metrics[mode].update(values)
         if saved_tokens is not None:
             trainer._total_train_tokens = saved_tokens
 

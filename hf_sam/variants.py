@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from .perturbation import NORM_EPS, foreach_mul_by_scalar_tensor_, global_norm
+from .perturbation import NORM_EPS, foreach_mul_by_scalar_tensor_, global_norm, zero_unless_
 
 
 class SAMVariant:
@@ -142,7 +142,10 @@ class FriendlySAM(SAMVariant):
     @torch.no_grad()
     def plain_step(self, grads, grad_norm, *, finite, inverse_loss_scale):
         self._allocate(grads)
-        step_grad = grads if inverse_loss_scale is None else _mul_by_tensor(grads, inverse_loss_scale)
+        # A copy: `grads` are the `.grad` the optimizer (or the GradScaler's skip) still needs; zeroed when not
+        # finite, since lerp(m, g, 0) = m + 0 * (g - m) is NaN where g is inf.
+        step_grad = _mul_by_tensor(grads, inverse_loss_scale if inverse_loss_scale is not None else finite.float())
+        zero_unless_(step_grad, finite)
         self._accumulate(step_grad, 1.0, finite)
         self._end_step()
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from transformers import Trainer
 
 from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.checkpointing import checkpoint_problems, last_complete_checkpoint
@@ -45,7 +46,6 @@ def test_complete_checkpoint_has_no_problems(fsam_run):
         ("sam_state.pt", "sam_state.pt"),
         ("optimizer.pt", "optimizer"),
         ("model.safetensors", "model weights"),
-        ("sam_config.json", "sam_config.json"),
     ],
 )
 def test_a_save_cut_short_is_skipped_with_a_warning(fsam_run, tmp_path, caplog, removed, problem):
@@ -58,6 +58,27 @@ def test_a_save_cut_short_is_skipped_with_a_warning(fsam_run, tmp_path, caplog, 
     with caplog.at_level(logging.WARNING):
         assert last_complete_checkpoint(copy) == str(copy / "checkpoint-2")
     assert "checkpoint-4" in caplog.text and problem in caplog.text
+
+
+def test_a_plain_trainer_checkpoint_is_complete(tmp_path):
+    """A checkpoint the plain `Trainer` wrote (no `sam_config.json`) can be resumed by `SAMTrainer`."""
+    trainer = Trainer(
+        model=tiny_bert(), args=text_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=TinyTextDataset(),
+    )  # fmt: skip
+    trainer.train()
+    assert checkpoint_problems(tmp_path / "checkpoint-2") == []
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def test_every_process_state_file_must_be_there(fsam_run, tmp_path):
+    output_dir, _ = fsam_run
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(output_dir / "checkpoint-2", checkpoint)
+    (checkpoint / "sam_state.pt").rename(checkpoint / "rank0-of-2-sam_state.pt")
+    assert any("process(es) [1] of 2" in p for p in checkpoint_problems(checkpoint))
+    shutil.copy(checkpoint / "rank0-of-2-sam_state.pt", checkpoint / "rank1-of-2-sam_state.pt")
+    assert checkpoint_problems(checkpoint) == []
 
 
 def test_an_empty_checkpoint_folder_is_skipped(fsam_run, tmp_path):

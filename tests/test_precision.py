@@ -185,3 +185,32 @@ def test_gpu_fp32_matches_cpu_and_mixed_precision_stays_close_to_fp32(tmp_path, 
         change = max((cpu[name] - initial[name]).abs().max().item() for name in cpu)
         gap = max((mixed[name] - cpu[name]).abs().max().item() for name in cpu)
         assert gap <= 0.05 * change, f"{precision}: {gap} vs a weight change of {change}"
+
+
+def test_overflow_on_a_plain_interval_step_leaves_the_fsam_ema(tmp_path):
+    """
+    fp16, F-SAM with `interval=2`: step 1 is a plain one-pass step whose gradient overflows (inf). The scaler skips
+    it and backs off; F-SAM's EMA must stay as it was (lerp with weight 0 against inf would make it NaN).
+    """
+    model = PoisonedClassifier(poisoned_calls={2})  # calls 0, 1: SAM step 0; call 2: plain step 1
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=tiny_args(tmp_path, max_steps=4),
+        train_dataset=TinyDataset(),
+        sam_config=SAMConfig(method="fsam", rho=0.1, interval=2),
+    )
+    scaler = with_cpu_grad_scaler(trainer)
+    emas = {}
+
+    class RecordEMA(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            emas[state.global_step] = [m.clone() for m in trainer.sam_variant.ema]
+
+    trainer.add_callback(RecordEMA())
+    trainer.train()
+    assert scaler.get_scale() == INIT_SCALE / 2  # the overflowed step was skipped once
+    for m, m_before in zip(emas[2], emas[1]):
+        assert torch.equal(m, m_before)
+    assert all(torch.isfinite(m).all() for m in emas[4])
+    logs = [log for log in trainer.state.log_history if "sam/perturbed_loss" in log]
+    assert all(torch.isfinite(torch.tensor(log["sam/perturbed_loss"])) for log in logs)

@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,3 +250,23 @@ def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
     )
     with pytest.raises(ValueError, match=match):
         check_sharded_setup(trainer.sam_config, trainer.args.gradient_accumulation_steps)
+
+
+def test_context_parallelism_is_refused(tmp_path):
+    """The Trainer shards sequences in place before pass 1 under context parallelism: pass 2 would shard them twice."""
+    accelerator = SimpleNamespace(parallelism_config=SimpleNamespace(cp_enabled=True))  # needs several GPUs to build
+    trainer = SimpleNamespace(accelerator=accelerator, args=tiny_args(tmp_path))
+    with pytest.raises(ValueError, match="context parallelism"):
+        check_trainer_setup(trainer, SAMConfig())
+    check_trainer_setup(trainer, SAMConfig(rho=0.0))
+
+
+def test_second_pass_guard_keeps_every_metric_mode(tmp_path):
+    """TRL keeps `_metrics["train"]` and `_metrics["eval"]`: neither pass 2 nor the probe may add to either."""
+    trainer = SAMTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=TinyDataset())
+    trainer._metrics = {"train": {"entropy": [1.0]}, "eval": {"entropy": [2.0]}}
+    with trainer._second_pass_context():
+        trainer._metrics["train"]["entropy"].append(3.0)
+        trainer._metrics["eval"]["entropy"].append(4.0)
+        trainer._metrics["eval"]["new"] = [5.0]
+    assert trainer._metrics == {"train": {"entropy": [1.0]}, "eval": {"entropy": [2.0]}}

@@ -14,8 +14,9 @@ from transformers import Trainer, TrainingArguments
 
 from hf_sam import SAMConfig, SAMTrainer
 
-from .split_worker import CONFIGS, train_split
+from .split_worker import CONFIGS, CausalTextDataset, dataset, tiny_model, train_split
 from .test_distributed import launch
+from .testing_utils import SequentialSAMTrainer, tiny_args
 
 
 SPLITS = {"1x4x2": (1, 4, 2), "2x4": (2, 4, 1), "2x2x2": (2, 2, 2)}  # processes, per-device batch, accumulation
@@ -146,3 +147,36 @@ def test_transformers_gradient_accumulation_holds_for_sam(tmp_path, method, opti
             Trainer(model=model, args=args, train_dataset=RegressionDataset()).train()
             plain[name] = model.a.detach()
         assert not torch.allclose(plain["batch8"], plain["batch4x2"], rtol=1e-3)
+
+
+class FirstExampleMaskedDataset(CausalTextDataset):
+    """Like `CausalTextDataset`, with every label of the first example masked (e.g. a prompt truncated away)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return item | {"labels": torch.full_like(item["labels"], -100)} if i == 0 else item
+
+
+def test_loss_normalization_check_waits_for_a_batch_that_can_tell(tmp_path):
+    """A first micro-batch with no label has loss 0 either way: undecided, checked again at the next one."""
+    trainer = SequentialSAMTrainer(
+        model=tiny_model("llama"),
+        args=tiny_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2),
+        train_dataset=FirstExampleMaskedDataset(n=4),
+        sam_config=SAMConfig(rho=0.1),
+    )
+    trainer.train()
+    assert trainer._checked_loss_normalization
+    assert trainer.model_accepts_loss_kwargs  # the causal LM's loss honours num_items_in_batch
+
+
+def test_loss_normalization_check_finds_a_loss_that_ignores_num_items(tmp_path):
+    trainer = SequentialSAMTrainer(
+        model=tiny_model("bert"),
+        args=tiny_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1),
+        train_dataset=dataset("bert"),
+        sam_config=SAMConfig(rho=0.0),
+    )
+    assert trainer.model_accepts_loss_kwargs  # what transformers decides from BERT's `**kwargs` (#47688)
+    trainer.train()
+    assert not trainer.model_accepts_loss_kwargs
