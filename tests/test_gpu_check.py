@@ -106,7 +106,9 @@ def test_pytest_runs_are_summarized_and_timed_out(tmp_path):
         run = run_pytest("gpu", [str(tmp_path / "test_synthetic.py")], timeout=120, log_file=log_file)
     assert run["counts"] == {"passed": 2, "failed": 1, "skipped": 1} and not run["ok"]
     assert "1 failed, 2 passed, 1 skipped" in run["summary"]
-    assert "boom" in run["tests"]["test_synthetic::test_fails"]["message"]
+    # JUnit's classname depends on where the file sits relative to the rootdir: match on the end of the id.
+    (failed,) = [test for name, test in run["tests"].items() if name.endswith("test_synthetic::test_fails")]
+    assert "boom" in failed["message"]
     with open(tmp_path / "pytest.log", "a") as log_file, pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("SLEEP", "60")
         run = run_pytest("gpu", [str(tmp_path / "test_synthetic.py") + "::test_sleeps"], timeout=3, log_file=log_file)
