@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 SAM_CONFIG_NAME = "sam_config.json"
 SAM_STATE_NAME = "sam_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# The folders `Trainer._save_checkpoint` writes, `checkpoint-<global step>`.
+CHECKPOINT_FOLDER_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -97,7 +98,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     steps = sorted(
         (int(match.group(1)), name)
         for name in os.listdir(output_dir)
-        if (match := _CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+        if (match := CHECKPOINT_FOLDER_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))
     )
     for _, name in reversed(steps):
         path = os.path.join(output_dir, name)

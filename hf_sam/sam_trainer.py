@@ -243,7 +243,7 @@ class SAMMixin:
             restore_(shards, saved_params)
             if saved_buffers:
                 restore_(self._sam_norm_buffers, saved_buffers)
-        if last_micro_batch:
+        if last_micro_batch and self.sam_variant.needs_sam_grads:
             self.sam_variant.after_second_pass(_local_shards(_grads_or_zeros(params)), finite=finite)
         loss = sum(kept_loss.float() for _, _, kept_loss in micro_batches)
         self.sam_metrics.record(

@@ -19,7 +19,8 @@ A step of `SAMTrainer` calls, on the variant of its `SAMConfig.method`:
 - `is_sam_step(global_step)`: a two-pass (perturbed) step, or a plain one-pass step (`SAMConfig.interval`);
 - `direction(grads, grad_norm, finite=...)` after pass 1: the direction :math:`d` that becomes the perturbation
   :math:`e` (SAM: :math:`d = g`; F-SAM: :math:`d = g - \sigma m_{t-1}`);
-- `after_second_pass(sam_grads, finite=...)` at the end of a perturbed step (LookSAM stores :math:`g_v`);
+- `after_second_pass(sam_grads, finite=...)` at the end of a perturbed step, when `needs_sam_grads` (LookSAM stores
+  :math:`g_v`);
 - `plain_step(grads, grad_norm, finite=..., inverse_loss_scale=...)` at the end of a plain step (F-SAM's EMA sees
   the step; LookSAM adds its reused component to `grads` in place);
 - `state_dict()` / `load_state_dict()`: what a checkpoint carries (`sam_state.pt`), under `state_key`.
@@ -88,6 +89,11 @@ class SAMVariant:
     @property
     def needs_plain_step(self) -> bool:
         """Whether `plain_step` does anything (so the trainer can skip collecting the gradients)."""
+        return False
+
+    @property
+    def needs_sam_grads(self) -> bool:
+        """Whether `after_second_pass` does anything (so the trainer can skip collecting the gradients)."""
         return False
 
     def state_dict(self) -> dict[str, list[torch.Tensor] | None]:
@@ -218,6 +224,10 @@ class LookSAM(SAMVariant):
         else:
             torch._foreach_add_(self._first_pass_sum, grads)
         return grads, grad_norm
+
+    @property
+    def needs_sam_grads(self) -> bool:
+        return True
 
     @torch.no_grad()
     def after_second_pass(self, sam_grads, *, finite):

@@ -100,53 +100,43 @@ class RegressionModel(nn.Module):
         return (y,) if labels is None else (nn.functional.mse_loss(y, labels), y)
 
 
+def train_regression(output_dir, optim: str, batch: int, accumulation: int, sam_config: SAMConfig | None = None):
+    """3 epochs of `RegressionModel` at lr 0.1 (seed 42), with `SAMTrainer` or, without `sam_config`, the plain
+    `Trainer`; SGD runs without clipping, so a scale error would show. Returns the trained (a, b)."""
+    model = RegressionModel()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.1,
+        optim=optim,
+        max_grad_norm=1.0 if optim == "adamw_torch" else 0.0,
+        num_train_epochs=3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=42,
+    )
+    if sam_config is None:
+        Trainer(model=model, args=args, train_dataset=RegressionDataset()).train()
+    else:
+        SAMTrainer(model=model, args=args, train_dataset=RegressionDataset(), sam_config=sam_config).train()
+    return model.a.detach(), model.b.detach()
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
 @pytest.mark.parametrize("method", ["sam", "fsam"])
 def test_transformers_gradient_accumulation_holds_for_sam(tmp_path, method, optim):
-    trained = {}
-    for name, batch, accumulation in [("batch8", 8, 1), ("batch4x2", 4, 2)]:
-        model = RegressionModel()
-        args = TrainingArguments(
-            output_dir=str(tmp_path / name),
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            learning_rate=0.1,
-            optim=optim,
-            max_grad_norm=1.0 if optim == "adamw_torch" else 0.0,  # SGD without clipping: a scale error would show
-            num_train_epochs=3,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            seed=42,
-        )
-        trainer = SAMTrainer(
-            model=model, args=args, train_dataset=RegressionDataset(), sam_config=SAMConfig(method=method, rho=0.05)
-        )
-        trainer.train()
-        trained[name] = (model.a.detach(), model.b.detach())
-    for expected, actual in zip(trained["batch8"], trained["batch4x2"]):
+    config = SAMConfig(method=method, rho=0.05)
+    batch8 = train_regression(tmp_path / "batch8", optim, 8, 1, config)
+    batch4x2 = train_regression(tmp_path / "batch4x2", optim, 4, 2, config)
+    for expected, actual in zip(batch8, batch4x2):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     # The plain Trainer with SGD shows the upstream behaviour (#47688) that SAMTrainer corrects also at rho = 0.
     if optim == "sgd" and method == "sam":
-        plain = {}
-        for name, batch, accumulation in [("batch8", 8, 1), ("batch4x2", 4, 2)]:
-            model = RegressionModel()
-            args = TrainingArguments(
-                output_dir=str(tmp_path / f"plain-{name}"),
-                per_device_train_batch_size=batch,
-                gradient_accumulation_steps=accumulation,
-                learning_rate=0.1,
-                optim="sgd",
-                max_grad_norm=0.0,
-                num_train_epochs=3,
-                report_to="none",
-                save_strategy="no",
-                use_cpu=True,
-                seed=42,
-            )
-            Trainer(model=model, args=args, train_dataset=RegressionDataset()).train()
-            plain[name] = model.a.detach()
-        assert not torch.allclose(plain["batch8"], plain["batch4x2"], rtol=1e-3)
+        plain8 = train_regression(tmp_path / "plain-batch8", "sgd", 8, 1)
+        plain4x2 = train_regression(tmp_path / "plain-batch4x2", "sgd", 4, 2)
+        assert not torch.allclose(plain8[0], plain4x2[0], rtol=1e-3)
 
 
 class FirstExampleMaskedDataset(CausalTextDataset):

@@ -18,7 +18,6 @@ whether to resume or refuse a used `--output_dir`, and run the train-and-evaluat
 
 import logging
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import transformers
 from datasets import ClassLabel, DatasetDict
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from ..checkpointing import checkpoint_problems, last_complete_checkpoint
+from ..checkpointing import CHECKPOINT_FOLDER_RE, checkpoint_problems, last_complete_checkpoint
 from ..sam_config import SAMConfig
 
 
@@ -41,7 +40,6 @@ DEEPSPEED_REFUSED = (
     "the optimizer inside `backward`, which breaks SAM's two-pass step. Use DDP or FSDP2 instead "
     "(recipes/accelerate_configs)."
 )
-_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 _TRUE = ("true", "latest")
 _FALSE = ("false", "none", "")
 
@@ -207,7 +205,7 @@ def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir:
     if overwrite_output_dir:
         if training_args.local_process_index == 0:
             for name in sorted(os.listdir(output_dir)):
-                if _CHECKPOINT_RE.match(name):
+                if CHECKPOINT_FOLDER_RE.match(name):
                     logger.warning(f"--overwrite_output_dir: deleting {os.path.join(output_dir, name)}.")
                     shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
         return None
@@ -215,7 +213,7 @@ def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir:
     if checkpoint is not None:
         logger.info(f"Resuming from {checkpoint}, the last complete checkpoint in {output_dir}.")
         return checkpoint
-    other = sorted(name for name in os.listdir(output_dir) if not _CHECKPOINT_RE.match(name))
+    other = sorted(name for name in os.listdir(output_dir) if not CHECKPOINT_FOLDER_RE.match(name))
     if other:
         raise ValueError(
             f"The output directory {output_dir} is not empty ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})"
