@@ -243,3 +243,56 @@ def load_trainer_sam_state(trainer, checkpoint: str) -> None:
         if not config.allow_state_reset:
             raise
         logger.warning(f"{error} `allow_state_reset` is set: the {variant.state_description} restarts empty.")
+
+
+def _checkpoint_weight_keys(checkpoint_dir: str) -> set[str] | None:
+    """The tensor names of a checkpoint's safetensors weights (single file or sharded), or None when it has none."""
+    from safetensors import safe_open
+
+    single = os.path.join(checkpoint_dir, "model.safetensors")
+    index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as file:
+            return set(file.keys())
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as file:
+            return set(json.load(file)["weight_map"])
+    return None
+
+
+def restore_renamed_weights(model: torch.nn.Module, checkpoint_dir: str) -> bool:
+    """
+    Load the weights of `checkpoint_dir` into `model` when transformers renamed them on save, which the Trainer's
+    own loading does not undo; returns False (nothing done) when the names match and the Trainer's path is right.
+
+    Since transformers 5, `save_pretrained` writes some models' weights under their legacy names (ViT:
+    `vit.encoder.layer.0.attention.attention.query.weight` for `vit.layers.0.attention.q_proj.weight`), and only
+    `from_pretrained` maps them back; the Trainer's resume path (`load_state_dict(..., strict=False)`) does not, so the
+    renamed layers silently keep their fresh initialisation (a warning lists them) while the optimizer state and the
+    schedule resume (upstream huggingface/transformers#43701). When the checkpoint's names do not cover the model's,
+    the weights are loaded through `from_pretrained` (the conversion that loading the saved model applies) and copied
+    into `model`; a weight still missing after that is an error, never a warning.
+    """
+    from transformers import PreTrainedModel
+
+    saved = _checkpoint_weight_keys(checkpoint_dir)
+    if saved is None or not isinstance(model, PreTrainedModel) or getattr(model, "_hf_peft_config_loaded", False):
+        return False  # adapters, FSDP/DeepSpeed layouts and `.bin` checkpoints: the Trainer's own path
+    expected = set(model.state_dict())
+    if expected <= saved:
+        return False
+    parameter = next(model.parameters())
+    reloaded = type(model).from_pretrained(checkpoint_dir, config=model.config, dtype=parameter.dtype)
+    result = model.load_state_dict(reloaded.state_dict(), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [key for key in result.missing_keys if key not in tied]
+    if missing:
+        raise RuntimeError(
+            f"Could not restore {len(missing)} weights of {type(model).__name__} from {checkpoint_dir} "
+            f"(for example {missing[:3]}): resuming would train them from their initial values."
+        )
+    logger.info(
+        f"{checkpoint_dir} stores {len(expected - saved)} weights under their legacy names, which `Trainer` does not "
+        "map back (transformers#43701): loaded through `from_pretrained` instead."
+    )
+    return True

@@ -27,6 +27,7 @@ from .checkpointing import (
     check_resumed_config,
     last_complete_checkpoint,
     load_trainer_sam_state,
+    restore_renamed_weights,
     save_trainer_sam_state,
 )
 from .model_card import add_model_card_section, model_card_tags
@@ -357,6 +358,15 @@ class SAMMixin:
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in the output directory ({self.args.output_dir}).")
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Weights saved under legacy names (transformers#43701) are loaded through `from_pretrained`'s conversion.
+        if not restore_renamed_weights(model if model is not None else self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not restore_renamed_weights(self.model, self.state.best_model_checkpoint):
+            super()._load_best_model()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

