@@ -278,8 +278,12 @@ def restore_renamed_weights(model: torch.nn.Module, checkpoint_dir: str) -> bool
     saved = _checkpoint_weight_keys(checkpoint_dir)
     if saved is None or not isinstance(model, PreTrainedModel) or getattr(model, "_hf_peft_config_loaded", False):
         return False  # adapters, FSDP/DeepSpeed layouts and `.bin` checkpoints: the Trainer's own path
-    expected = set(model.state_dict())
-    if expected <= saved:
+    # A tied weight (an LM head sharing the embeddings) is saved once, under one of its names.
+    names_of_tensor: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        names_of_tensor.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    unsaved = [names for names in names_of_tensor.values() if not saved.intersection(names)]
+    if not unsaved:
         return False
     parameter = next(model.parameters())
     reloaded = type(model).from_pretrained(checkpoint_dir, config=model.config, dtype=parameter.dtype)
@@ -292,7 +296,7 @@ def restore_renamed_weights(model: torch.nn.Module, checkpoint_dir: str) -> bool
             f"(for example {missing[:3]}): resuming would train them from their initial values."
         )
     logger.info(
-        f"{checkpoint_dir} stores {len(expected - saved)} weights under their legacy names, which `Trainer` does not "
+        f"{checkpoint_dir} stores {len(unsaved)} weights under their legacy names, which `Trainer` does not "
         "map back (transformers#43701): loaded through `from_pretrained` instead."
     )
     return True

@@ -217,3 +217,19 @@ def test_resume_restores_weights_saved_under_legacy_names(tmp_path, trainer_clas
         assert same
     elif same:
         pytest.skip("the Trainer's resume maps legacy names back in this transformers version")
+
+
+def test_tied_weights_saved_once_need_no_restore(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from hf_sam.checkpointing import restore_renamed_weights
+
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    model = BertForMaskedLM(config)  # the decoder is tied to the word embeddings: saved once
+    model.save_pretrained(tmp_path)
+    assert restore_renamed_weights(model, str(tmp_path)) is False
+    vit = _tiny_vit(seed=0)
+    vit.save_pretrained(tmp_path / "vit")
+    fresh = _tiny_vit(seed=1)
+    assert restore_renamed_weights(fresh, str(tmp_path / "vit")) is True
+    assert all(torch.equal(p, q) for p, q in zip(vit.state_dict().values(), fresh.state_dict().values()))
