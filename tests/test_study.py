@@ -103,7 +103,7 @@ def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypa
     assert len(image_runs) == 3 * 4 + 2 and all("/rho0/" in run or "/rho0.02/" in run for run in image_runs)
     peer = [run for run in started if run.startswith("glue-peer/")]
     assert peer == [f"glue-peer/mrpc/SAM-pytorch_optimizer/rho0.02/seed{seed}" for seed in range(3)]
-    assert len(started) == 18 + 11 + 36 + 6 + 3 + len(image_runs)
+    assert len(started) == 18 + 10 + 36 + 6 + 3 + len(image_runs)
 
 
 def test_device_bundle_ships_the_model_as_fp16_and_restores_fp32(tmp_path):
