@@ -36,7 +36,7 @@ timeout -k 5 "$(left)" python3 recipes/study.py \
 echo "study.py exit $? with $(left) s left" >>"$out/study.log"
 kill "$copier"
 cp "$state"/study.jsonl "$out"/ 2>/dev/null
-tar czf "$out/run_logs.tgz" -C "$state/work" --exclude='*/*' . 2>/dev/null
+find "$state/work" -maxdepth 1 -name '*.log' -printf '%f\n' | tar czf "$out/run_logs.tgz" -C "$state/work" -T -
 if [ "$(left)" -gt 150 ]; then
     bash benchmarks/gpu_check.sh --out "$out/gpu_check" --budget_s "$(($(left) - 20))" --pytest_budget_s 60
 fi
