@@ -360,12 +360,14 @@ class SAMMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # Weights saved under legacy names (transformers#43701) are loaded through `from_pretrained`'s conversion.
-        if not restore_renamed_weights(model if model is not None else self.model, resume_from_checkpoint):
+        # Weights saved under legacy names (transformers#43701) are loaded through `from_pretrained`'s conversion;
+        # sharded (FSDP) models keep the Trainer's own loading.
+        model = model if model is not None else self.model
+        if self.is_fsdp_enabled or not restore_renamed_weights(model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        if not restore_renamed_weights(self.model, self.state.best_model_checkpoint):
+        if self.is_fsdp_enabled or not restore_renamed_weights(self.model, self.state.best_model_checkpoint):
             super()._load_best_model()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
