@@ -29,6 +29,7 @@ mkdir -p "$state"
 [ -f "$state/study.jsonl" ] || cp recipes/results/study_gpu.jsonl "$state/study.jsonl" 2>/dev/null
 (while sleep 10; do cp "$state"/study.jsonl "$out"/ 2>/dev/null; done) &
 copier=$!
+[ "$(left)" -gt 30 ] || { echo "no time left for the studies ($(left) s)" >>"$out/study.log"; exit 1; }
 timeout -k 5 "$(left)" python3 recipes/study.py \
     --study image-sweep glue-sweep image-full-batch image glue glue-cheap glue-peer --workers "$workers" \
     --data_dir .device/study/data --code_dir . --work_dir "$state/work" --results "$state/study.jsonl" \

@@ -118,7 +118,7 @@ def test_device_bundle_ships_the_model_as_fp16_and_restores_fp32(tmp_path):
 
     source = Path(gt.__file__).resolve().parent
     manifest = device_bundle.pack_model_package(source, tmp_path / "bundle")
-    assert manifest["largest_relative_rounding"] <= 2**-11
+    assert manifest["largest_relative_rounding"] <= 2**-11 and manifest["their_largest_absolute_rounding"] <= 2**-25
     assert not (tmp_path / "bundle" / "model" / "model.safetensors").exists()
     device_bundle.unpack_model_package(tmp_path / "bundle", tmp_path / "site" / "pkg")
 
