@@ -22,9 +22,9 @@ with both, the loss is SAM's on this problem, not an effect of hf_sam's implemen
 
 Per step: `loss(w).backward(); first_step()` (w + rho g/||g||), `loss(w + e).backward()`, clip the gradient to
 `--max_grad_norm`, `second_step()` (restore w, AdamW step), then the LR scheduler. AdamW's weight decay skips biases
-and LayerNorm weights, as the Trainer's does. Writes `all_results.json` and a `trainer_state.json` whose
-`log_history` has the Trainer's keys (`loss`, `eval_*`, `epoch`, `step`), so `recipes/study.py` reads it like a
-recipe run. No checkpoints: a run is minutes on a GPU.
+and norm layers by the Trainer's own rule (`Trainer.get_decay_parameter_names`). Writes `all_results.json` and a
+`trainer_state.json` whose `log_history` has the Trainer's keys (`loss`, `eval_*`, `epoch`, `step`), so
+`recipes/study.py` reads it like a recipe run. No checkpoints: a run is minutes on a GPU.
 """
 
 import argparse
@@ -41,6 +41,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    Trainer,
     get_linear_schedule_with_warmup,
     set_seed,
 )
@@ -131,11 +132,12 @@ def main(argv: list[str]) -> dict:
     )  # fmt: skip
     eval_loader = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=collator)
 
-    no_decay = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
+    # The Trainer's own rule for which weights decay (not biases, not norm layers); it reads nothing of the Trainer.
+    decay = set(Trainer.get_decay_parameter_names(None, model))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
     optimizer = SAM(groups, base_optimizer=torch.optim.AdamW, rho=args.rho, lr=args.learning_rate)
     total_steps = len(train_loader) * args.num_train_epochs
