@@ -592,7 +592,7 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
                 baseline = baselines.get(task, {}).get(key)
                 lines.append(
                     f"| {task_label(task)} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
-                    f"| {mine[0]['rho']:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'} "
+                    f"| {rho:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'} "
                     f"| {cost} |"
                 )
     lines += [
