@@ -25,7 +25,7 @@ With :math:`L(w)` the loss over `batches` (below) and :math:`g = \nabla L(w)`, :
 - average sharpness :math:`\mathbb{E}_{z \sim N(0, I)} L(w + \rho\, z / \|z\|) - L(w) \approx
   \frac{\rho^2}{2 d} \operatorname{tr}(H)` (:math:`d` the number of trainable weights), tied to the Hessian trace;
 - :math:`\lambda_{\max}(H)` (power iteration, stopped on the eigenvector's residual :math:`\|Hv - \lambda v\|`) and
-  :math:`\operatorname{tr}(H)` (Hutchinson), by Hessian-vector products;
+  :math:`\operatorname{tr}(H)` (Hutchinson or Hutch++), by Hessian-vector products;
 - :math:`|\cos(g, v_{\max})|`, the alignment of the gradient with the top eigenvector: Wen et al.'s mechanism, by which
   SAM's ascent direction lines up with :math:`v_{\max}` and so penalises :math:`\lambda_{\max}`.
 
@@ -321,30 +321,95 @@ def hessian_trace(
     batches: Iterable[Batch],
     *,
     samples: int = 100,
+    deflation_rank: int = 0,
     seed: int = 0,
     eval_mode: bool = True,
 ) -> SharpnessResult:
     r"""
-    The Hessian trace :math:`\operatorname{tr}(H) = \mathbb{E}_z[z^\top H z]` by Hutchinson's estimator.
+    The Hessian trace :math:`\operatorname{tr}(H)`: Hutchinson's estimator, or Hutch++ with `deflation_rank` > 0.
 
-    :math:`z` has independent Rademacher (:math:`\pm 1`) entries; the value is the mean of :math:`z^\top H z` over
-    `samples` probes (the same probes for every batch) and `stderr` its standard error (`None` for one sample). The
-    estimator is exact for a diagonal Hessian; its variance is :math:`2 \sum_{i \ne j} H_{ij}^2` per probe. Cost: per
-    batch one forward and one graph-building backward, then one double backward per sample.
+    **Hutchinson** (`deflation_rank=0`): :math:`\operatorname{tr}(H) = \mathbb{E}_z[z^\top H z]` with :math:`z`
+    of independent Rademacher (:math:`\pm 1`) entries; the value is the mean of :math:`z^\top H z` over `samples`
+    probes (the same probes for every batch) and `stderr` its standard error (`None` for one sample). It is exact for a
+    diagonal Hessian; its variance is :math:`2 \sum_{i \ne j} H_{ij}^2` per probe, which for a network's Hessian is
+    dominated by its few large outlier eigenvalues (Sagun et al. 2018; Papyan 2020): there the standard error can
+    exceed the trace itself at any affordable `samples`.
+
+    **Hutch++** (Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal Stochastic Trace Estimation", SOSA 2021) takes that
+    top of the spectrum exactly. With :math:`S` a :math:`d \times k` Rademacher sketch (:math:`k` =
+    `deflation_rank`), :math:`Q` an orthonormal basis of :math:`HS` and :math:`P = QQ^\top`,
+
+    .. math::
+        \operatorname{tr}(H) = \operatorname{tr}(Q^\top H Q) + \operatorname{tr}\big((I - P) H (I - P)\big),
+
+    the first term computed exactly from :math:`HQ` and the second by Hutchinson with `samples` projected probes
+    :math:`(I - P) z`. The estimate is unbiased for any :math:`Q` (the probes are drawn independently of the sketch);
+    its variance per probe is :math:`2 \sum_{i \ne j} B_{ij}^2` with :math:`B = (I - P) H (I - P)`, :math:`H`
+    without (approximately) its :math:`k` largest-magnitude eigenvalues, and `stderr` is that part's standard error
+    (the exact part, given :math:`Q`, has none). `iterations` counts the Hessian-vector products per batch:
+    `samples` (Hutchinson) or `2 * deflation_rank + samples` (Hutch++). Memory: :math:`2k` parameter-sized vectors.
+
+    Cost: per batch one forward and one graph-building backward (two with Hutch++), then one double backward per
+    Hessian-vector product. The sketch and the probes come from generators seeded by `seed` (the probes exactly as
+    Hutchinson's, so `deflation_rank=0` reproduces it).
     """
     if samples < 1:
         raise ValueError(f"`samples` must be >= 1, got {samples}.")
+    if deflation_rank < 0:
+        raise ValueError(f"`deflation_rank` must be >= 0 (0: Hutchinson), got {deflation_rank}.")
     with _Evaluator.open(model, batches, eval_mode) as ev:
+        basis = _range_basis(ev, deflation_rank, seed) if deflation_rank else []
+        exact_parts = torch.zeros(len(basis), dtype=ev.scalar_dtype, device=ev.device)
         estimates = torch.zeros(samples, dtype=ev.scalar_dtype, device=ev.device)
         for batch in ev.batches:
             grad = ev.grad_with_graph(batch)
+            for i, vector in enumerate(basis):
+                exact_parts[i] += _dot(vector, ev.hvp_from(grad, vector, retain_graph=True))
             generator = ev.generator(seed)  # the same probes for every batch
             for i in range(samples):
-                probe = ev.rademacher(generator)
+                probe = _project_out(ev.rademacher(generator), basis)
                 estimates[i] += _dot(probe, ev.hvp_from(grad, probe, retain_graph=i < samples - 1))
             del grad
+        exact_parts = ev.all_reduce_mean_scalars(exact_parts)
         estimates = ev.all_reduce_mean_scalars(estimates)
-        return SharpnessResult(*_mean_and_stderr(estimates.tolist()), samples)
+        mean, stderr = _mean_and_stderr(estimates.tolist())
+        return SharpnessResult(exact_parts.sum().item() + mean, stderr, 2 * len(basis) + samples)
+
+
+# The sketch of Hutch++ has its own random stream, independent of the probes (which stay Hutchinson's).
+_SKETCH_SEED_OFFSET = 0x5EED5EED
+
+
+def _range_basis(ev: "_Evaluator", rank: int, seed: int) -> list[list[torch.Tensor]]:
+    """Orthonormal columns spanning :math:`HS`, :math:`S` `rank` Rademacher vectors (the range sketch of Hutch++)."""
+    products = [ev.zeros() for _ in range(rank)]
+    for batch in ev.batches:
+        grad = ev.grad_with_graph(batch)
+        generator = ev.generator(seed + _SKETCH_SEED_OFFSET)  # the same sketch for every batch
+        for i, product in enumerate(products):
+            sketch = ev.rademacher(generator)
+            torch._foreach_add_(product, ev.hvp_from(grad, sketch, retain_graph=i < rank - 1))
+        del grad
+    for product in products:
+        ev.all_reduce_mean_(product)
+    shapes = [t.shape for t in products[0]]
+    matrix = torch.stack([torch.cat([t.reshape(-1) for t in product]) for product in products], dim=1)
+    q, _ = torch.linalg.qr(matrix.to(torch.float64), mode="reduced")  # orthonormal even if HS is rank-deficient
+    basis = []
+    for column in q.T:
+        pieces = torch.split(column, [math.prod(shape) for shape in shapes])
+        basis.append(
+            [piece.reshape(shape).to(t.dtype) for piece, shape, t in zip(pieces, shapes, products[0], strict=True)]
+        )
+    return basis
+
+
+def _project_out(vector: list[torch.Tensor], basis: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """:math:`(I - QQ^\top) v` for the orthonormal columns `basis` of :math:`Q` (classical Gram-Schmidt, twice)."""
+    for _ in range(2 if basis else 0):
+        for column in basis:
+            torch._foreach_add_(vector, column, alpha=-_dot(column, vector).item())
+    return vector
 
 
 def gradient_eigenvector_alignment(

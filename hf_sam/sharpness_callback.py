@@ -52,7 +52,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "ascent": ("rho",),
     "average": ("rho", "samples", "antithetic", "seed"),
     "top_eigenvalue": ("max_iterations", "tol", "which", "seed"),
-    "trace": ("samples", "seed"),
+    "trace": ("samples", "deflation_rank", "seed"),
     "alignment": ("max_iterations", "tol", "seed"),
 }
 
@@ -60,7 +60,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {
 class SharpnessCallback(TrainerCallback):
     r"""
     Measures sharpness diagnostics (see `hf_sam.sharpness`) on a fixed set of batches when training starts (before the
-    first optimizer step), every `every_n_steps` optimizer steps and/or after every evaluation, and logs them as
+    first optimizer step), every `every_n_steps` optimizer steps, after every evaluation and when training ends (each
+    of the four can be turned off; never twice at one step), and logs them as
     `sharpness/<name>` (plus `sharpness/<name>_stderr` for the Monte-Carlo ones) through the Trainer's own logging, so
     they reach `trainer_state.json`'s `log_history` and the reporting integrations (TensorBoard, W&B, ...).
 
@@ -113,7 +114,8 @@ class SharpnessCallback(TrainerCallback):
     - `"average"`: :math:`B\,(1 + 2\,\text{samples})` F (antithetic pairs);
     - `"top_eigenvalue"`: :math:`\text{max\_iterations}\, B` HVP at most (twice that if the dominant eigenvalue is
       negative; with :math:`B = 1` the forward and first backward are done once);
-    - `"trace"`: :math:`B` (F + backward) + :math:`\text{samples}\, B` double backward;
+    - `"trace"`: :math:`B` (F + backward) + :math:`\text{samples}\, B` double backward; with Hutch++
+      (`"deflation_rank"` :math:`k > 0`) twice the F + backward and :math:`2k\, B` more double backwards;
     - `"alignment"`: :math:`B` FB, plus the `"top_eigenvalue"` cost unless its eigenvector is reused.
 
     Args:
@@ -123,6 +125,10 @@ class SharpnessCallback(TrainerCallback):
         on_train_begin: measure when training starts, before the first optimizer step (at `global_step` 0, or at the
             step a resumed run starts from, unless this callback's values are already logged there).
         on_evaluate: measure after each evaluation as well (once per step: not again if already done at this step).
+            With an evaluation every epoch this is one measurement per epoch: turn it off and use `every_n_steps`
+            where the Hessian quantities cost more than the training between two evaluations.
+        on_train_end: measure when training ends (at the last step, unless already measured there), so a run whose
+            length is not a multiple of `every_n_steps` still ends with a measurement.
         diagnostics: which quantities to measure: a sequence of names, or a mapping from names to their settings.
         rho: radius of the worst-case, ascent and average sharpness.
         worst_case_steps: ascent steps of `worst_case_sharpness` (its `steps`).
@@ -145,6 +151,7 @@ class SharpnessCallback(TrainerCallback):
         every_n_steps: int | None = None,
         on_train_begin: bool = True,
         on_evaluate: bool = True,
+        on_train_end: bool = True,
         diagnostics: Sequence[str] | Mapping[str, Mapping[str, Any] | None] = DEFAULT_DIAGNOSTICS,
         rho: float = 0.05,
         worst_case_steps: int = 5,
@@ -181,6 +188,7 @@ class SharpnessCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.run_on_train_begin = on_train_begin  # not `self.on_train_begin` / `self.on_evaluate`: those are hooks
         self.run_on_evaluate = on_evaluate
+        self.run_on_train_end = on_train_end
         self.diagnostics = tuple(name for name in DIAGNOSTICS if name in overrides)  # in measuring order
         self.settings: dict[str, dict[str, Any]] = {
             name: {**shared[name], **overrides[name]} for name in self.diagnostics
@@ -208,6 +216,14 @@ class SharpnessCallback(TrainerCallback):
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.run_on_evaluate:
             self._measure_and_log(state, kwargs["model"])
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not self.run_on_train_end:
+            return
+        keys = {f"sharpness/{name}" for name in self.diagnostics}
+        if any(e.get("step") == state.global_step and keys & e.keys() for e in state.log_history):
+            return  # measured at this step already (every_n_steps, an evaluation, or before a resume)
+        self._measure_and_log(state, kwargs["model"])
 
     # ------------------------------------------------------------------ measuring
 

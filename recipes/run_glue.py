@@ -67,6 +67,7 @@ from hf_sam.scripts.utils import (
     class_labels,
     make_parser,
     setup_logging,
+    sharpness_diagnostics,
     train_and_evaluate,
 )
 
@@ -117,6 +118,7 @@ class ScriptArguments(RecipeArguments):
         if self.data_dir is not None and self.task_name is None:
             raise ValueError("`data_dir` needs `task_name`, to know the task's TSV layout.")
         check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples", *SHARPNESS_FLAGS)
+        sharpness_diagnostics(self)  # a bad name, setting or JSON fails here, before any loading
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"`validation_split_percentage` must be between 1 and 99, got {self.validation_split_percentage}."

@@ -76,6 +76,7 @@ from hf_sam.scripts.utils import (
     class_labels,
     make_parser,
     setup_logging,
+    sharpness_diagnostics,
     train_and_evaluate,
 )
 
@@ -171,6 +172,7 @@ class ScriptArguments(RecipeArguments):
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"`train_val_split` must be in (0, 1), got {self.train_val_split!r}.")
         check_positive(self, "max_train_samples", "max_eval_samples", *SHARPNESS_FLAGS)
+        sharpness_diagnostics(self)  # a bad name, setting or JSON fails here, before any loading
         if self.random_crop_padding < 0:
             raise ValueError(f"`random_crop_padding` must be >= 0, got {self.random_crop_padding!r}.")
 
@@ -269,6 +271,8 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         padding=script_args.random_crop_padding,
         flip=script_args.horizontal_flip,
     )
+    # `--sharpness_data train` measures the training loss on un-augmented images (the eval transform).
+    sharpness_train_dataset = train_dataset.with_transform(eval_transform)
     train_dataset = train_dataset.with_transform(train_transform)
     eval_dataset = eval_dataset.with_transform(eval_transform)
 
@@ -286,7 +290,7 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
-    return train_and_evaluate(trainer, training_args, checkpoint, script_args)
+    return train_and_evaluate(trainer, training_args, checkpoint, script_args, sharpness_train_dataset)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -211,12 +212,22 @@ IMAGE_FLAGS = [
 
 
 # Sharpness of seed 0's runs (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top
-# eigenvalue, through gradient / top-eigenvector alignment), on 500 fixed test images, at step 0, every 1,000 steps,
-# and at the end.
+# eigenvalue, through gradient / top-eigenvector alignment), of the training loss: on 256 training images (a fixed
+# random subset, without augmentation), at step 0, every 1,580 steps (20 epochs) and at the end. The trace is Hutch++
+# with the 5 largest directions deflated and 30 probes; power iteration runs up to 30 steps.
 SHARPNESS_SEED = 0  # a constant, not the smallest of `--seeds`: a run's id must always mean the same command
+SHARPNESS_SETTINGS = {
+    "top_eigenvalue": {"max_iterations": 30},
+    "alignment": {"max_iterations": 30},  # the same settings: the eigenvector of "top_eigenvalue" is reused
+    "trace": {"samples": 30, "deflation_rank": 5},
+}
+SHARPNESS_DIAGNOSTICS = [
+    "--sharpness_data", "train", "--sharpness_diagnostics", "top_eigenvalue,trace,ascent,alignment",
+    "--sharpness_settings", json.dumps(SHARPNESS_SETTINGS, separators=(",", ":")),
+]  # fmt: skip
 IMAGE_SHARPNESS_FLAGS = [
-    "--sharpness_every_n_steps", "1000", "--sharpness_num_batches", "2", "--sharpness_batch_size", "250",
-    "--sharpness_diagnostics", "top_eigenvalue,trace,ascent,alignment",
+    "--sharpness_every_n_steps", "1580", "--sharpness_num_batches", "1", "--sharpness_batch_size", "256",
+    *SHARPNESS_DIAGNOSTICS,
 ]  # fmt: skip
 
 
@@ -257,8 +268,8 @@ def plan_image_grid(args, results) -> list[dict]:
 
 def plan_image_full_batch(args, results) -> list[dict]:
     """
-    The other half of Wen, Ma & Li's claim: full-batch SAM (one batch of the first 512 training images per step,
-    300 steps, no augmentation) against full-batch AdamW, with the sharpness every 50 steps and the test accuracy
+    The other half of Wen, Ma & Li's claim: full-batch SAM (the same 512 training images, a seed-0 shuffle, as one
+    batch at every step, 300 steps, no augmentation) against full-batch AdamW, with the sharpness every 50 steps and the test accuracy
     every 25.
     """
     rho = chosen_rhos(results, "image-sweep")["SAM"]
@@ -267,7 +278,9 @@ def plan_image_full_batch(args, results) -> list[dict]:
     extra += [
         "--random_crop_padding", "0", "--horizontal_flip", "false", "--eval_strategy", "steps", "--eval_steps", "25",
     ]  # fmt: skip
-    extra += IMAGE_SHARPNESS_FLAGS[:1] + ["50"] + IMAGE_SHARPNESS_FLAGS[2:]
+    # The sharpness of the full-batch loss itself: all 512 training images, in one batch, every 50 steps.
+    extra += ["--sharpness_every_n_steps", "50", "--sharpness_num_batches", "1", "--sharpness_batch_size", "512"]
+    extra += SHARPNESS_DIAGNOSTICS
     methods = [("AdamW", 0.0)] + ([("SAM", rho)] if rho is not None else [])
     return [image_run("image-full-batch", m, r, 0, args.data_dir, held_out=False, extra=extra) for m, r in methods]
 
@@ -344,7 +357,7 @@ def child_env(code_dir: Path) -> dict:
 def command(run: dict, extra_flags: str = "") -> str:
     """The command line that reproduces a run (its `--output_dir` left to the reader), `--extra_flags` included."""
     argv = [*run["argv"], *extra_flags.split()]
-    return " ".join(["python", f"recipes/{run['recipe']}.py", *argv, "--output_dir", "runs/<name>"])
+    return shlex.join(["python", f"recipes/{run['recipe']}.py", *argv]) + " --output_dir runs/<name>"
 
 
 def execute(run: dict, args, env_info: dict) -> dict | None:
@@ -493,6 +506,78 @@ def _portable_command(command: str) -> str:
     return re.sub(r"\S*/(glue|cifar10-small)/", r"$HF_SAM_DATA_DIR/\1/", command)
 
 
+def device(record: dict) -> str:
+    """Where a run ran: its GPU's name (e.g. "H100"), or "CPU"."""
+    gpu = record["environment"].get("gpu")
+    if not gpu:
+        return "CPU"
+    match = re.search(r"\b([A-Z]+\d+\w*)\b", gpu)
+    return match.group(1) if match else gpu
+
+
+def devices(records: list[dict]) -> str:
+    """The seeds of a cell by device, e.g. "H100: 0; CPU: 1, 2" (a seed's methods pair up on one device)."""
+    by_device: dict[str, list[int]] = {}
+    for record in records:
+        by_device.setdefault(device(record), []).append(record["seed"])
+    return "; ".join(f"{name}: {', '.join(map(str, sorted(seeds)))}" for name, seeds in by_device.items())
+
+
+SHARPNESS_KEYS = (
+    ("sharpness/top_eigenvalue", "top eigenvalue", "{:.4g}"),
+    ("sharpness/trace", "trace", "{:.4g}"),
+    ("sharpness/ascent", "ascent sharpness", "{:.3g}"),
+    ("sharpness/alignment", "alignment cos(g, v_max)", "{:.3f}"),
+)
+
+
+def sharpness_section(records: list[dict]) -> list[str]:
+    """The sharpness of the image runs that measured it: at the end of training, and along it."""
+    measured = [r for r in records if r.get("sharpness_history") and r["study"] in ("image", "image-full-batch")]
+    if not measured:
+        return []
+    measured.sort(key=lambda r: (r["study"] != "image", METHOD_ORDER.index(r["method"]), r["rho"]))
+
+    def value(log: dict, key: str, form: str) -> str:
+        if key not in log:
+            return "–"
+        text = form.format(log[key])
+        stderr = log.get(f"{key}_stderr")
+        return text if stderr is None else f"{text} ± {form.format(stderr)}"
+
+    lines = [
+        "",
+        "## Sharpness (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top eigenvalue)",
+        "",
+        "Seed 0 of the image grid, and full-batch training (the first 512 training images as one batch, no "
+        "augmentation); measured by `SharpnessCallback` on 500 fixed test images in eval mode (ascent sharpness at "
+        "rho 0.05; the trace's ± is its standard error). At the end of training:",
+        "",
+        "| study | method | rho | step | " + " | ".join(label for _, label, _ in SHARPNESS_KEYS) + " | ran on |",
+        "|---|---|---|---|" + "---|" * len(SHARPNESS_KEYS) + "---|",
+    ]
+    for record in measured:
+        last = record["sharpness_history"][-1]
+        cells = [value(last, key, form) for key, _, form in SHARPNESS_KEYS]
+        lines.append(
+            f"| {record['study']} | {record['method']} | {record['rho']:g} | {last['step']} | "
+            + " | ".join(cells)
+            + f" | {device(record)} |"
+        )
+    lines += [
+        "",
+        "Along training (step: value):",
+        "",
+        "| study | method | quantity | step: value |",
+        "|---|---|---|---|",
+    ]
+    for record in measured:
+        for key, label, form in SHARPNESS_KEYS[:2]:
+            points = [f"{log['step']}: {value(log, key, form)}" for log in record["sharpness_history"] if key in log]
+            lines.append(f"| {record['study']} | {record['method']} | {label} | " + ", ".join(points) + " |")
+    return lines
+
+
 def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes/results/study.jsonl") -> str:
     """`recipes/results.md`: the sweep, the grid with paired differences, the cheaper schedules, cost, commands."""
     records = list(results.values())
@@ -577,8 +662,8 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
         "## Dev results (full training sets; mean ± sample std over seeds; paired difference to AdamW over the same "
         "seeds, with a 95% t-interval)",
         "",
-        "| task | metric | majority class | method | rho | score | minus AdamW | wall / CPU time vs AdamW |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | metric | majority class | method | rho | score | minus AdamW | wall / CPU time vs AdamW | ran on |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for task in ("rte", "mrpc", "stsb", "cola", "cifar10"):
         runs = [r for r in grid if r["task"] == task]
@@ -595,15 +680,20 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
                     for r in mine
                     if r["seed"] in adamw and method != "AdamW"
                 ]
-                walls = [r["wall_s"] / adamw[r["seed"]]["wall_s"] for r in mine if r["seed"] in adamw]
-                cpus = [r["cpu_s"] / adamw[r["seed"]]["cpu_s"] for r in mine if r["seed"] in adamw]
+                # Cost against the AdamW run of the same seed on the same kind of machine only.
+                timed = [
+                    (r, adamw[r["seed"]]) for r in mine if r["seed"] in adamw and device(adamw[r["seed"]]) == device(r)
+                ]
+                walls = [r["wall_s"] / base["wall_s"] for r, base in timed]
+                cpus = [r["cpu_s"] / base["cpu_s"] for r, base in timed]
                 cost = f"{statistics.mean(walls):.2f}x / {statistics.mean(cpus):.2f}x" if walls else "–"
                 baseline = baselines.get(task, {}).get(key)
                 lines.append(
                     f"| {task_label(task)} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
                     f"| {rho:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'} "
-                    f"| {cost} |"
+                    f"| {cost} | {devices(mine)} |"
                 )
+    lines += sharpness_section(records)
     lines += [
         "",
         "Time ratios are per seed (same task and seed as the AdamW run), then averaged; wall clock depends on what "
@@ -655,6 +745,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry_run", action="store_true", help="Print the planned commands and exit.")
     parser.add_argument("--report", action="store_true", help="Rewrite --markdown from --results; run nothing.")
     parser.add_argument("--markdown", default=str(RECIPES / "results.md"))
+    parser.add_argument(
+        "--export_states",
+        default=None,
+        help="Write each finished run's log history as DIR/<run id>/trainer_state.json (for `python -m hf_sam.plot`); "
+        "runs nothing.",
+    )
     args = parser.parse_args(argv)
     args.data_dir = os.path.abspath(args.data_dir)
     args.code_dir = os.path.abspath(args.code_dir)
@@ -665,6 +761,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         markdown = report(read_results(*args.results), args.data_dir, results_paths)
         Path(args.markdown).write_text(markdown, encoding="utf-8")
+        return
+    if args.export_states:
+        for run_id, record in read_results(*args.results).items():
+            history = record["train_history"] + record["eval_history"] + record["sharpness_history"]
+            history.sort(key=lambda log: (log.get("step", 0), "loss" not in log))
+            state_dir = Path(args.export_states) / run_id.replace("/", "-")
+            state_dir.mkdir(parents=True, exist_ok=True)
+            (state_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}, indent=1))
         return
     if args.dry_run:
         results = read_results(*args.results)

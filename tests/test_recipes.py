@@ -383,13 +383,27 @@ def test_run_glue_measures_sharpness_on_held_out_batches_when_asked(tmp_path, ti
     argv = ["--task_name", "rte", "--data_dir", data_dir, "--model_name_or_path", tiny_text_model, "--method", "sam"]
     argv += ["--sharpness_every_n_steps", "1", "--sharpness_num_batches", "1", "--sharpness_batch_size", "4"]
     argv += ["--sharpness_diagnostics", "ascent,top_eigenvalue", "--do_train", "--do_eval"]
+    argv += ["--sharpness_settings", '{"trace": {"samples": 2, "deflation_rank": 1}}']
     run_glue.main(*parse(argv + _common_flags(tmp_path)))
-    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    history = state["log_history"]
     steps = sorted({log["step"] for log in history if "sharpness/top_eigenvalue" in log})
-    assert steps[0] == 0 and len(steps) >= 2
-    assert all("sharpness/ascent" in log for log in history if "sharpness/top_eigenvalue" in log)
+    assert steps[0] == 0 and steps[-1] == state["global_step"] and len(steps) >= 2
+    measured = [log for log in history if "sharpness/top_eigenvalue" in log]
+    assert all("sharpness/ascent" in log and "sharpness/trace_stderr" in log for log in measured)
+    assert len(steps) == len(measured)  # once per step: the evaluations do not measure again
 
 
 def test_bad_sharpness_flags_are_refused_naming_the_flag():
     with pytest.raises(ValueError, match="--sharpness_num_batches"):
         parse(["--task_name", "rte", "--output_dir", "unused", "--sharpness_num_batches", "0"])
+    with pytest.raises(ValueError, match="--sharpness_settings` is not valid JSON"):
+        parse(["--task_name", "rte", "--output_dir", "unused", "--sharpness_settings", "{trace: 1}"])
+    with pytest.raises(
+        ValueError, match=r"--sharpness_settings`: `diagnostics\['trace'\]` has unknown settings \['rank'\]"
+    ):
+        parse(["--task_name", "rte", "--output_dir", "unused", "--sharpness_settings", '{"trace": {"rank": 4}}'])
+    with pytest.raises(
+        ValueError, match="--sharpness_diagnostics` / `--sharpness_settings`: `diagnostics` has an unknown"
+    ):
+        parse(["--task_name", "rte", "--output_dir", "unused", "--sharpness_diagnostics", "ascent,hessian"])

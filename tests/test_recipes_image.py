@@ -283,3 +283,38 @@ def test_two_processes(tmp_path, parquet_files):
     results = json.loads((out / "all_results.json").read_text())
     assert "eval_accuracy" in results
     assert results["epoch"] == 1.0  # 16 examples, 4 per process and step: 2 steps per epoch with 2 processes
+
+
+def test_sharpness_on_training_data_is_taken_without_augmentation_on_a_fixed_shuffled_subset(tmp_path, parquet_files):
+    """
+    `--sharpness_data train`: the value logged at the end of training equals `ascent_sharpness` of the saved model on
+    the processor's own (un-augmented) pixels of the first 6 training rows after a seed-0 shuffle.
+    """
+    from datasets import load_dataset
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from hf_sam.sharpness import ascent_sharpness
+
+    train, test = parquet_files
+    out = tmp_path / "out"
+    argv = ["--train_file", str(train), "--validation_file", str(test), "--do_train", "--seed", "3"]
+    argv += ["--sharpness_every_n_steps", "1", "--sharpness_data", "train", "--sharpness_num_batches", "1"]
+    argv += ["--sharpness_batch_size", "6", "--sharpness_diagnostics", "ascent"]
+    run_image.main(*parse(argv + _tiny_flags(out)))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    measured = {log["step"]: log["sharpness/ascent"] for log in history if "sharpness/ascent" in log}
+    assert sorted(measured) == [0, 1, 2]
+
+    rows = load_dataset("parquet", data_files=str(train), split="train").shuffle(seed=0).select(range(6))
+    pixel_values = AutoImageProcessor.from_pretrained(out)(list(rows["img"]), return_tensors="pt")["pixel_values"]
+    batch = {"pixel_values": torch.as_tensor(np.asarray(pixel_values)), "labels": torch.tensor(rows["label"])}
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert measured[2] == pytest.approx(ascent_sharpness(model, [batch]).value, rel=1e-5)
+    with pytest.raises(ValueError, match="17 examples, but the train data has 16"):
+        run_image.main(
+            *parse(
+                argv[:-6]
+                + ["--sharpness_num_batches", "17", "--sharpness_batch_size", "1"]
+                + _tiny_flags(tmp_path / "bad")
+            )
+        )

@@ -16,6 +16,7 @@ What every recipe does the same way: parse its flags (with `--config recipe.yaml
 whether to resume or refuse a used `--output_dir`, and run the train-and-evaluate tail.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -113,8 +114,9 @@ class RecipeArguments:
     sharpness_every_n_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Measure sharpness (`hf_sam.SharpnessCallback`) at step 0, every N optimizer steps and at each "
-            "evaluation, on the first `sharpness_num_batches` batches of the evaluation data; logged as "
+            "help": "Measure sharpness (`hf_sam.SharpnessCallback`) at step 0, every N optimizer steps and at the "
+            "end of training (not at each evaluation: with one every epoch the Hessian quantities could cost more "
+            "than the training), on the first `sharpness_num_batches` batches of the evaluation data; logged as "
             "`sharpness/*`. Off by default (the Hessian quantities cost many passes)."
         },
     )
@@ -123,6 +125,24 @@ class RecipeArguments:
         metadata={
             "help": "Comma-separated diagnostics of `SharpnessCallback`: worst_case, ascent, average, "
             "top_eigenvalue, trace, alignment."
+        },
+    )
+    sharpness_settings: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of per-diagnostic settings of `SharpnessCallback` (keyword arguments of each "
+            'function), e.g. \'{"trace": {"samples": 20, "deflation_rank": 10}}\' '
+            "(Hutch++ with 10 deflated directions); the diagnostics it names are measured as well."
+        },
+    )
+    sharpness_data: str = field(
+        default="eval",
+        metadata={
+            "help": "Which examples the sharpness is measured on: `eval` (the evaluation data) or `train` (the "
+            "training data, without augmentation: the loss SAM minimises). Either way a fixed random subset "
+            "(shuffled with seed 0, the same in every run) of `sharpness_num_batches * sharpness_batch_size` "
+            "examples.",
+            "choices": ["eval", "train"],
         },
     )
     sharpness_num_batches: int = field(default=4, metadata={"help": "Evaluation batches the sharpness is taken on."})
@@ -227,23 +247,72 @@ def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir:
 SHARPNESS_FLAGS = ("sharpness_every_n_steps", "sharpness_num_batches", "sharpness_batch_size")
 
 
-def add_sharpness_callback(trainer: Trainer, script_args: RecipeArguments) -> None:
-    """With `--sharpness_every_n_steps`, a `SharpnessCallback` on a fixed subset of the trainer's evaluation data."""
-    if script_args.sharpness_every_n_steps is None:
-        return
-    if trainer.eval_dataset is None:
-        raise ValueError("`--sharpness_every_n_steps` measures on the evaluation data: pass `--do_eval` and its data.")
-    from hf_sam import SharpnessCallback
+def sharpness_diagnostics(script_args: RecipeArguments) -> dict[str, dict | None]:
+    """
+    The `diagnostics` of the recipe's `SharpnessCallback`: the names of `--sharpness_diagnostics`, with the settings
+    of `--sharpness_settings` (a JSON object). A recipe calls it when parsing, so a bad name, setting or JSON is an
+    error naming the flag before anything loads.
+    """
+    from hf_sam.sharpness_callback import _check_diagnostics
 
     names = [name.strip() for name in script_args.sharpness_diagnostics.split(",") if name.strip()]
+    diagnostics: dict[str, dict | None] = dict.fromkeys(names)
+    if script_args.sharpness_settings:
+        try:
+            settings = json.loads(script_args.sharpness_settings)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"`--sharpness_settings` is not valid JSON ({error}): {script_args.sharpness_settings}"
+            ) from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"`--sharpness_settings` must be a JSON object of diagnostics, got {settings!r}.")
+        diagnostics |= settings
+    try:
+        _check_diagnostics(diagnostics)
+    except ValueError as error:
+        raise ValueError(f"`--sharpness_diagnostics` / `--sharpness_settings`: {error}") from None
+    return diagnostics
+
+
+def add_sharpness_callback(trainer: Trainer, script_args: RecipeArguments, train_dataset: Any = None) -> None:
+    """
+    With `--sharpness_every_n_steps`, a `SharpnessCallback` on a fixed random subset of the evaluation data or (with
+    `--sharpness_data train`) of `train_dataset`: the training examples as the model sees them without augmentation
+    (default: the trainer's training dataset). The subset is shuffled with seed 0 whatever the run's seed, so every
+    run is measured on the same examples; datasets sorted by class (CIFAR) would otherwise give a few classes only.
+    """
+    if script_args.sharpness_every_n_steps is None:
+        return
+    if script_args.sharpness_data == "eval":
+        dataset = trainer.eval_dataset
+        if dataset is None:
+            raise ValueError(
+                "`--sharpness_data eval` measures on the evaluation data: pass `--do_eval` and its data (or "
+                "`--sharpness_data train`)."
+            )
+    else:
+        dataset = train_dataset if train_dataset is not None else trainer.train_dataset
+        if dataset is None:
+            raise ValueError("`--sharpness_data train` measures on the training data: pass `--do_train` and its data.")
+    size = script_args.sharpness_num_batches * script_args.sharpness_batch_size
+    if size > len(dataset):
+        raise ValueError(
+            f"`--sharpness_num_batches` * `--sharpness_batch_size` = {size} examples, but the "
+            f"{script_args.sharpness_data} data has {len(dataset)}."
+        )
+    dataset = dataset.shuffle(seed=0).select(range(size))
+    from hf_sam import SharpnessCallback
+
+    diagnostics = sharpness_diagnostics(script_args)
     trainer.add_callback(
         SharpnessCallback(
-            dataset=trainer.eval_dataset,
+            dataset=dataset,
             batch_size=script_args.sharpness_batch_size,
             num_batches=script_args.sharpness_num_batches,
             data_collator=trainer.data_collator,
             every_n_steps=script_args.sharpness_every_n_steps,
-            diagnostics=names,
+            on_evaluate=False,
+            diagnostics=diagnostics,
             trainer=trainer,
         )
     )
@@ -254,6 +323,7 @@ def train_and_evaluate(
     training_args: TrainingArguments,
     checkpoint: str | None,
     script_args: RecipeArguments | None = None,
+    sharpness_train_dataset: Any = None,
 ) -> dict[str, float]:
     """
     The tail of every recipe: add the sharpness callback if `script_args` asks for it, train (resuming from
@@ -261,7 +331,7 @@ def train_and_evaluate(
     `all_results.json`. Returns the metrics of both, with the number of examples as `train_samples` / `eval_samples`.
     """
     if script_args is not None:
-        add_sharpness_callback(trainer, script_args)
+        add_sharpness_callback(trainer, script_args, sharpness_train_dataset)
     metrics: dict[str, float] = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
