@@ -24,6 +24,7 @@ def run_diagnostics() -> dict[str, float]:
         "average": average_sharpness(model, batches, rho=0.5, samples=8).value,
         "top_eigenvalue": top_hessian_eigenvalue(model, batches, tol=1e-10, max_iterations=300).value,
         "trace": hessian_trace(model, batches, samples=8).value,
+        "trace_hutch_plus_plus": hessian_trace(model, batches, samples=4, deflation_rank=3).value,
         "alignment": gradient_eigenvector_alignment(model, batches, tol=1e-10, max_iterations=300).value,
     }
 
