@@ -347,7 +347,9 @@ def hessian_trace(
     its variance per probe is :math:`2 \sum_{i \ne j} B_{ij}^2` with :math:`B = (I - P) H (I - P)`, :math:`H`
     without (approximately) its :math:`k` largest-magnitude eigenvalues, and `stderr` is that part's standard error
     (the exact part, given :math:`Q`, has none). `iterations` counts the Hessian-vector products per batch:
-    `samples` (Hutchinson) or `2 * deflation_rank + samples` (Hutch++). Memory: :math:`2k` parameter-sized vectors.
+    `samples` (Hutchinson) or `2 * deflation_rank + samples` (Hutch++; with more sketch columns than trainable
+    weights :math:`d`, :math:`Q` has :math:`d` columns and the count is `deflation_rank + d + samples`). Memory: at
+    the peak (the orthonormalisation) about :math:`2k` float32 parameter-sized vectors, :math:`k` of them kept.
 
     Cost: per batch one forward and one graph-building backward (two with Hutch++), then one double backward per
     Hessian-vector product. The sketch and the probes come from generators seeded by `seed` (the probes exactly as
@@ -370,10 +372,11 @@ def hessian_trace(
                 probe = _project_out(ev.rademacher(generator), basis)
                 estimates[i] += _dot(probe, ev.hvp_from(grad, probe, retain_graph=i < samples - 1))
             del grad
-        exact_parts = ev.all_reduce_mean_scalars(exact_parts)
+        exact = ev.all_reduce_mean_scalars(exact_parts).sum().item() if basis else 0.0
         estimates = ev.all_reduce_mean_scalars(estimates)
         mean, stderr = _mean_and_stderr(estimates.tolist())
-        return SharpnessResult(exact_parts.sum().item() + mean, stderr, 2 * len(basis) + samples)
+        products = deflation_rank + len(basis) + samples if basis else samples
+        return SharpnessResult(exact + mean, stderr, products)
 
 
 # The sketch of Hutch++ has its own random stream, independent of the probes (which stay Hutchinson's).
@@ -392,20 +395,31 @@ def _range_basis(ev: "_Evaluator", rank: int, seed: int) -> list[list[torch.Tens
         del grad
     for product in products:
         ev.all_reduce_mean_(product)
+    templates = [torch.empty(0, dtype=t.dtype, device=t.device) for t in products[0]]
+    sizes = [t.numel() for t in products[0]]
     shapes = [t.shape for t in products[0]]
-    matrix = torch.stack([torch.cat([t.reshape(-1) for t in product]) for product in products], dim=1)
-    q, _ = torch.linalg.qr(matrix.to(torch.float64), mode="reduced")  # orthonormal even if HS is rank-deficient
+    # One d x k matrix on the evaluator's device (parameters may sit on several), each product freed once copied in;
+    # float64 when the model has float64 weights, else float32 (the projection is applied twice, so ~1e-7 is enough).
+    matrix = torch.empty(sum(sizes), rank, dtype=ev.scalar_dtype, device=ev.device)
+    for i in range(rank):
+        matrix[:, i] = torch.cat([t.reshape(-1).to(device=ev.device, dtype=ev.scalar_dtype) for t in products[i]])
+        products[i] = None
+    q, _ = torch.linalg.qr(matrix, mode="reduced")  # orthonormal even if HS is rank-deficient; min(d, k) columns
+    del matrix
     basis = []
     for column in q.T:
-        pieces = torch.split(column, [math.prod(shape) for shape in shapes])
+        pieces = torch.split(column, sizes)
         basis.append(
-            [piece.reshape(shape).to(t.dtype) for piece, shape, t in zip(pieces, shapes, products[0], strict=True)]
+            [
+                piece.reshape(shape).to(dtype=t.dtype, device=t.device)
+                for piece, shape, t in zip(pieces, shapes, templates, strict=True)
+            ]
         )
     return basis
 
 
 def _project_out(vector: list[torch.Tensor], basis: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """:math:`(I - QQ^\top) v` for the orthonormal columns `basis` of :math:`Q` (classical Gram-Schmidt, twice)."""
+    r""":math:`(I - QQ^\top) v` for the orthonormal columns `basis` of :math:`Q` (classical Gram-Schmidt, twice)."""
     for _ in range(2 if basis else 0):
         for column in basis:
             torch._foreach_add_(vector, column, alpha=-_dot(column, vector).item())

@@ -127,8 +127,10 @@ class SharpnessCallback(TrainerCallback):
         on_evaluate: measure after each evaluation as well (once per step: not again if already done at this step).
             With an evaluation every epoch this is one measurement per epoch: turn it off and use `every_n_steps`
             where the Hessian quantities cost more than the training between two evaluations.
-        on_train_end: measure when training ends (at the last step, unless already measured there), so a run whose
-            length is not a multiple of `every_n_steps` still ends with a measurement.
+        on_train_end: measure at the last step (`max_steps`, before the final evaluation and checkpoint), so a run
+            whose length is not a multiple of `every_n_steps` still ends with a measurement; a run stopped early
+            (e.g. `EarlyStoppingCallback`) is measured in `on_train_end`, unless `load_best_model_at_end` has
+            replaced its weights by then.
         diagnostics: which quantities to measure: a sequence of names, or a mapping from names to their settings.
         rho: radius of the worst-case, ascent and average sharpness.
         worst_case_steps: ascent steps of `worst_case_sharpness` (its `steps`).
@@ -210,7 +212,11 @@ class SharpnessCallback(TrainerCallback):
         self._measure_and_log(state, kwargs["model"])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+        every = self.every_n_steps is not None and state.global_step % self.every_n_steps == 0
+        # The last step is measured here, before the Trainer's final evaluation, checkpoint and `on_train_end` (by
+        # then the reporting integrations have closed, and `load_best_model_at_end` has swapped the weights).
+        last = self.run_on_train_end and state.max_steps > 0 and state.global_step >= state.max_steps
+        if every or last:
             self._measure_and_log(state, kwargs["model"])
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -218,7 +224,9 @@ class SharpnessCallback(TrainerCallback):
             self._measure_and_log(state, kwargs["model"])
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self.run_on_train_end:
+        # Only a run stopped before `max_steps` (early stopping) gets here unmeasured. Not with
+        # `load_best_model_at_end`: the model is then the best checkpoint's, not the last step's.
+        if not self.run_on_train_end or args.load_best_model_at_end:
             return
         keys = {f"sharpness/{name}" for name in self.diagnostics}
         if any(e.get("step") == state.global_step and keys & e.keys() for e in state.log_history):

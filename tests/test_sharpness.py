@@ -175,6 +175,19 @@ def test_hutch_plus_plus_is_exact_when_the_sketch_spans_the_space():
     assert result.stderr < 1e-10 and result.iterations == 2 * 6 + 3
 
 
+@pytest.mark.parametrize(
+    ("eigenvalues", "rank", "products"),
+    [(OUTLIER_EIGENVALUES, 10, 10 + 6 + 3), ([5.0, 3.0, 0.0, 0.0, 0.0, 0.0], 4, 2 * 4 + 3)],
+    ids=["more-columns-than-weights", "rank-deficient-hessian"],
+)
+def test_hutch_plus_plus_with_a_sketch_wider_than_the_hessian_rank(eigenvalues, rank, products):
+    """k > d: Q has d columns (and `iterations` counts the products made); k > rank(H): Q is still orthonormal."""
+    model, _, _ = quadratic(eigenvalues)
+    result = hessian_trace(model, DUMMY_BATCHES, samples=3, deflation_rank=rank)
+    assert abs(result.value - sum(eigenvalues)) <= 1e-10 * sum(abs(e) for e in eigenvalues)
+    assert result.stderr < 1e-10 and result.iterations == products
+
+
 def test_hutch_plus_plus_is_unbiased_and_its_stderr_is_its_spread_over_seeds():
     """
     E[estimate | Q] = tr(H) for every basis Q, so over seeds the estimates average to tr(H) and their spread equals the
@@ -598,6 +611,28 @@ def test_callback_measures_at_the_end_of_training_once(tmp_path, on_train_end):
     callback = SharpnessCallback(TinyDataset(16, seed=1).batches(8), **options)
     trainer = train(tmp_path / "four", callback, max_steps=4)
     assert [e["step"] for e in trainer.state.log_history if "sharpness/ascent" in e] == [0, 2, 4]
+
+
+class _StopAtStep3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == 3
+
+
+def test_callback_measures_a_run_stopped_early_at_its_last_step(tmp_path):
+    """Stopped at step 3 of 5 (as by early stopping): the measurement at the end comes from `on_train_end`."""
+    callback = SharpnessCallback(TinyDataset(16, seed=1).batches(8), **callback_options(diagnostics=("ascent",)))
+    data = TinyDataset(64)
+    trainer = SequentialSAMTrainer(
+        model=tiny_model(),
+        args=tiny_args(tmp_path, max_steps=5),
+        train_dataset=data,
+        sam_config=SAMConfig(rho=0.05),
+        callbacks=[callback, _StopAtStep3()],
+    )
+    callback.trainer = trainer
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert [e["step"] for e in trainer.state.log_history if "sharpness/ascent" in e] == [0, 2, 3]
 
 
 def test_callback_rejects_bad_options():
