@@ -13,6 +13,7 @@
 # limitations under the License.
 """`SharpnessCallback`: the diagnostics of `hf_sam.sharpness` on a fixed set of batches, logged during training."""
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -302,6 +303,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each setting may hold, checked when the callback is built (before training), as (description, check).
+_SETTING_VALUES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "rho": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "steps": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "step_size": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "tol": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "seed": ("an integer", _is_int),
+    "samples": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "antithetic": ("true or false", lambda v: isinstance(v, bool)),
+    "max_iterations": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "which": ("'algebraic' or 'magnitude'", lambda v: v in ("algebraic", "magnitude")),
+    "deflation_rank": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+}
+
+
 def _check_diagnostics(
     diagnostics: Sequence[str] | Mapping[str, Mapping[str, Any] | None],
 ) -> dict[str, dict[str, Any]]:
@@ -326,6 +350,10 @@ def _check_diagnostics(
             raise ValueError(
                 f"`diagnostics[{name!r}]` has unknown settings {unknown}: {name!r} accepts {SETTINGS[name]}."
             )
+        for key, value in (settings or {}).items():
+            allowed, check = _SETTING_VALUES[key]
+            if not check(value):
+                raise ValueError(f"`diagnostics[{name!r}][{key!r}]` must be {allowed}, got {value!r}.")
         overrides[name] = dict(settings or {})
     if not overrides:
         raise ValueError(f"`diagnostics` must name at least one of {DIAGNOSTICS}.")

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from hf_sam.checkpointing import last_complete_checkpoint
 from hf_sam.scripts.glue import glue_metrics, load_glue_tsv, split_off_validation
-from hf_sam.scripts.utils import SAMArgumentParser, checkpoint_to_resume, make_parser
+from hf_sam.scripts.utils import SAMArgumentParser, checkpoint_to_resume, make_parser, sharpness_diagnostics
 from recipes import run_glue
 
 from .testing_utils import (
@@ -392,6 +392,21 @@ def test_run_glue_measures_sharpness_on_held_out_batches_when_asked(tmp_path, ti
     measured = [log for log in history if "sharpness/top_eigenvalue" in log]
     assert all("sharpness/ascent" in log and "sharpness/trace_stderr" in log for log in measured)
     assert len(steps) == len(measured)  # once per step: the evaluations do not measure again
+
+
+def test_sharpness_settings_from_a_yaml_config_are_a_mapping_and_checked(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("task_name: rte\nsharpness_settings:\n  trace:\n    samples: 20\n    deflation_rank: 5\n")
+    script_args, *_ = parse(["--config", str(config), "--output_dir", "unused"])
+    assert sharpness_diagnostics(script_args)["trace"] == {"samples": 20, "deflation_rank": 5}
+    config.write_text("task_name: rte\nsharpness_settings:\n  trace:\n    deflation_rank: -1\n")
+    with pytest.raises(
+        ValueError, match=r"`diagnostics\['trace'\]\['deflation_rank'\]` must be an integer >= 0, got -1"
+    ):
+        parse(["--config", str(config), "--output_dir", "unused"])
+    config.write_text("task_name: rte\nsharpness_data: Train\n")
+    with pytest.raises(ValueError, match="`--sharpness_data` must be 'eval' or 'train', got 'Train'"):
+        parse(["--config", str(config), "--output_dir", "unused"])
 
 
 def test_bad_sharpness_flags_are_refused_naming_the_flag():

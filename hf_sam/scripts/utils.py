@@ -116,8 +116,8 @@ class RecipeArguments:
         metadata={
             "help": "Measure sharpness (`hf_sam.SharpnessCallback`) at step 0, every N optimizer steps and at the "
             "end of training (not at each evaluation: with one every epoch the Hessian quantities could cost more "
-            "than the training), on the first `sharpness_num_batches` batches of the evaluation data; logged as "
-            "`sharpness/*`. Off by default (the Hessian quantities cost many passes)."
+            "than the training), on `sharpness_num_batches` batches of `sharpness_data`; logged as `sharpness/*`. "
+            "Off by default (the Hessian quantities cost many passes)."
         },
     )
     sharpness_diagnostics: str = field(
@@ -145,7 +145,9 @@ class RecipeArguments:
             "choices": ["eval", "train"],
         },
     )
-    sharpness_num_batches: int = field(default=4, metadata={"help": "Evaluation batches the sharpness is taken on."})
+    sharpness_num_batches: int = field(
+        default=4, metadata={"help": "Batches (of `sharpness_data`) the sharpness is taken on."}
+    )
     sharpness_batch_size: int = field(default=64, metadata={"help": "Examples per sharpness batch."})
 
 
@@ -250,20 +252,22 @@ SHARPNESS_FLAGS = ("sharpness_every_n_steps", "sharpness_num_batches", "sharpnes
 def sharpness_diagnostics(script_args: RecipeArguments) -> dict[str, dict | None]:
     """
     The `diagnostics` of the recipe's `SharpnessCallback`: the names of `--sharpness_diagnostics`, with the settings
-    of `--sharpness_settings` (a JSON object). A recipe calls it when parsing, so a bad name, setting or JSON is an
+    of `--sharpness_settings` (a JSON object, or a mapping in a YAML `--config`). A recipe calls it when parsing, so a bad name, setting or JSON is an
     error naming the flag before anything loads.
     """
     from hf_sam.sharpness_callback import _check_diagnostics
 
     names = [name.strip() for name in script_args.sharpness_diagnostics.split(",") if name.strip()]
     diagnostics: dict[str, dict | None] = dict.fromkeys(names)
-    if script_args.sharpness_settings:
+    if script_args.sharpness_data not in ("eval", "train"):
+        raise ValueError(f"`--sharpness_data` must be 'eval' or 'train', got {script_args.sharpness_data!r}.")
+    settings = script_args.sharpness_settings
+    if isinstance(settings, str) and settings:
         try:
-            settings = json.loads(script_args.sharpness_settings)
+            settings = json.loads(settings)
         except json.JSONDecodeError as error:
-            raise ValueError(
-                f"`--sharpness_settings` is not valid JSON ({error}): {script_args.sharpness_settings}"
-            ) from None
+            raise ValueError(f"`--sharpness_settings` is not valid JSON ({error}): {settings}") from None
+    if settings:  # a JSON object from the command line, or a mapping from a YAML `--config`
         if not isinstance(settings, dict):
             raise ValueError(f"`--sharpness_settings` must be a JSON object of diagnostics, got {settings!r}.")
         diagnostics |= settings
