@@ -306,7 +306,7 @@ def read_results(*paths: Path) -> dict[str, dict]:
     would otherwise show one of them silently.
     """
     results, source = {}, {}
-    for path in map(Path, paths):
+    for path in {Path(path).resolve(): None for path in paths}:  # one file named twice is read once
         if not path.is_file():
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -404,6 +404,12 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
     return record
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as reader:
+        reader.seek(-1, os.SEEK_END)
+        return reader.read(1)
+
+
 def run_study(args) -> None:
     """
     Run every planned run of `args.study` that `--results` does not hold, `--workers` at a time. The plan is redone
@@ -448,8 +454,11 @@ def run_study(args) -> None:
                 if record is None:
                     failed.add(run["id"])
                     continue
-                with open(results_path, "a", encoding="utf-8") as writer:
-                    writer.write(json.dumps(record, sort_keys=True) + "\n")
+                with open(results_path, "a+", encoding="utf-8") as writer:
+                    writer.seek(0, os.SEEK_END)
+                    # After a torn last line (a crash mid-write), start a new line: else this record is lost too.
+                    torn = writer.tell() > 0 and _last_byte(results_path) != b"\n"
+                    writer.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
                     writer.flush()
                     os.fsync(writer.fileno())
                 results[run["id"]] = record
@@ -531,6 +540,20 @@ SHARPNESS_KEYS = (
 )
 
 
+def sharpness_setup(record: dict) -> str:
+    """What a run's sharpness was measured on, from its command: e.g. "train 1 x 256, Hutch++ k=5 + 30 probes"."""
+    argv = shlex.split(record["command"])
+
+    def flag(name: str, default: str) -> str:
+        return argv[argv.index(name) + 1] if name in argv else default
+
+    trace = json.loads(flag("--sharpness_settings", "{}")).get("trace", {})
+    samples, rank = trace.get("samples", 10), trace.get("deflation_rank", 0)
+    estimator = f"Hutch++ k={rank} + {samples} probes" if rank else f"Hutchinson {samples} probes"
+    data = flag("--sharpness_data", "eval")
+    return f"{data} {flag('--sharpness_num_batches', '4')} x {flag('--sharpness_batch_size', '64')}, {estimator}"
+
+
 def sharpness_section(records: list[dict]) -> list[str]:
     """The sharpness of the image runs that measured it: at the end of training, and along it."""
     measured = [r for r in records if r.get("sharpness_history") and r["study"] in ("image", "image-full-batch")]
@@ -549,12 +572,16 @@ def sharpness_section(records: list[dict]) -> list[str]:
         "",
         "## Sharpness (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top eigenvalue)",
         "",
-        "Seed 0 of the image grid, and full-batch training (the first 512 training images as one batch, no "
-        "augmentation); measured by `SharpnessCallback` on 500 fixed test images in eval mode (ascent sharpness at "
-        "rho 0.05; the trace's ± is its standard error). At the end of training:",
+        "Seed 0 of the image grid, and full-batch training (the same 512 training images as one batch at every "
+        "step, no augmentation); measured by `SharpnessCallback` in eval mode on the examples the `measured on` "
+        "column names (read from each run's command: which data, batches x batch size; a fixed seed-0 random subset "
+        "without augmentation), ascent sharpness at rho 0.05, the trace by Hutchinson or Hutch++ with its standard "
+        "error after the ±. At the end of training:",
         "",
-        "| study | method | rho | step | " + " | ".join(label for _, label, _ in SHARPNESS_KEYS) + " | ran on |",
-        "|---|---|---|---|" + "---|" * len(SHARPNESS_KEYS) + "---|",
+        "| study | method | rho | step | "
+        + " | ".join(label for _, label, _ in SHARPNESS_KEYS)
+        + " | measured on | ran on |",
+        "|---|---|---|---|" + "---|" * len(SHARPNESS_KEYS) + "---|---|",
     ]
     for record in measured:
         last = record["sharpness_history"][-1]
@@ -562,7 +589,7 @@ def sharpness_section(records: list[dict]) -> list[str]:
         lines.append(
             f"| {record['study']} | {record['method']} | {record['rho']:g} | {last['step']} | "
             + " | ".join(cells)
-            + f" | {device(record)} |"
+            + f" | {sharpness_setup(record)} | {device(record)} |"
         )
     lines += [
         "",
@@ -578,7 +605,11 @@ def sharpness_section(records: list[dict]) -> list[str]:
     return lines
 
 
-def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes/results/study.jsonl") -> str:
+def report(
+    results: dict[str, dict],
+    data_dir: str,
+    results_path: str = "recipes/results/study_cpu.jsonl recipes/results/study_gpu.jsonl",
+) -> str:
     """`recipes/results.md`: the sweep, the grid with paired differences, the cheaper schedules, cost, commands."""
     records = list(results.values())
     lines = ["# Results: AdamW vs SAM vs F-SAM with the shipped recipes", ""]
@@ -604,6 +635,13 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
             "",
         ]
     chosen = chosen_rhos(results)
+    sweep_devices = [device(r) for r in records if r["study"] in ("glue-sweep", "image-sweep")]
+    usual = max(set(sweep_devices), key=sweep_devices.count) if sweep_devices else None
+
+    def mark(record: dict) -> str:
+        """A sweep cell from another device than most of the sweep says which."""
+        return "" if device(record) == usual else f" ({device(record)})"
+
     # The sweep.
     sweep = [r for r in records if r["study"] == "glue-sweep"]
     lines += [
@@ -612,7 +650,8 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
         "Score: the task's GLUE metrics at the last epoch, averaged (MRPC: accuracy and F1; RTE: accuracy). The rho "
         "of each method is the one with the best score averaged over MRPC and RTE, chosen automatically "
         f"(now: SAM {chosen['SAM']}, F-SAM {chosen['F-SAM']}; `None` until the method's sweep is complete). One "
-        "seed on a few hundred held-out examples: differences under about 0.03 are within noise.",
+        "seed on a few hundred held-out examples: differences under about 0.03 are within noise. A score followed by a "
+        "device, e.g. (CPU), ran on another device than most of the sweep.",
         "",
         "| task | AdamW | " + " | ".join(f"{m} rho={rho:g}" for m in ("SAM", "F-SAM") for rho in SWEEP_RHOS) + " |",
         "|---|---|" + "---|" * (2 * len(SWEEP_RHOS)),
@@ -621,7 +660,7 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
         cells = []
         for method, rho in [("AdamW", 0.0)] + [(m, r) for m in ("SAM", "F-SAM") for r in SWEEP_RHOS]:
             record = results.get(f"glue-sweep/{task}/{method}/rho{rho:g}/seed0")
-            cells.append("–" if record is None else f"{task_score(task, record['metrics']):.3f}")
+            cells.append("–" if record is None else f"{task_score(task, record['metrics']):.3f}{mark(record)}")
         lines.append(f"| {GLUE_TASKS[task][0]} | " + " | ".join(cells) + " |")
     image_sweep = {r["id"]: r for r in records if r["study"] == "image-sweep"}
     if image_sweep:
@@ -639,7 +678,7 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
         cells = []
         for method, rho in [("AdamW", 0.0)] + [(m, r) for m in ("SAM", "F-SAM") for r in IMAGE_SWEEP_RHOS[m]]:
             record = image_sweep.get(f"image-sweep/cifar10/{method}/rho{rho:g}/seed0")
-            cells.append("–" if record is None else f"{record['metrics']['eval_accuracy']:.3f}")
+            cells.append("–" if record is None else f"{record['metrics']['eval_accuracy']:.3f}{mark(record)}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Held-out score after each epoch (AdamW: does it plateau?):", ""]
     lines += ["| run | held-out score after epoch (epoch: score) |", "|---|---|"]
@@ -680,9 +719,21 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
                     for r in mine
                     if r["seed"] in adamw and method != "AdamW"
                 ]
+                crossed = sum(
+                    1
+                    for r in mine
+                    if r["seed"] in adamw and method != "AdamW" and device(adamw[r["seed"]]) != device(r)
+                )
+                crossed = f", {crossed} across devices" if crossed else ""
                 # Cost against the AdamW run of the same seed on the same kind of machine only.
+                # Cost against the AdamW run of the same seed on the same kind of machine only, and without the runs
+                # that also measured sharpness (its Hessian passes would pull the ratio towards 1).
                 timed = [
-                    (r, adamw[r["seed"]]) for r in mine if r["seed"] in adamw and device(adamw[r["seed"]]) == device(r)
+                    (r, adamw[r["seed"]])
+                    for r in mine
+                    if r["seed"] in adamw
+                    and device(adamw[r["seed"]]) == device(r)
+                    and not (r.get("sharpness_history") or adamw[r["seed"]].get("sharpness_history"))
                 ]
                 walls = [r["wall_s"] / base["wall_s"] for r, base in timed]
                 cpus = [r["cpu_s"] / base["cpu_s"] for r, base in timed]
@@ -690,21 +741,26 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = "recipes
                 baseline = baselines.get(task, {}).get(key)
                 lines.append(
                     f"| {task_label(task)} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
-                    f"| {rho:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'} "
+                    f"| {rho:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'}{crossed} "
                     f"| {cost} | {devices(mine)} |"
                 )
-    lines += sharpness_section(records)
     lines += [
         "",
-        "Time ratios are per seed (same task and seed as the AdamW run), then averaged; wall clock depends on what "
-        "else ran on the machine, CPU time of the run's process is the steadier measure. A run resumed from a "
-        "checkpoint counts only its last attempt's time (see `resumed_from` in the JSON)."
+        "Time ratios are per seed (same task and seed as the AdamW run, on the same kind of device, neither run "
+        "measuring sharpness), then averaged; wall clock depends on what else ran on the machine, CPU time of the "
+        "run's process is the steadier measure. A run resumed from a checkpoint counts only its last attempt's time "
+        "(see `resumed_from` in the JSON). A paired difference marked `across devices` pairs some seeds' runs from "
+        "two devices (TF32 and the fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias "
+        "we could measure (`sweep_adamw_on_cpu.jsonl`)."
         + (
             " On the GPU machine the runs shared one GPU and 16 cores, so these ratios measure contention as much as "
             "SAM's cost; the step cost of SAM is measured in `benchmarks/`."
             if on_gpu
             else ""
         ),
+    ]
+    lines += sharpness_section(records)
+    lines += [
         "",
         "## Commands",
         "",
@@ -764,7 +820,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.export_states:
         for run_id, record in read_results(*args.results).items():
-            history = record["train_history"] + record["eval_history"] + record["sharpness_history"]
+            history = [
+                log for key in ("train_history", "eval_history", "sharpness_history") for log in record.get(key, [])
+            ]
             history.sort(key=lambda log: (log.get("step", 0), "loss" not in log))
             state_dir = Path(args.export_states) / run_id.replace("/", "-")
             state_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import statistics
 
 import pytest
@@ -78,6 +79,7 @@ def test_report_names_the_device_of_each_seed_and_times_only_within_one_device()
     text = study.report({r["id"]: r for r in records}, "/nonexistent")
     sam_row = next(line for line in text.splitlines() if "| RTE | accuracy" in line and "| SAM |" in line)
     assert "| 2.25x / 2.25x | H100: 0, 2; CPU: 1 |" in sam_row  # mean of 20/10 and 250/100
+    assert "(n=3), 1 across devices |" in sam_row
 
 
 def test_report_tabulates_the_sharpness_of_the_runs_that_measured_it(tmp_path):
@@ -87,10 +89,17 @@ def test_report_tabulates_the_sharpness_of_the_runs_that_measured_it(tmp_path):
          "sharpness/ascent": 0.5, "sharpness/alignment": 0.25},
     ]  # fmt: skip
     record = _record("image-full-batch", "cifar10", "SAM", 0.02, 0, 0.5) | {"sharpness_history": history}
+    record["command"] = shlex.join(
+        ["python", "recipes/run_image_classification.py", "--sharpness_data", "train", "--sharpness_num_batches", "1",
+         "--sharpness_batch_size", "512", "--sharpness_settings", json.dumps({"trace": {"samples": 30, "deflation_rank": 5}})]
+    )  # fmt: skip
     record["train_history"] = [{"step": 150, "loss": 0.2}, {"step": 300, "loss": 0.1}]
     record["eval_history"] = [{"step": 300, "eval_accuracy": 0.5}]
     text = study.report({record["id"]: record}, "/nonexistent")
-    assert "| image-full-batch | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.250 | CPU |" in text
+    assert (
+        "| image-full-batch | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.250 | train 1 x 512, Hutch++ k=5 + 30 probes | CPU |"
+        in text
+    )
     assert "| image-full-batch | SAM | top eigenvalue | 0: 100, 300: 40 |" in text
 
     results = tmp_path / "study.jsonl"
@@ -171,6 +180,11 @@ def test_runs_done_on_another_machine_are_read_and_new_runs_go_to_the_first_file
     assert [json.loads(line)["id"] for line in mine.read_text().splitlines()] == started
     assert len(other.read_text().splitlines()) == 1
     assert set(study.read_results(mine, other)) == {done_elsewhere["id"], started[0]}
+
+    # A torn last line (a crash mid-write) costs only itself: the next record starts a new line.
+    mine.write_text(mine.read_text() + '{"id": "torn')
+    study.main(argv[:3] + ["mrpc/F-SAM/rho0.01"] + argv[4:])
+    assert len(study.read_results(mine)) == 2 and len(study.read_results(mine, mine)) == 2  # a file named twice
 
     # The same run finished on two machines: the report must not pick one silently.
     other.write_text(other.read_text() + mine.read_text())
