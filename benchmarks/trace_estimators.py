@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             result = hessian_trace(model, batches, samples=samples, deflation_rank=rank, seed=seed)
             print(
                 f"deflation_rank={rank} samples={samples} seed={seed}: trace {result.value:.2f} +- "
-                f"{result.stderr:.2f} ({result.iterations} products, {time.perf_counter() - start:.0f} s)",
+                f"{result.stderr if result.stderr is None else round(result.stderr, 2)} "
+                f"({result.iterations} products, {time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
 
