@@ -278,8 +278,8 @@ def plan_image_full_batch(args, results) -> list[dict]:
     extra += [
         "--random_crop_padding", "0", "--horizontal_flip", "false", "--eval_strategy", "steps", "--eval_steps", "25",
     ]  # fmt: skip
-    # The sharpness of the full-batch loss itself: all 512 training images, in one batch, every 50 steps.
-    extra += ["--sharpness_every_n_steps", "50", "--sharpness_num_batches", "1", "--sharpness_batch_size", "512"]
+    # The sharpness of the full-batch loss itself: all 512 training images, in one batch, every 100 steps.
+    extra += ["--sharpness_every_n_steps", "100", "--sharpness_num_batches", "1", "--sharpness_batch_size", "512"]
     extra += SHARPNESS_DIAGNOSTICS
     methods = [("AdamW", 0.0)] + ([("SAM", rho)] if rho is not None else [])
     return [image_run("image-full-batch", m, r, 0, args.data_dir, held_out=False, extra=extra) for m, r in methods]
