@@ -269,7 +269,7 @@ def plan_image_grid(args, results) -> list[dict]:
 def plan_image_full_batch(args, results) -> list[dict]:
     """
     The other half of Wen, Ma & Li's claim: full-batch SAM (the same 512 training images, a seed-0 shuffle, as one
-    batch at every step, 300 steps, no augmentation) against full-batch AdamW, with the sharpness every 50 steps and the test accuracy
+    batch at every step, 300 steps, no augmentation) against full-batch AdamW, with the sharpness every 100 steps and the test accuracy
     every 25.
     """
     rho = chosen_rhos(results, "image-sweep")["SAM"]
