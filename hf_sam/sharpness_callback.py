@@ -123,8 +123,9 @@ class SharpnessCallback(TrainerCallback):
         batches: a list of batches (dicts of tensors the model accepts, with labels).
         dataset, batch_size, num_batches, data_collator: or build them from the start of `dataset`.
         every_n_steps: measure at every multiple of this `global_step` (`None`: never during training).
-        on_train_begin: measure when training starts, before the first optimizer step (at `global_step` 0, or at the
-            step a resumed run starts from, unless this callback's values are already logged there).
+        on_train_begin: measure when training starts, before the first optimizer step (`global_step` 0). A run
+            resumed from a checkpoint is not measured again where it restarts: interrupted or not, a run logs the
+            same steps.
         on_evaluate: measure after each evaluation as well (once per step: not again if already done at this step).
             With an evaluation every epoch this is one measurement per epoch: turn it off and use `every_n_steps`
             where the Hessian quantities cost more than the training between two evaluations.
@@ -207,9 +208,8 @@ class SharpnessCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not self.run_on_train_begin:
             return
-        keys = {f"sharpness/{name}" for name in self.diagnostics}
-        if any(e.get("step") == state.global_step and keys & e.keys() for e in state.log_history):
-            return  # a resumed run: this step was measured before the checkpoint
+        if state.global_step != 0:
+            return  # a resumed run: it logs what the uninterrupted run logs, not an extra point at its restart
         self._measure_and_log(state, kwargs["model"])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
