@@ -613,6 +613,26 @@ def test_callback_measures_at_the_end_of_training_once(tmp_path, on_train_end):
     assert [e["step"] for e in trainer.state.log_history if "sharpness/ascent" in e] == [0, 2, 4]
 
 
+def test_a_resumed_run_logs_the_steps_of_an_uninterrupted_run(tmp_path):
+    """Every 3 of 4 steps, checkpoints every 2: resumed from step 2, the run measures 3 and 4 only (0 is in its log)."""
+
+    def run(resume):
+        callback = SharpnessCallback(
+            TinyDataset(16, seed=1).batches(8), **callback_options(every_n_steps=3, diagnostics=("ascent",))
+        )
+        data = TinyDataset(64)
+        args = tiny_args(tmp_path, save_strategy="steps", save_steps=2)
+        trainer = SequentialSAMTrainer(
+            model=tiny_model(), args=args, train_dataset=data, sam_config=SAMConfig(rho=0.05), callbacks=[callback]
+        )
+        callback.trainer = trainer
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2") if resume else None)
+        return [e["step"] for e in trainer.state.log_history if "sharpness/ascent" in e]
+
+    assert run(resume=False) == [0, 3, 4]
+    assert run(resume=True) == [0, 3, 4]
+
+
 class _StopAtStep3(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         control.should_training_stop = state.global_step == 3
@@ -774,19 +794,19 @@ def test_callback_compute_equals_direct_calls_with_and_without_eigenvector_reuse
     assert not SharpnessCallback(batches, diagnostics=magnitude)._alignment_reuses_eigenvector()
 
 
-def test_callback_on_train_begin_measures_once_per_step():
-    """Resuming at a step whose values are in `log_history` does not measure it again; a new step is measured."""
+def test_callback_on_train_begin_measures_a_fresh_start_only():
+    """Step 0 is measured; a run resumed at step 6 is not (its uninterrupted twin has no measurement there)."""
     model, batches = mlp_setup(torch.float32)
     callback = SharpnessCallback(batches, diagnostics=("ascent",))
-    state = TrainerState(global_step=4, log_history=[{"sharpness/ascent": 0.1, "step": 4}])
+    state = TrainerState(global_step=0, log_history=[])
     callback.on_train_begin(None, state, None, model=model)
-    assert len(state.log_history) == 1
+    assert state.log_history == [{"sharpness/ascent": ascent_sharpness(model, batches).value, "step": 0}]
     state.global_step = 6
     callback.on_train_begin(None, state, None, model=model)
-    assert state.log_history[-1] == {"sharpness/ascent": ascent_sharpness(model, batches).value, "step": 6}
+    assert len(state.log_history) == 1
     off = SharpnessCallback(batches, on_train_begin=False)
-    off.on_train_begin(None, state, None, model=model)
-    assert len(state.log_history) == 2
+    off.on_train_begin(None, TrainerState(global_step=0, log_history=[]), None, model=model)
+    assert off._last_step is None
 
 
 # ---------------------------------------------------------------------------------------------- the plot
