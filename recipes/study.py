@@ -536,7 +536,7 @@ SHARPNESS_KEYS = (
     ("sharpness/top_eigenvalue", "top eigenvalue", "{:.4g}"),
     ("sharpness/trace", "trace", "{:.4g}"),
     ("sharpness/ascent", "ascent sharpness", "{:.3g}"),
-    ("sharpness/alignment", "alignment cos(g, v_max)", "{:.3f}"),
+    ("sharpness/alignment", "alignment cos(g, v_max)", "{:.3g}"),
 )
 
 

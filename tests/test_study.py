@@ -97,7 +97,7 @@ def test_report_tabulates_the_sharpness_of_the_runs_that_measured_it(tmp_path):
     record["eval_history"] = [{"step": 300, "eval_accuracy": 0.5}]
     text = study.report({record["id"]: record}, "/nonexistent")
     assert (
-        "| image-full-batch | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.250 | train 1 x 512, Hutch++ k=5 + 30 probes | CPU |"
+        "| image-full-batch | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.25 | train 1 x 512, Hutch++ k=5 + 30 probes | CPU |"
         in text
     )
     assert "| image-full-batch | SAM | top eigenvalue | 0: 100, 300: 40 |" in text
