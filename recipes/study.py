@@ -602,6 +602,14 @@ def sharpness_section(records: list[dict]) -> list[str]:
         for key, label, form in SHARPNESS_KEYS[:2]:
             points = [f"{log['step']}: {value(log, key, form)}" for log in record["sharpness_history"] if key in log]
             lines.append(f"| {record['study']} | {record['method']} | {label} | " + ", ".join(points) + " |")
+        # The Hessian of cross-entropy shrinks as the loss goes to 0: read the sharpness with the loss it was at.
+        losses = []
+        for log in record["sharpness_history"]:
+            before = [t["loss"] for t in record.get("train_history", []) if t["step"] <= log["step"]]
+            losses.append(f"{log['step']}: {before[-1]:.3g}" if before else f"{log['step']}: –")
+        lines.append(
+            f"| {record['study']} | {record['method']} | training loss (last logged) | " + ", ".join(losses) + " |"
+        )
     return lines
 
 
