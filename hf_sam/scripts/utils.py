@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from datasets import ClassLabel, DatasetDict
 from transformers import HfArgumentParser, Trainer, TrainingArguments
@@ -350,6 +351,11 @@ def train_and_evaluate(
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    # A launched run tears its process group down itself: left to the interpreter's exit, gloo's threads can abort a
+    # finished run ("terminate called without an active exception", seen once in 2 processes on a loaded machine).
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and "LOCAL_RANK" in os.environ:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return metrics
 
 
