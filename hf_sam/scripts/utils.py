@@ -253,8 +253,8 @@ SHARPNESS_FLAGS = ("sharpness_every_n_steps", "sharpness_num_batches", "sharpnes
 def sharpness_diagnostics(script_args: RecipeArguments) -> dict[str, dict | None]:
     """
     The `diagnostics` of the recipe's `SharpnessCallback`: the names of `--sharpness_diagnostics`, with the settings
-    of `--sharpness_settings` (a JSON object, or a mapping in a YAML `--config`). A recipe calls it when parsing, so a bad name, setting or JSON is an
-    error naming the flag before anything loads.
+    of `--sharpness_settings` (a JSON object, or a mapping in a YAML `--config`). A recipe calls it when parsing, so a
+    bad name, setting or JSON is an error naming the flag before anything loads.
     """
     from hf_sam.sharpness_callback import _check_diagnostics
 
