@@ -20,7 +20,8 @@ python -m hf_sam.plot runs/mrpc-sam runs/mrpc-fsam --out sharpness.png
 
 One panel per quantity (`loss`, `eval_loss`, `sam/sharpness`, then every `sharpness/<name>` logged by
 `SharpnessCallback`, or the `--keys` given), one line per run (labelled with the run's folder name) against the
-optimizer step; a `<key>_stderr` logged next to a key is drawn as a +-1 stderr band. Needs matplotlib
+optimizer step; a `<key>_stderr` logged next to a key is drawn as a +-1 stderr band. `--log_y KEY ...` draws those
+panels on a logarithmic axis (symmetric-log, linear around 0, when a value is <= 0). Needs matplotlib
 (`pip install matplotlib`); draws with the Agg backend (no display, and pyplot's global backend is left alone).
 """
 
@@ -104,8 +105,14 @@ def plot_runs(
     keys: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
     title: str | None = None,
+    log_y: Sequence[str] = (),
 ) -> Path:
-    """Draw one panel per quantity and one line per run, and write the figure to `out` (format from its suffix)."""
+    """
+    Draw one panel per quantity and one line per run, and write the figure to `out` (format from its suffix).
+
+    The panels of the keys in `log_y` get a logarithmic y axis; where some value in the panel is <= 0 (a Hutchinson
+    trace early in training can be negative), a symmetric-log axis, linear near 0.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -121,6 +128,9 @@ def plot_runs(
     panel_keys = [k for k in panel_keys if any(k in series for series in all_series)]
     if not panel_keys:
         raise ValueError(f"None of the runs logged any of {list(keys) if keys else 'the default keys'}.")
+    unplotted = [k for k in log_y if k not in panel_keys]
+    if unplotted:
+        raise ValueError(f"log_y names {unplotted}, which no panel shows; the panels: {panel_keys}.")
 
     columns = min(3, len(panel_keys))
     rows = math.ceil(len(panel_keys) / columns)
@@ -138,6 +148,8 @@ def plot_runs(
                 low = [v - (s if math.isfinite(s) else 0.0) for v, s in zip(values, stderrs, strict=True)]
                 high = [v + (s if math.isfinite(s) else 0.0) for v, s in zip(values, stderrs, strict=True)]
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+        if key in log_y:
+            _log_scale(ax, [v for series in all_series if key in series for v in series[key][1]])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_ylabel(key.split("/")[-1])
@@ -151,6 +163,18 @@ def plot_runs(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _log_scale(ax, values: list[float]) -> None:
+    """
+    A log y axis, or, when a value is <= 0, symmetric-log: linear within the power of ten at or below the smallest
+    non-zero |value| (so the ticks at +-that power and 0 sit a decade apart).
+    """
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")
+        return
+    nonzero = [abs(v) for v in values if v != 0]
+    ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(min(nonzero))) if nonzero else 1.0)
 
 
 def _run_labels(runs: Sequence[str | Path]) -> list[str]:
@@ -188,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keys", nargs="+", default=None, help="the log keys to plot (default: loss and sharpness)")
     parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     parser.add_argument("--title", default=None, help="a title for the whole figure")
+    parser.add_argument(
+        "--log_y", nargs="+", default=[], metavar="KEY", help="keys whose panels get a log y axis (symlog if <= 0)"
+    )
     args = parser.parse_args(argv)
     try:
         series = [load_series(run, args.keys) for run in args.runs]
@@ -202,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = [f"{parser.prog}: error: {problem}. The keys each run logged:"]
         lines += [f"  {run}: {' '.join(logged_keys(run)) or '(none)'}" for run in args.runs]
         parser.exit(2, "\n".join(lines) + "\nPick from them with --keys.\n")
-    plot_runs(args.runs, args.out, keys=args.keys, labels=args.labels, title=args.title)
+    plotted = args.keys or sorted({key for found in series for key in found})
+    if unplotted := [key for key in args.log_y if key not in plotted]:
+        parser.exit(
+            2, f"{parser.prog}: error: --log_y {' '.join(unplotted)}: not a plotted key ({' '.join(plotted)}).\n"
+        )
+    plot_runs(args.runs, args.out, keys=args.keys, labels=args.labels, title=args.title, log_y=args.log_y)
     return 0
 
 

@@ -36,3 +36,27 @@ def test_missing_keys_list_what_each_run_logged_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # no trainer_state.json at all
         main([str(tmp_path / "nowhere"), "--out", out])
     assert exit_info.value.code == 2 and "No trainer_state.json" in capsys.readouterr().err
+
+
+def test_log_y_axes_and_a_log_y_key_that_is_not_plotted(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from hf_sam.plot import _log_scale, plot_runs
+
+    positive, mixed = Figure().subplots(1, 2)
+    _log_scale(positive, [2.05, 0.0024])
+    _log_scale(mixed, [-63.3, 16960.0, 120.1])  # a Hutchinson trace can be negative early in training
+    assert positive.get_yscale() == "log"
+    assert mixed.get_yscale() == "symlog" and mixed.yaxis.get_transform().linthresh == 10.0
+
+    run = _run(tmp_path / "run", [{"step": 0, "sharpness/trace": -63.3}, {"step": 1, "loss": 2.0}])
+    out = tmp_path / "x.png"
+    assert main([run, "--out", str(out), "--log_y", "loss", "sharpness/trace"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"log_y names \['eval_loss'\]"):
+        plot_runs([run], out, log_y=["eval_loss"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([run, "--keys", "loss", "--out", str(out), "--log_y", "sharpness/trace"])
+    assert exit_info.value.code == 2
+    assert "--log_y sharpness/trace: not a plotted key (loss)" in capsys.readouterr().err
