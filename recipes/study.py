@@ -384,6 +384,14 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
         print(f"FAILED {run['id']} (exit {process.returncode}); log: {log_path}", flush=True)
         return None
     all_results = json.loads((output_dir / "all_results.json").read_text())
+    # The time of the attempts before this one, up to the checkpoint this one resumed from, as the recipe kept it in
+    # its checkpoints (`run_cost.json`; `None`: resumed from a checkpoint older than that file, so unknown).
+    cost_path = output_dir / "run_cost.json"
+    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
+    earlier_wall, earlier_cpu = (
+        (0.0, 0.0) if checkpoint is None else (cost.get("earlier_wall_s"), cost.get("earlier_cpu_s"))
+    )
+    attempt_cpu = usage.ru_utime + usage.ru_stime
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     record = {
         **{key: run[key] for key in ("id", "study", "recipe", "task", "method", "rho", "seed")},
@@ -392,9 +400,12 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
         "eval_history": [log for log in history if any(k.startswith("eval_") for k in log)],
         "train_history": [log for log in history if "loss" in log],
         "sharpness_history": [log for log in history if any(k.startswith("sharpness/") for k in log)],
-        # Time of this process only: a run resumed from a checkpoint adds its earlier attempts' time (`attempts`).
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
+        # The whole run's time: this attempt's process, plus the earlier attempts' up to the resumed checkpoint.
+        "wall_s": None if earlier_wall is None else earlier_wall + wall,
+        "cpu_s": None if earlier_cpu is None else earlier_cpu + attempt_cpu,
+        "attempt_wall_s": wall,
+        "attempt_cpu_s": attempt_cpu,
+        "attempts": 1 if checkpoint is None else cost.get("attempts"),
         "resumed_from": None if checkpoint is None else os.path.basename(checkpoint),
         "torch_threads": 1,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -402,6 +413,13 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
     }
     shutil.rmtree(output_dir, ignore_errors=True)  # the numbers are kept; the weights (87 MiB a run) are not
     return record
+
+
+def whole_time_known(record: dict) -> bool:
+    """A record's `wall_s` / `cpu_s` cover the whole run: not resumed, or resumed with the earlier attempts' time."""
+    if record.get("wall_s") is None:
+        return False
+    return not record.get("resumed_from") or record.get("attempts") is not None
 
 
 def _last_byte(path: Path) -> bytes:
@@ -462,7 +480,8 @@ def run_study(args) -> None:
                     writer.flush()
                     os.fsync(writer.fileno())
                 results[run["id"]] = record
-                print(f"done {run['id']}: {record['wall_s']:.0f} s, {record['metrics']}", flush=True)
+                took = "unknown time" if record["wall_s"] is None else f"{record['wall_s']:.0f} s"
+                print(f"done {run['id']}: {took}, {record['metrics']}", flush=True)
     print(f"finished: {len(results)} runs in {results_path}; failed: {sorted(failed) or 'none'}", flush=True)
 
 
@@ -733,15 +752,17 @@ def report(
                     if r["seed"] in adamw and method != "AdamW" and device(adamw[r["seed"]]) != device(r)
                 )
                 crossed = f", {crossed} across devices" if crossed else ""
-                # Cost against the AdamW run of the same seed on the same kind of machine only.
-                # Cost against the AdamW run of the same seed on the same kind of machine only, and without the runs
-                # that also measured sharpness (its Hessian passes would pull the ratio towards 1).
+                # Cost against the AdamW run of the same seed on the same kind of machine only, without the runs
+                # that also measured sharpness (its Hessian passes would pull the ratio towards 1) and the runs whose
+                # whole time is unknown (resumed from a checkpoint that did not keep the time before it).
                 timed = [
                     (r, adamw[r["seed"]])
                     for r in mine
                     if r["seed"] in adamw
                     and device(adamw[r["seed"]]) == device(r)
                     and not (r.get("sharpness_history") or adamw[r["seed"]].get("sharpness_history"))
+                    and whole_time_known(r)
+                    and whole_time_known(adamw[r["seed"]])
                 ]
                 walls = [r["wall_s"] / base["wall_s"] for r, base in timed]
                 cpus = [r["cpu_s"] / base["cpu_s"] for r, base in timed]
@@ -756,8 +777,9 @@ def report(
         "",
         "Time ratios are per seed (same task and seed as the AdamW run, on the same kind of device, neither run "
         "measuring sharpness), then averaged; wall clock depends on what else ran on the machine, CPU time of the "
-        "run's process is the steadier measure. A run resumed from a checkpoint counts only its last attempt's time "
-        "(see `resumed_from` in the JSON). A paired difference marked `across devices` pairs some seeds' runs from "
+        "run's process is the steadier measure. A run resumed from a checkpoint counts each attempt up to the checkpoint "
+        "the next one resumed from (`attempts` and `resumed_from` in the JSON; the recipes keep the time in each "
+        "checkpoint's `run_cost.json`); runs resumed from an older checkpoint without it have no ratio. A paired difference marked `across devices` pairs some seeds' runs from "
         "two devices (TF32 and the fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias "
         "we could measure (`sweep_adamw_on_cpu.jsonl`)."
         + (

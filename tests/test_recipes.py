@@ -6,17 +6,18 @@ absent) with a tiny BERT whose metrics are recomputed from the saved model.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_sam.checkpointing import last_complete_checkpoint
 from hf_sam.scripts.glue import glue_metrics, load_glue_tsv, split_off_validation
 from hf_sam.scripts.utils import SAMArgumentParser, checkpoint_to_resume, make_parser, sharpness_diagnostics
 from recipes import run_glue
@@ -280,7 +281,9 @@ def test_killed_run_resumes_bitwise_when_rerun(tmp_path, tiny_text_model):
     uninterrupted, killed = start(reference), start(resumed)  # one on each core
     try:
         deadline = time.monotonic() + 240
-        while killed.poll() is None and last_complete_checkpoint(resumed) is None and time.monotonic() < deadline:
+        # Killed once a checkpoint holds its run_cost.json (written by on_save, just after the checkpoint itself).
+        while killed.poll() is None and not list(resumed.glob("checkpoint-*/run_cost.json")):
+            assert time.monotonic() < deadline, (tmp_path / "resumed.log").read_text()[-6000:]
             time.sleep(0.005)
         killed.send_signal(signal.SIGKILL)
         assert uninterrupted.wait(timeout=240) == 0, (tmp_path / "reference.log").read_text()[-6000:]
@@ -294,6 +297,22 @@ def test_killed_run_resumes_bitwise_when_rerun(tmp_path, tiny_text_model):
     expected, got = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
+
+    # The time of the run across its attempts: the reference's checkpoints hold a growing cost, one attempt; the
+    # resumed run adds the killed attempt's time up to the checkpoint it resumed from.
+    costs = [json.loads((reference / f"checkpoint-{step}" / "run_cost.json").read_text()) for step in (2, 4, 6)]
+    assert [cost["attempts"] for cost in costs] == [1, 1, 1]
+    assert 0 < costs[0]["wall_s"] < costs[1]["wall_s"] < costs[2]["wall_s"] and costs[0]["cpu_s"] > 0
+    total = json.loads((reference / "run_cost.json").read_text())
+    assert total["attempts"] == 1 and total["earlier_wall_s"] == 0 and total["wall_s"] >= costs[2]["wall_s"]
+    checkpoint = re.search(r"Resuming from (\S+), the last complete checkpoint", completed.stderr).group(1)
+    total = json.loads((resumed / "run_cost.json").read_text())
+    if (Path(checkpoint) / "run_cost.json").is_file():  # the kill almost always lands here
+        before = json.loads((Path(checkpoint) / "run_cost.json").read_text())
+        assert total["attempts"] == 2 and total["earlier_wall_s"] == before["wall_s"] > 0
+        assert total["wall_s"] > before["wall_s"] and total["cpu_s"] > before["cpu_s"]
+    else:  # killed between a later checkpoint and its run_cost.json: the time before it is unknown, not guessed
+        assert total["attempts"] is None and total["wall_s"] is None and total["earlier_wall_s"] is None
 
 
 # ---------------------------------------------------------------------------------------------- real GLUE rows
@@ -422,3 +441,31 @@ def test_bad_sharpness_flags_are_refused_naming_the_flag():
         ValueError, match="--sharpness_diagnostics` / `--sharpness_settings`: `diagnostics` has an unknown"
     ):
         parse(["--task_name", "rte", "--output_dir", "unused", "--sharpness_diagnostics", "ascent,hessian"])
+
+
+def test_run_cost_adds_the_earlier_attempts_up_to_the_resumed_checkpoint(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from hf_sam.scripts.utils import RunCostCallback, read_run_cost
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    (tmp_path / "checkpoint-3").mkdir()
+    first = RunCostCallback(None)
+    first.on_save(args, TrainerState(global_step=3), TrainerControl())
+    saved = read_run_cost(tmp_path / "checkpoint-3")
+    assert saved["attempts"] == 1 and saved["wall_s"] > 0 and saved["cpu_s"] > 0
+    first.on_save(args, TrainerState(global_step=4), TrainerControl())  # no such folder (not saved): nothing written
+    assert not (tmp_path / "checkpoint-4").exists()
+
+    (tmp_path / "checkpoint-3" / "run_cost.json").write_text(
+        json.dumps({"wall_s": 100.0, "cpu_s": 90.0, "attempts": 2})
+    )
+    resumed = RunCostCallback(str(tmp_path / "checkpoint-3"))
+    final = resumed.finish(str(tmp_path))
+    assert final == read_run_cost(tmp_path)
+    assert final["attempts"] == 3 and final["earlier_wall_s"] == 100.0 and final["earlier_cpu_s"] == 90.0
+    assert 100.0 < final["wall_s"] < 100.0 + saved["wall_s"] + 600 and final["cpu_s"] > 90.0
+
+    (tmp_path / "old").mkdir()  # a checkpoint from before recipes kept their time
+    unknown = RunCostCallback(str(tmp_path / "old")).finish(str(tmp_path))
+    assert unknown == {"wall_s": None, "cpu_s": None, "attempts": None, "earlier_wall_s": None, "earlier_cpu_s": None}

@@ -129,6 +129,8 @@ def test_runner_records_a_run_and_skips_it_when_started_again(tmp_path):
     assert "--validation_split_percentage 10" in record["command"] and "--rho 0" in record["command"]
     assert {"torch", "transformers", "hf_sam", "git_commit", "machine"} <= set(record["environment"])
     assert record["cpu_s"] > 0 and "eval_accuracy" in record["metrics"] and record["eval_history"]
+    assert record["attempts"] == 1 and record["resumed_from"] is None
+    assert (record["wall_s"], record["cpu_s"]) == (record["attempt_wall_s"], record["attempt_cpu_s"])
     assert not os.path.exists(tmp_path / "work" / "glue-sweep-rte-AdamW-rho0-seed0")  # weights are not kept
     study.main(argv)  # finished: nothing runs, nothing is appended
     assert len(results.read_text().splitlines()) == 1
@@ -238,3 +240,53 @@ def test_peer_control_runs_pytorch_optimizer_sam_and_writes_what_the_runner_read
     assert json.loads((tmp_path / "all_results.json").read_text())["eval_accuracy"] == results["eval_accuracy"]
     with pytest.raises(SystemExit):
         peer_glue.parse_args(["--task_name", "rte", "--data_dir", ".", "--output_dir", ".", "--rho", "0"])
+
+
+def test_time_ratios_skip_runs_whose_whole_time_is_unknown():
+    records = [_record("glue", "mrpc", "AdamW", 0.0, seed, 0.70) for seed in range(2)]
+    records += [_record("glue", "mrpc", "SAM", 0.01, seed, 0.72, wall=200.0 + 100 * seed) for seed in range(2)]
+    records[3] |= {"resumed_from": "checkpoint-9", "attempts": 2}  # resumed, earlier attempts counted: kept
+    row = next(
+        line
+        for line in study.report({r["id"]: r for r in records}, str(DATA_DIR)).splitlines()
+        if "| MRPC | accuracy" in line and "| SAM |" in line
+    )
+    assert "2.50x / 2.50x" in row
+    records[3] |= {"attempts": None}  # resumed from a checkpoint without run_cost.json (or a record older than it)
+    row = next(
+        line
+        for line in study.report({r["id"]: r for r in records}, str(DATA_DIR)).splitlines()
+        if "| MRPC | accuracy" in line and "| SAM |" in line
+    )
+    assert "2.00x / 2.00x" in row
+    assert study.whole_time_known(records[0]) and not study.whole_time_known(records[3])
+    assert not study.whole_time_known({**records[0], "wall_s": None})
+
+
+def test_a_resumed_run_adds_the_time_its_checkpoint_kept(tmp_path):
+    """The runner's record of a resumed run: this attempt's time plus the earlier attempts' from run_cost.json."""
+    import argparse
+
+    fake_recipe = tmp_path / "code" / "recipes" / "fake.py"
+    fake_recipe.parent.mkdir(parents=True)
+    fake_recipe.write_text(
+        "import json, pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+        "(out / 'all_results.json').write_text(json.dumps({'eval_accuracy': 0.5}))\n"
+        "(out / 'trainer_state.json').write_text(json.dumps({'log_history': []}))\n"
+        "cost = {'wall_s': 1000.5, 'cpu_s': 900.5, 'attempts': 3, 'earlier_wall_s': 1000.0, 'earlier_cpu_s': 900.0}\n"
+        "(out / 'run_cost.json').write_text(json.dumps(cost))\n"
+    )
+    run = {"id": "s/t/AdamW/rho0/seed0", "study": "s", "recipe": "fake", "task": "t", "method": "AdamW", "rho": 0.0}
+    run |= {"seed": 0, "argv": []}
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), code_dir=str(tmp_path / "code"), extra_flags="")
+    checkpoint = tmp_path / "work" / "s-t-AdamW-rho0-seed0" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt"):
+        (checkpoint / name).write_bytes(b"")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    record = study.execute(run, args, {})
+    assert record["resumed_from"] == "checkpoint-5" and record["attempts"] == 3
+    assert record["wall_s"] == pytest.approx(1000.0 + record["attempt_wall_s"])
+    assert record["cpu_s"] == pytest.approx(900.0 + record["attempt_cpu_s"])
+    assert 0 < record["attempt_wall_s"] < 60 and study.whole_time_known(record)

@@ -19,8 +19,10 @@ whether to resume or refuse a used `--output_dir`, and run the train-and-evaluat
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,13 +31,25 @@ import datasets
 import torch
 import transformers
 from datasets import ClassLabel, DatasetDict
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ..checkpointing import CHECKPOINT_FOLDER_RE, checkpoint_problems, last_complete_checkpoint
 from ..sam_config import SAMConfig
 
 
 logger = logging.getLogger(__name__)
+
+
+def _process_cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have ended (e.g. data-loader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+# The origin of a recipe's time measurements (`RunCostCallback`): this module is imported before data or model load.
+_ATTEMPT_START_WALL = time.perf_counter()
+_ATTEMPT_START_CPU = _process_cpu_seconds()
+RUN_COST_NAME = "run_cost.json"
 
 DEEPSPEED_REFUSED = (
     "SAMTrainer does not support DeepSpeed (`--deepspeed`, or an `accelerate` config with DeepSpeed): its engine steps "
@@ -323,6 +337,63 @@ def add_sharpness_callback(trainer: Trainer, script_args: RecipeArguments, train
     )
 
 
+def read_run_cost(folder: str | os.PathLike | None) -> dict[str, Any] | None:
+    """
+    The `run_cost.json` of a checkpoint or output folder: `{"wall_s", "cpu_s", "attempts"}` up to that save; `None`
+    when `folder` is `None`. A folder without it (a checkpoint written before recipes kept their cost) gives
+    `{"wall_s": None, "cpu_s": None, "attempts": None}`: the time spent before it is unknown.
+    """
+    if folder is None:
+        return None
+    path = os.path.join(folder, RUN_COST_NAME)
+    if not os.path.isfile(path):
+        return {"wall_s": None, "cpu_s": None, "attempts": None}
+    with open(path) as f:
+        return json.load(f)
+
+
+class RunCostCallback(TrainerCallback):
+    """
+    The time a run costs across resumes. Each checkpoint gets `run_cost.json`: the wall-clock and CPU seconds of the
+    attempts so far, `{"wall_s", "cpu_s", "attempts"}`, i.e. this attempt's from the start of the recipe (the import
+    of `hf_sam.scripts.utils`, before data and model are loaded) to the save, plus what the checkpoint it resumed
+    from holds. An interrupted run thus counts each earlier attempt up to the checkpoint the next one resumed from:
+    the work done after that save, lost with the process and redone, is not counted; the repeated start-up is.
+    Unknown (`None`) when the resumed checkpoint has no `run_cost.json`. CPU time is this process's (rank 0's in a
+    launched run). `finish(output_dir)` writes the totals at the end of the run, with `earlier_wall_s` /
+    `earlier_cpu_s`, the part from before this attempt, for a caller that times the last attempt itself.
+    """
+
+    def __init__(self, resumed_from: str | None = None):
+        self.earlier = read_run_cost(resumed_from) or {"wall_s": 0.0, "cpu_s": 0.0, "attempts": 0}
+
+    def totals(self) -> dict[str, Any]:
+        """The cost so far: the earlier attempts' (from the resumed checkpoint) plus this one's until now."""
+        known = self.earlier["wall_s"] is not None
+        return {
+            "wall_s": self.earlier["wall_s"] + time.perf_counter() - _ATTEMPT_START_WALL if known else None,
+            "cpu_s": self.earlier["cpu_s"] + _process_cpu_seconds() - _ATTEMPT_START_CPU if known else None,
+            "attempts": self.earlier["attempts"] + 1 if known else None,
+        }
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            _write_json_atomically(os.path.join(folder, RUN_COST_NAME), self.totals())
+
+    def finish(self, output_dir: str) -> dict[str, Any]:
+        """Write `output_dir/run_cost.json`: the totals and the earlier attempts' part; returns what it wrote."""
+        cost = {**self.totals(), "earlier_wall_s": self.earlier["wall_s"], "earlier_cpu_s": self.earlier["cpu_s"]}
+        _write_json_atomically(os.path.join(output_dir, RUN_COST_NAME), cost)
+        return cost
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def train_and_evaluate(
     trainer: Trainer,
     training_args: TrainingArguments,
@@ -333,10 +404,13 @@ def train_and_evaluate(
     """
     The tail of every recipe: add the sharpness callback if `script_args` asks for it, train (resuming from
     `checkpoint`), save the model and state, evaluate; write `train_results.json`, `eval_results.json` and
-    `all_results.json`. Returns the metrics of both, with the number of examples as `train_samples` / `eval_samples`.
+    `all_results.json`, and the run's time across resumes in `run_cost.json` (`RunCostCallback`). Returns the
+    metrics of both, with the number of examples as `train_samples` / `eval_samples`.
     """
     if script_args is not None:
         add_sharpness_callback(trainer, script_args, sharpness_train_dataset)
+    cost = RunCostCallback(checkpoint if training_args.do_train else None)
+    trainer.add_callback(cost)
     metrics: dict[str, float] = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -351,6 +425,9 @@ def train_and_evaluate(
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        cost.finish(training_args.output_dir)
     # A launched run tears its process group down itself: left to the interpreter's exit, gloo's threads can abort a
     # finished run ("terminate called without an active exception", seen once in 2 processes on a loaded machine).
     if torch.distributed.is_available() and torch.distributed.is_initialized() and "LOCAL_RANK" in os.environ:
