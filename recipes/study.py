@@ -268,9 +268,9 @@ def plan_image_grid(args, results) -> list[dict]:
 
 def plan_image_full_batch(args, results) -> list[dict]:
     """
-    The other half of Wen, Ma & Li's claim: full-batch SAM (the same 512 training images, a seed-0 shuffle, as one
-    batch at every step, 300 steps, no augmentation) against full-batch AdamW, with the sharpness every 100 steps and the test accuracy
-    every 25.
+    The other half of Wen, Ma & Li's claim: full-batch SAM (512 training images drawn with the run's seed, as one
+    batch at every step, 300 steps, no augmentation) against full-batch AdamW, with the sharpness of that full-batch
+    loss every 100 steps and the test accuracy every 25; one pair per seed of `--seeds` (seed 0 first ran alone).
     """
     rho = chosen_rhos(results, "image-sweep")["SAM"]
     # No augmentation: every step sees exactly the same batch (the full-batch setting of the paper).
@@ -282,7 +282,11 @@ def plan_image_full_batch(args, results) -> list[dict]:
     extra += ["--sharpness_every_n_steps", "100", "--sharpness_num_batches", "1", "--sharpness_batch_size", "512"]
     extra += SHARPNESS_DIAGNOSTICS
     methods = [("AdamW", 0.0)] + ([("SAM", rho)] if rho is not None else [])
-    return [image_run("image-full-batch", m, r, 0, args.data_dir, held_out=False, extra=extra) for m, r in methods]
+    return [
+        image_run("image-full-batch", method, rho, seed, args.data_dir, held_out=False, extra=extra)
+        for seed in args.seeds
+        for method, rho in methods
+    ]
 
 
 STUDIES = {
@@ -496,18 +500,19 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
 
 
-def paired_difference(pairs: list[tuple[float, float]]) -> str:
+def paired_difference(pairs: list[tuple[float, float]], form: str = "{:+.3f}") -> str:
     """Mean of `b - a` over seeds with a two-sided 95% Student-t interval (n - 1 degrees of freedom)."""
     if not pairs:
         return "–"
     differences = [b - a for a, b in pairs]
     mean = statistics.mean(differences)
     if len(differences) < 2:
-        return f"{mean:+.3f} (n=1)"
+        return f"{form.format(mean)} (n=1)"
     from scipy.stats import t
 
     half_width = t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return f"{mean:+.3f} [{mean - half_width:+.3f}, {mean + half_width:+.3f}] (n={len(differences)})"
+    low, high = form.format(mean - half_width), form.format(mean + half_width)
+    return f"{form.format(mean)} [{low}, {high}] (n={len(differences)})"
 
 
 def majority_baselines(data_dir: str) -> dict[str, dict[str, float]]:
@@ -578,7 +583,7 @@ def sharpness_section(records: list[dict]) -> list[str]:
     measured = [r for r in records if r.get("sharpness_history") and r["study"] in ("image", "image-full-batch")]
     if not measured:
         return []
-    measured.sort(key=lambda r: (r["study"] != "image", METHOD_ORDER.index(r["method"]), r["rho"]))
+    measured.sort(key=lambda r: (r["study"] != "image", r["seed"], METHOD_ORDER.index(r["method"]), r["rho"]))
 
     def value(log: dict, key: str, form: str) -> str:
         if key not in log:
@@ -591,45 +596,76 @@ def sharpness_section(records: list[dict]) -> list[str]:
         "",
         "## Sharpness (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top eigenvalue)",
         "",
-        "Seed 0 of the image grid, and full-batch training (the same 512 training images as one batch at every "
-        "step, no augmentation); measured by `SharpnessCallback` in eval mode on the examples the `measured on` "
+        "Seed 0 of the image grid, and full-batch training (512 training images drawn with the run's seed, as one "
+        "batch at every step, no augmentation); measured by `SharpnessCallback` in eval mode on the examples the `measured on` "
         "column names (read from each run's command: which data, batches x batch size; a fixed seed-0 random subset "
         "without augmentation), ascent sharpness at rho 0.05, the trace by Hutchinson or Hutch++ with its standard "
         "error after the ±. At the end of training:",
         "",
-        "| study | method | rho | step | "
+        "| study | seed | method | rho | step | "
         + " | ".join(label for _, label, _ in SHARPNESS_KEYS)
         + " | measured on | ran on |",
-        "|---|---|---|---|" + "---|" * len(SHARPNESS_KEYS) + "---|---|",
+        "|---|---|---|---|---|" + "---|" * len(SHARPNESS_KEYS) + "---|---|",
     ]
     for record in measured:
         last = record["sharpness_history"][-1]
         cells = [value(last, key, form) for key, _, form in SHARPNESS_KEYS]
         lines.append(
-            f"| {record['study']} | {record['method']} | {record['rho']:g} | {last['step']} | "
+            f"| {record['study']} | {record['seed']} | {record['method']} | {record['rho']:g} | {last['step']} | "
             + " | ".join(cells)
             + f" | {sharpness_setup(record)} | {device(record)} |"
         )
+    lines += sharpness_differences(measured)
     lines += [
         "",
         "Along training (step: value):",
         "",
-        "| study | method | quantity | step: value |",
-        "|---|---|---|---|",
+        "| study | seed | method | quantity | step: value |",
+        "|---|---|---|---|---|",
     ]
     for record in measured:
         for key, label, form in SHARPNESS_KEYS[:2]:
             points = [f"{log['step']}: {value(log, key, form)}" for log in record["sharpness_history"] if key in log]
-            lines.append(f"| {record['study']} | {record['method']} | {label} | " + ", ".join(points) + " |")
+            lines.append(
+                f"| {record['study']} | {record['seed']} | {record['method']} | {label} | " + ", ".join(points) + " |"
+            )
         # The Hessian of cross-entropy shrinks as the loss goes to 0: read the sharpness with the loss it was at.
         losses = []
         for log in record["sharpness_history"]:
             before = [t["loss"] for t in record.get("train_history", []) if t["step"] <= log["step"]]
             losses.append(f"{log['step']}: {before[-1]:.3g}" if before else f"{log['step']}: –")
         lines.append(
-            f"| {record['study']} | {record['method']} | training loss (last logged) | " + ", ".join(losses) + " |"
+            f"| {record['study']} | {record['seed']} | {record['method']} | training loss (last logged) | "
+            + ", ".join(losses)
+            + " |"
         )
     return lines
+
+
+def sharpness_differences(measured: list[dict]) -> list[str]:
+    """
+    Per study measured at more than one seed: each method minus AdamW at the end of training, paired by seed, for the
+    top eigenvalue and the trace (mean with a 95% t-interval over seeds; the seeds' own Monte-Carlo errors are not
+    in it), as the difference says more than one seed's pair.
+    """
+    lines = []
+    for study_name in sorted({r["study"] for r in measured}):
+        runs = [r for r in measured if r["study"] == study_name]
+        if len({r["seed"] for r in runs}) < 2:
+            continue
+        adamw = {r["seed"]: r["sharpness_history"][-1] for r in runs if r["method"] == "AdamW"}
+        for method in [m for m in METHOD_ORDER if m != "AdamW" and any(r["method"] == m for r in runs)]:
+            cells = []
+            for key, label, _ in SHARPNESS_KEYS[:2]:
+                pairs = [
+                    (adamw[r["seed"]][key], r["sharpness_history"][-1][key])
+                    for r in runs
+                    if r["method"] == method and r["seed"] in adamw
+                    and key in adamw[r["seed"]] and key in r["sharpness_history"][-1]
+                ]  # fmt: skip
+                cells.append(f"{label} {paired_difference(pairs, '{:+.4g}')}")
+            lines.append(f"- {study_name}, {method} minus AdamW at the end, paired by seed: " + "; ".join(cells) + ".")
+    return [""] + lines if lines else []
 
 
 def report(

@@ -97,10 +97,10 @@ def test_report_tabulates_the_sharpness_of_the_runs_that_measured_it(tmp_path):
     record["eval_history"] = [{"step": 300, "eval_accuracy": 0.5}]
     text = study.report({record["id"]: record}, "/nonexistent")
     assert (
-        "| image-full-batch | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.25 | train 1 x 512, Hutch++ k=5 + 30 probes | CPU |"
+        "| image-full-batch | 0 | SAM | 0.02 | 300 | 40 | 20 ± 2 | 0.5 | 0.25 | train 1 x 512, Hutch++ k=5 + 30 probes | CPU |"
         in text
     )
-    assert "| image-full-batch | SAM | top eigenvalue | 0: 100, 300: 40 |" in text
+    assert "| image-full-batch | 0 | SAM | top eigenvalue | 0: 100, 300: 40 |" in text
 
     results = tmp_path / "study.jsonl"
     results.write_text(json.dumps(record) + "\n")
@@ -157,7 +157,7 @@ def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypa
     assert len(glue_sam) == 4 * 2 * 3 and min(glue_sam) > sweep_ends
     assert all("/rho0.02/" in started[i] for i in glue_sam)
     image_runs = [run for run in started if run.startswith(("image/", "image-full-batch/"))]
-    assert len(image_runs) == 3 * 4 + 2 and all("/rho0/" in run or "/rho0.02/" in run for run in image_runs)
+    assert len(image_runs) == 3 * 4 + 3 * 2 and all("/rho0/" in run or "/rho0.02/" in run for run in image_runs)
     peer = [run for run in started if run.startswith("glue-peer/")]
     assert sorted(peer) == [f"glue-peer/mrpc/SAM-pytorch_optimizer/rho0.02/seed{seed}" for seed in range(3)]
     assert len(started) == 18 + 10 + 36 + 6 + 3 + len(image_runs)
@@ -290,3 +290,20 @@ def test_a_resumed_run_adds_the_time_its_checkpoint_kept(tmp_path):
     assert record["wall_s"] == pytest.approx(1000.0 + record["attempt_wall_s"])
     assert record["cpu_s"] == pytest.approx(900.0 + record["attempt_cpu_s"])
     assert 0 < record["attempt_wall_s"] < 60 and study.whole_time_known(record)
+
+
+def test_sharpness_differences_pair_the_seeds_of_a_study():
+    def measured(method, rho, seed, top, trace):
+        end = {"step": 300, "sharpness/top_eigenvalue": top, "sharpness/trace": trace}
+        return _record("image-full-batch", "cifar10", method, rho, seed, 0.5) | {"sharpness_history": [end]}
+
+    records = [measured("AdamW", 0.0, seed, 10.0 + seed, 100.0) for seed in range(3)]
+    records += [measured("SAM", 0.02, seed, 5.0 + 2 * seed, 150.0 + seed) for seed in range(3)]
+    (line,) = study.sharpness_differences(records)[1:]
+    top = study.paired_difference([(10.0, 5.0), (11.0, 7.0), (12.0, 9.0)], "{:+.4g}")
+    trace = study.paired_difference([(100.0, 150.0), (100.0, 151.0), (100.0, 152.0)], "{:+.4g}")
+    assert (
+        line == f"- image-full-batch, SAM minus AdamW at the end, paired by seed: top eigenvalue {top}; trace {trace}."
+    )
+    assert top.startswith("-4 [") and top.endswith("(n=3)") and trace.startswith("+51 [")
+    assert study.sharpness_differences(records[:1] + records[3:4]) == []  # one seed: the table says it all
