@@ -21,8 +21,8 @@ python -m hf_sam.plot runs/mrpc-sam runs/mrpc-fsam --out sharpness.png
 One panel per quantity (`loss`, `eval_loss`, `sam/sharpness`, then every `sharpness/<name>` logged by
 `SharpnessCallback`, or the `--keys` given), one line per run (labelled with the run's folder name) against the
 optimizer step; a `<key>_stderr` logged next to a key is drawn as a +-1 stderr band. `--log_y KEY ...` draws those
-panels on a logarithmic axis (symmetric-log, linear around 0, when a value is <= 0). Needs matplotlib
-(`pip install matplotlib`); draws with the Agg backend (no display, and pyplot's global backend is left alone).
+panels on a logarithmic axis (symmetric-log, linear around 0, when a value or a band reaches 0 or below). Needs
+matplotlib (`pip install matplotlib`); draws with the Agg backend (no display, and pyplot's global backend is left alone).
 """
 
 import argparse
@@ -110,8 +110,8 @@ def plot_runs(
     """
     Draw one panel per quantity and one line per run, and write the figure to `out` (format from its suffix).
 
-    The panels of the keys in `log_y` get a logarithmic y axis; where some value in the panel is <= 0 (a Hutchinson
-    trace early in training can be negative), a symmetric-log axis, linear near 0.
+    The panels of the keys in `log_y` get a logarithmic y axis; where some value in the panel, or the lower end of
+    its stderr band, is <= 0 (a trace estimate early in training can be), a symmetric-log axis, linear near 0.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -148,8 +148,8 @@ def plot_runs(
                 low = [v - (s if math.isfinite(s) else 0.0) for v, s in zip(values, stderrs, strict=True)]
                 high = [v + (s if math.isfinite(s) else 0.0) for v, s in zip(values, stderrs, strict=True)]
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-        if key in log_y:
-            _log_scale(ax, [v for series in all_series if key in series for v in series[key][1]])
+        if key in log_y:  # the values and the ends of their stderr bands
+            _log_scale(ax, [v for series in all_series if key in series for v in _band_ends(*series[key][1:])])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_ylabel(key.split("/")[-1])
@@ -163,6 +163,15 @@ def plot_runs(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _band_ends(values: list[float], stderrs: list[float] | None) -> list[float]:
+    """The values and, where there is a stderr, `value - stderr` and `value + stderr`."""
+    ends = list(values)
+    for value, stderr in zip(values, stderrs, strict=True) if stderrs is not None else ():
+        if math.isfinite(stderr):
+            ends += [value - stderr, value + stderr]
+    return ends
 
 
 def _log_scale(ax, values: list[float]) -> None:

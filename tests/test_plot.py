@@ -1,6 +1,7 @@
 """`python -m hf_sam.plot`: what it says, and its exit code, when a run lacks what was asked for."""
 
 import json
+import math
 
 import pytest
 
@@ -42,13 +43,18 @@ def test_log_y_axes_and_a_log_y_key_that_is_not_plotted(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from hf_sam.plot import _log_scale, plot_runs
+    from hf_sam.plot import _band_ends, _log_scale, plot_runs
 
     positive, mixed = Figure().subplots(1, 2)
     _log_scale(positive, [2.05, 0.0024])
     _log_scale(mixed, [-63.3, 16960.0, 120.1])  # a Hutchinson trace can be negative early in training
     assert positive.get_yscale() == "log"
     assert mixed.get_yscale() == "symlog" and mixed.yaxis.get_transform().linthresh == 10.0
+    # positive values whose stderr band reaches below 0 (a trace of 50 +- 96 at step 0): symlog, so the band shows
+    assert _band_ends([50.0, 1016.0], [96.0, math.nan]) == [50.0, 1016.0, -46.0, 146.0]
+    banded = Figure().subplots()
+    _log_scale(banded, _band_ends([50.0, 1016.0], [96.0, math.nan]))
+    assert banded.get_yscale() == "symlog" and banded.yaxis.get_transform().linthresh == 10.0
 
     run = _run(tmp_path / "run", [{"step": 0, "sharpness/trace": -63.3}, {"step": 1, "loss": 2.0}])
     out = tmp_path / "x.png"
