@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 SAM_CONFIG_NAME = "sam_config.json"
 SAM_STATE_NAME = "sam_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
+# The time a recipe run has cost so far, in each checkpoint and at the end in `output_dir` (`RunCostCallback`).
+RUN_COST_NAME = "run_cost.json"
 # The folders `Trainer._save_checkpoint` writes, `checkpoint-<global step>`.
 CHECKPOINT_FOLDER_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = (
@@ -46,6 +48,22 @@ _WEIGHT_FILES = (
 )
 # Methods whose per-parameter state a checkpoint must carry in `sam_state.pt` (see `hf_sam.variants`).
 _STATEFUL_METHODS = ("fsam", "looksam")
+
+
+def read_run_cost(folder: str | os.PathLike | None) -> dict | None:
+    """
+    The `run_cost.json` of a checkpoint or output folder: `{"wall_s", "cpu_s", "attempts"}` up to that save (an
+    output folder's also has `earlier_wall_s` / `earlier_cpu_s`); `None` when `folder` is `None`. A folder without it
+    (a checkpoint written before recipes kept their cost) gives `{"wall_s": None, "cpu_s": None, "attempts": None}`:
+    the time spent before it is unknown.
+    """
+    if folder is None:
+        return None
+    path = os.path.join(folder, RUN_COST_NAME)
+    if not os.path.isfile(path):
+        return {"wall_s": None, "cpu_s": None, "attempts": None}
+    with open(path, encoding="utf-8") as reader:
+        return json.load(reader)
 
 
 def checkpoint_problems(checkpoint_dir: str | os.PathLike) -> list[str]:

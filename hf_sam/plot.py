@@ -22,7 +22,8 @@ One panel per quantity (`loss`, `eval_loss`, `sam/sharpness`, then every `sharpn
 `SharpnessCallback`, or the `--keys` given), one line per run (labelled with the run's folder name) against the
 optimizer step; a `<key>_stderr` logged next to a key is drawn as a +-1 stderr band. `--log_y KEY ...` draws those
 panels on a logarithmic axis (symmetric-log, linear around 0, when a value or a band reaches 0 or below). Needs
-matplotlib (`pip install matplotlib`); draws with the Agg backend (no display, and pyplot's global backend is left alone).
+matplotlib (`pip install matplotlib`); draws with the Agg backend (no display, and pyplot's global backend is left
+alone).
 """
 
 import argparse

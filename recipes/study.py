@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_sam.checkpointing import last_complete_checkpoint
+from hf_sam.checkpointing import last_complete_checkpoint, read_run_cost
 
 
 RECIPES = Path(__file__).resolve().parent
@@ -390,8 +390,7 @@ def execute(run: dict, args, env_info: dict) -> dict | None:
     all_results = json.loads((output_dir / "all_results.json").read_text())
     # The time of the attempts before this one, up to the checkpoint this one resumed from, as the recipe kept it in
     # its checkpoints (`run_cost.json`; `None`: resumed from a checkpoint older than that file, so unknown).
-    cost_path = output_dir / "run_cost.json"
-    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
+    cost = read_run_cost(output_dir)
     earlier_wall, earlier_cpu = (
         (0.0, 0.0) if checkpoint is None else (cost.get("earlier_wall_s"), cost.get("earlier_cpu_s"))
     )
@@ -597,10 +596,10 @@ def sharpness_section(records: list[dict]) -> list[str]:
         "## Sharpness (Wen, Ma & Li 2023: stochastic SAM lowers the Hessian trace, full-batch SAM the top eigenvalue)",
         "",
         "Seed 0 of the image grid, and full-batch training (512 training images drawn with the run's seed, as one "
-        "batch at every step, no augmentation); measured by `SharpnessCallback` in eval mode on the examples the `measured on` "
-        "column names (read from each run's command: which data, batches x batch size; a fixed seed-0 random subset "
-        "without augmentation), ascent sharpness at rho 0.05, the trace by Hutchinson or Hutch++ with its standard "
-        "error after the ±. At the end of training:",
+        "batch at every step, no augmentation); measured by `SharpnessCallback` in eval mode on the examples the "
+        "`measured on` column names (read from each run's command: which data, batches x batch size; a fixed "
+        "seed-0 random subset without augmentation), ascent sharpness at rho 0.05, the trace by Hutchinson or "
+        "Hutch++ with its standard error after the ±. At the end of training:",
         "",
         "| study | seed | method | rho | step | "
         + " | ".join(label for _, label, _ in SHARPNESS_KEYS)
@@ -813,11 +812,12 @@ def report(
         "",
         "Time ratios are per seed (same task and seed as the AdamW run, on the same kind of device, neither run "
         "measuring sharpness), then averaged; wall clock depends on what else ran on the machine, CPU time of the "
-        "run's process is the steadier measure. A run resumed from a checkpoint counts each attempt up to the checkpoint "
-        "the next one resumed from (`attempts` and `resumed_from` in the JSON; the recipes keep the time in each "
-        "checkpoint's `run_cost.json`); runs resumed from an older checkpoint without it have no ratio. A paired difference marked `across devices` pairs some seeds' runs from "
-        "two devices (TF32 and the fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias "
-        "we could measure (`sweep_adamw_on_cpu.jsonl`)."
+        "run's process is the steadier measure. A run resumed from a checkpoint counts each attempt up to the "
+        "checkpoint the next one resumed from (`attempts` and `resumed_from` in the JSON; the recipes keep the time "
+        "in each checkpoint's `run_cost.json`); runs resumed from an older checkpoint without it have no ratio. A "
+        "paired difference marked `across devices` pairs some seeds' runs from two devices (TF32 and the "
+        "fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias we could measure "
+        "(`sweep_adamw_on_cpu.jsonl`)."
         + (
             " On the GPU machine the runs shared one GPU and 16 cores, so these ratios measure contention as much as "
             "SAM's cost; the step cost of SAM is measured in `benchmarks/`."

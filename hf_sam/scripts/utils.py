@@ -33,7 +33,13 @@ import transformers
 from datasets import ClassLabel, DatasetDict
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from ..checkpointing import CHECKPOINT_FOLDER_RE, checkpoint_problems, last_complete_checkpoint
+from ..checkpointing import (
+    CHECKPOINT_FOLDER_RE,
+    RUN_COST_NAME,
+    checkpoint_problems,
+    last_complete_checkpoint,
+    read_run_cost,
+)
 from ..sam_config import SAMConfig
 
 
@@ -49,7 +55,6 @@ def _process_cpu_seconds() -> float:
 # The origin of a recipe's time measurements (`RunCostCallback`): this module is imported before data or model load.
 _ATTEMPT_START_WALL = time.perf_counter()
 _ATTEMPT_START_CPU = _process_cpu_seconds()
-RUN_COST_NAME = "run_cost.json"
 
 DEEPSPEED_REFUSED = (
     "SAMTrainer does not support DeepSpeed (`--deepspeed`, or an `accelerate` config with DeepSpeed): its engine steps "
@@ -335,21 +340,6 @@ def add_sharpness_callback(trainer: Trainer, script_args: RecipeArguments, train
             trainer=trainer,
         )
     )
-
-
-def read_run_cost(folder: str | os.PathLike | None) -> dict[str, Any] | None:
-    """
-    The `run_cost.json` of a checkpoint or output folder: `{"wall_s", "cpu_s", "attempts"}` up to that save; `None`
-    when `folder` is `None`. A folder without it (a checkpoint written before recipes kept their cost) gives
-    `{"wall_s": None, "cpu_s": None, "attempts": None}`: the time spent before it is unknown.
-    """
-    if folder is None:
-        return None
-    path = os.path.join(folder, RUN_COST_NAME)
-    if not os.path.isfile(path):
-        return {"wall_s": None, "cpu_s": None, "attempts": None}
-    with open(path) as f:
-        return json.load(f)
 
 
 class RunCostCallback(TrainerCallback):
