@@ -547,6 +547,22 @@ def device(record: dict) -> str:
     return match.group(1) if match else gpu
 
 
+def time_ratios(pairs: list[tuple[dict, dict]]) -> str:
+    """Wall / CPU time of runs over their AdamW runs, averaged per device: "2.01x / 2.00x", or, where the seeds ran on
+    two kinds of device, "H100 1.23x / 1.21x; CPU 2.01x / 2.00x" (a GPU shared by many runs and one CPU core do
+    not cost the same, so their ratios are never averaged together)."""
+    by_device: dict[str, list[tuple[float, float]]] = {}
+    for run, adamw in pairs:
+        by_device.setdefault(device(run), []).append((run["wall_s"] / adamw["wall_s"], run["cpu_s"] / adamw["cpu_s"]))
+    ratios = {
+        name: f"{statistics.mean(w for w, _ in values):.2f}x / {statistics.mean(c for _, c in values):.2f}x"
+        for name, values in by_device.items()
+    }
+    if len(set(ratios.values())) <= 1:  # one device, or the same ratio on each (AdamW over itself)
+        return next(iter(ratios.values()), "–")
+    return "; ".join(f"{name} {ratio}" for name, ratio in ratios.items())
+
+
 def devices(records: list[dict]) -> str:
     """The seeds of a cell by device, e.g. "H100: 0; CPU: 1, 2" (a seed's methods pair up on one device)."""
     by_device: dict[str, list[int]] = {}
@@ -799,9 +815,7 @@ def report(
                     and whole_time_known(r)
                     and whole_time_known(adamw[r["seed"]])
                 ]
-                walls = [r["wall_s"] / base["wall_s"] for r, base in timed]
-                cpus = [r["cpu_s"] / base["cpu_s"] for r, base in timed]
-                cost = f"{statistics.mean(walls):.2f}x / {statistics.mean(cpus):.2f}x" if walls else "–"
+                cost = time_ratios(timed)
                 baseline = baselines.get(task, {}).get(key)
                 lines.append(
                     f"| {task_label(task)} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
@@ -811,8 +825,8 @@ def report(
     lines += [
         "",
         "Time ratios are per seed (same task and seed as the AdamW run, on the same kind of device, neither run "
-        "measuring sharpness), then averaged; wall clock depends on what else ran on the machine, CPU time of the "
-        "run's process is the steadier measure. A run resumed from a checkpoint counts each attempt up to the "
+        "measuring sharpness), then averaged per kind of device; wall clock depends on what else ran on the "
+        "machine, CPU time of the run's process is the steadier measure. A run resumed from a checkpoint counts each attempt up to the "
         "checkpoint the next one resumed from (`attempts` and `resumed_from` in the JSON; the recipes keep the time "
         "in each checkpoint's `run_cost.json`); runs resumed from an older checkpoint without it have no ratio. A "
         "paired difference marked `across devices` pairs some seeds' runs from two devices (TF32 and the "

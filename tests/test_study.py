@@ -78,7 +78,7 @@ def test_report_names_the_device_of_each_seed_and_times_only_within_one_device()
     records[3 + 2]["environment"] = gpu  # SAM seed 2 on the GPU, its AdamW on CPUs: no time ratio from that pair
     text = study.report({r["id"]: r for r in records}, "/nonexistent")
     sam_row = next(line for line in text.splitlines() if "| RTE | accuracy" in line and "| SAM |" in line)
-    assert "| 2.25x / 2.25x | H100: 0, 2; CPU: 1 |" in sam_row  # mean of 20/10 and 250/100
+    assert "| H100 2.00x / 2.00x; CPU 2.50x / 2.50x | H100: 0, 2; CPU: 1 |" in sam_row  # 20/10, 250/100: not averaged
     assert "(n=3), 1 across devices |" in sam_row
 
 
