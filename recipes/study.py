@@ -826,9 +826,10 @@ def report(
         "",
         "Time ratios are per seed (same task and seed as the AdamW run, on the same kind of device, neither run "
         "measuring sharpness), then averaged per kind of device; wall clock depends on what else ran on the "
-        "machine, CPU time of the run's process is the steadier measure. A run resumed from a checkpoint counts each attempt up to the "
-        "checkpoint the next one resumed from (`attempts` and `resumed_from` in the JSON; the recipes keep the time "
-        "in each checkpoint's `run_cost.json`); runs resumed from an older checkpoint without it have no ratio. A "
+        "machine, CPU time of the run's process is the steadier measure. A run resumed from a checkpoint counts "
+        "each attempt up to the checkpoint the next one resumed from (`attempts` and `resumed_from` in the JSON; "
+        "the recipes keep the time in each checkpoint's `run_cost.json`); runs resumed from an older checkpoint "
+        "without it have no ratio. A "
         "paired difference marked `across devices` pairs some seeds' runs from two devices (TF32 and the "
         "fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias we could measure "
         "(`sweep_adamw_on_cpu.jsonl`)."
