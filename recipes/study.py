@@ -431,6 +431,11 @@ def _last_byte(path: Path) -> bytes:
         return reader.read(1)
 
 
+def planned_runs(args, results: dict) -> list[dict]:
+    """The runs of `args.study` that the finished `results` allow now, restricted to the ids containing `args.only`."""
+    return [run for study in args.study for run in STUDIES[study](args, results) if args.only in run["id"]]
+
+
 def run_study(args) -> None:
     """
     Run every planned run of `args.study` that `--results` does not hold, `--workers` at a time. The plan is redone
@@ -443,7 +448,7 @@ def run_study(args) -> None:
     started, failed = set(), set()
 
     def plan() -> list[dict]:
-        return [run for study in args.study for run in STUDIES[study](args, results) if args.only in run["id"]]
+        return planned_runs(args, results)
 
     planned = plan()
     print(f"{len(planned)} runs planned now, {sum(r['id'] in results for r in planned)} done", flush=True)
@@ -911,14 +916,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.dry_run:
         results = read_results(*args.results)
-        for study in args.study:
-            for run in STUDIES[study](args, results):
-                print(
-                    ("done  " if run["id"] in results else "to do ")
-                    + run["id"]
-                    + ": "
-                    + command(run, args.extra_flags)
-                )
+        for run in planned_runs(args, results):
+            print(("done  " if run["id"] in results else "to do ") + run["id"] + ": " + command(run, args.extra_flags))
         return
     run_study(args)
 

@@ -307,3 +307,14 @@ def test_sharpness_differences_pair_the_seeds_of_a_study():
     )
     assert top.startswith("-4 [") and top.endswith("(n=3)") and trace.startswith("+51 [")
     assert study.sharpness_differences(records[:1] + records[3:4]) == []  # one seed: the table says it all
+
+
+def test_dry_run_lists_only_the_runs_the_filter_keeps(tmp_path, capsys):
+    """`--dry_run --only X` prints exactly the runs a real run with `--only X` would start, marked done or to do."""
+    results = tmp_path / "study.jsonl"
+    results.write_text(json.dumps(_record("glue-sweep", "rte", "AdamW", 0.0, 0, 0.6)) + "\n")
+    study.main(["--study", "glue-sweep", "--only", "/rte/", "--dry_run", "--results", str(results)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("/rte/" in line.split(":")[0] for line in lines)
+    assert lines[0].startswith("done  glue-sweep/rte/AdamW/rho0/seed0:")
+    assert sum(line.startswith("to do ") for line in lines) == len(lines) - 1
