@@ -447,10 +447,7 @@ def run_study(args) -> None:
     env_info = environment(Path(args.code_dir))
     started, failed = set(), set()
 
-    def plan() -> list[dict]:
-        return planned_runs(args, results)
-
-    planned = plan()
+    planned = planned_runs(args, results)
     print(f"{len(planned)} runs planned now, {sum(r['id'] in results for r in planned)} done", flush=True)
     for study in args.study:
         if not STUDIES[study](args, results) and not study.endswith("sweep"):
@@ -467,7 +464,11 @@ def run_study(args) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
         running = {}
         while True:
-            todo = [run for run in plan() if run["id"] not in results and run["id"] not in started | failed]
+            todo = [
+                run
+                for run in planned_runs(args, results)
+                if run["id"] not in results and run["id"] not in started | failed
+            ]
             for run in todo[: args.workers - len(running)]:
                 started.add(run["id"])
                 running[pool.submit(one, run)] = run
@@ -834,10 +835,9 @@ def report(
         "machine, CPU time of the run's process is the steadier measure. A run resumed from a checkpoint counts "
         "each attempt up to the checkpoint the next one resumed from (`attempts` and `resumed_from` in the JSON; "
         "the recipes keep the time in each checkpoint's `run_cost.json`); runs resumed from an older checkpoint "
-        "without it have no ratio. A "
-        "paired difference marked `across devices` pairs some seeds' runs from two devices (TF32 and the "
-        "fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias we could measure "
-        "(`sweep_adamw_on_cpu.jsonl`)."
+        "without it have no ratio. A paired difference marked `across devices` pairs some seeds' runs from two "
+        "devices (TF32 and the fp16-rounded MiniLM on the GPU): a source of noise like another seed, not of bias "
+        "we could measure (`sweep_adamw_on_cpu.jsonl`)."
         + (
             " On the GPU machine the runs shared one GPU and 16 cores, so these ratios measure contention as much as "
             "SAM's cost; the step cost of SAM is measured in `benchmarks/`."
