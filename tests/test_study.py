@@ -318,3 +318,15 @@ def test_dry_run_lists_only_the_runs_the_filter_keeps(tmp_path, capsys):
     assert lines and all("/rte/" in line.split(":")[0] for line in lines)
     assert lines[0].startswith("done  glue-sweep/rte/AdamW/rho0/seed0:")
     assert sum(line.startswith("to do ") for line in lines) == len(lines) - 1
+    # A regular expression: all but RTE's runs.
+    study.main(["--study", "glue-sweep", "--only", "^(?!glue-sweep/rte/)", "--dry_run", "--results", str(results)])
+    others = capsys.readouterr().out.splitlines()
+    assert others and not any("/rte/" in line.split(":")[0] for line in others)
+    study.main(["--study", "glue-sweep", "--dry_run", "--results", str(results)])
+    assert sorted(lines + others) == sorted(capsys.readouterr().out.splitlines())  # the two filters split the plan
+
+
+def test_only_that_is_no_regular_expression_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--study", "glue", "--only", "glue/(rte", "--dry_run", "--results", str(tmp_path / "r.jsonl")])
+    assert "--only: 'glue/(rte' is not a regular expression" in capsys.readouterr().err
