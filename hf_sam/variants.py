@@ -163,15 +163,20 @@ class FriendlySAM(SAMVariant):
     def _accumulate(self, grads: list[torch.Tensor], weight: float, finite: torch.Tensor) -> None:
         self._step_finite = finite if self._step_finite is None else self._step_finite & finite
         if self._step_sum is None:
-            # Taken over when weight is 1: the caller does not modify `grads` after `direction`.
+            # Taken over when weight is 1: the caller lets `grads` go after `direction` (`_end_step` overwrites them).
             self._step_sum = list(grads) if weight == 1.0 else torch._foreach_mul(grads, weight)
         else:
             torch._foreach_add_(self._step_sum, grads, alpha=weight)
 
     def _end_step(self) -> None:
-        # lerp weight: 1 for m_0 = g_1, 1 - lambda after, 0 when the step is not finite (m + 0 * (g - m) = m).
+        # m <- m + w (g - m), w = 1 for m_0 = g_1, 1 - lambda after, 0 when the step is not finite (the sum is zeroed
+        # then). Not `torch._foreach_lerp_`: it takes its weight as a Scalar, which reads a 0-d tensor on the host (one
+        # device sync per step, found by the GPU check). The step's sum is ours (a new list, or the pass-1 gradient the
+        # trainer lets go after `direction`), so it holds g - m in place: no memory beyond the EMA.
         ema_weight = torch.where(self._initialized, 1.0 - self.config.fsam_lambda, 1.0) * self._step_finite
-        torch._foreach_lerp_(self.ema, self._step_sum, ema_weight.to(self.ema[0].dtype))
+        torch._foreach_sub_(self._step_sum, self.ema)
+        foreach_mul_by_scalar_tensor_(self._step_sum, ema_weight)
+        torch._foreach_add_(self.ema, self._step_sum)
         self._initialized = self._initialized | self._step_finite
         self._step_sum, self._step_finite = None, None
 
