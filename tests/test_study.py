@@ -330,3 +330,28 @@ def test_only_that_is_no_regular_expression_is_refused_before_anything_runs(tmp_
     with pytest.raises(SystemExit):
         study.main(["--study", "glue", "--only", "glue/(rte", "--dry_run", "--results", str(tmp_path / "r.jsonl")])
     assert "--only: 'glue/(rte' is not a regular expression" in capsys.readouterr().err
+
+
+def _rte_lr_record(lr, accuracy):
+    record = _record("glue-rte-lr", "rte", "AdamW", 0.0, 0, accuracy)
+    return record | {"id": study.rte_lr_run_id(lr), "eval_history": [{"epoch": 1.0, "eval_accuracy": 0.5}]}
+
+
+def test_rte_learning_rate_study_replaces_the_grid_rate_and_is_chosen_on_held_out_data(capsys):
+    runs = study.plan_glue_rte_lr(study.argparse.Namespace(data_dir="/data"), {})
+    assert [run["id"] for run in runs] == [f"glue-rte-lr/rte/AdamW/lr{lr:g}/seed0" for lr in study.RTE_LRS]
+    for run, lr in zip(runs, study.RTE_LRS, strict=True):
+        argv = run["argv"]
+        assert argv.count("--learning_rate") == 1 and float(argv[argv.index("--learning_rate") + 1]) == lr
+        assert argv[argv.index("--validation_split_percentage") + 1] == "10"
+        assert argv[argv.index("--method") :][:4] == ["--method", "sam", "--rho", "0"]
+    scores = {2e-5: 0.66, 1e-5: 0.60, 3e-5: 0.64, 5e-5: 0.66}
+    results = {study.rte_lr_run_id(lr): _rte_lr_record(lr, score) for lr, score in scores.items()}
+    assert study.chosen_rte_lr(results) == 5e-5  # a tie goes to the grid's rate
+    results[study.rte_lr_run_id(3e-5)] = _rte_lr_record(3e-5, 0.70)
+    assert study.chosen_rte_lr(results) == 3e-5
+    del results[study.rte_lr_run_id(1e-5)]
+    assert study.chosen_rte_lr(results) is None  # not before every rate has run
+    text = study.report(results, str(DATA_DIR))
+    assert "## RTE learning rate" in text and "now: None" in text
+    assert "| 1e-05 | – | – |" in text and "| 3e-05 | 1: 0.500 | " in text
