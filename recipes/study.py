@@ -855,7 +855,10 @@ def report(
     for task in ("rte", "mrpc", "stsb", "cola", "cifar10"):
         runs = [r for r in grid if r["task"] == task]
         adamw = {r["seed"]: r for r in runs if r["method"] == "AdamW"}
-        for key, label in task_metrics(task):
+        # The loss on the same split too: SAM may change it (over-confidence) where the metric does not move.
+        for key, label in task_metrics(task) + [("loss", "loss (lower is better)")]:
+            if any(f"eval_{key}" not in r["metrics"] for r in runs):
+                continue  # a metric some runs did not record
             # One row per method and rho: runs at a rho that a later sweep no longer chooses are not pooled.
             for method, rho in sorted(
                 {(r["method"], r["rho"]) for r in runs}, key=lambda m: (METHOD_ORDER.index(m[0]), m[1])

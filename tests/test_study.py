@@ -58,6 +58,12 @@ def test_report_shows_every_method_with_its_difference_to_adamw():
     text = study.report({r["id"]: r for r in records}, str(DATA_DIR))
     sam_row = next(line for line in text.splitlines() if "| MRPC | accuracy" in line and "| SAM |" in line)
     assert "0.730 ± 0.010 (n=3)" in sam_row and "+0.020" in sam_row and "2.00x / 2.00x" in sam_row
+    assert "loss (lower is better)" not in text  # these runs recorded no loss
+    for record in records:
+        record["metrics"]["eval_loss"] = 0.5 - (0.05 if record["method"] == "SAM" else 0.0) + 0.01 * record["seed"]
+    text = study.report({r["id"]: r for r in records}, str(DATA_DIR))
+    loss_row = next(line for line in text.splitlines() if "| MRPC | loss (lower is better) | – | SAM |" in line)
+    assert "0.460 ± 0.010 (n=3)" in loss_row and "-0.050" in loss_row
 
 
 def test_report_names_the_device_of_each_seed_and_times_only_within_one_device():
