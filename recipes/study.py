@@ -25,6 +25,7 @@ Studies (`--study`, several allowed, run in the order given):
 - `glue-peer`: the control, MRPC with `pytorch_optimizer`'s SAM in a plain loop (`recipes/peer_glue.py`), same seeds.
 - `glue-rte-lr`: RTE's learning rate, chosen on the held-out 10% like rho (AdamW, seed 0, `RTE_LRS`): the grid's
   5e-5 leaves AdamW's RTE dev accuracy near the majority class.
+- `glue-rte`: RTE's grid rows again at the learning rate `glue-rte-lr` chose, if it is not 5e-5 (same seeds).
 - `image-sweep`, `image`, `image-full-batch`: the ViT study on the CIFAR-10 subset (see below).
 
 Every run is one subprocess of a recipe (`python recipes/run_glue.py ...`, 1 torch thread) with the exact command
@@ -199,6 +200,27 @@ def chosen_rte_lr(results: dict) -> float | None:
     return max(sorted(scores), key=lambda lr: (scores[lr], lr == GLUE_LR))
 
 
+def plan_glue_rte_at_chosen_lr(args, results) -> list[dict]:
+    """
+    RTE's grid rows again (AdamW, SAM, F-SAM at their chosen rho, `--seeds`) at the learning rate `glue-rte-lr` chose,
+    when it chose another than the grid's 5e-5; nothing until that study is complete, or when 5e-5 won.
+    """
+    lr, rhos = chosen_rte_lr(results), chosen_rhos(results)
+    if lr is None or lr == GLUE_LR:
+        return []
+    runs = []
+    for seed in args.seeds:
+        for method in ("AdamW", "SAM", "F-SAM"):
+            rho = 0.0 if method == "AdamW" else rhos[method]
+            if rho is None:
+                continue
+            run = glue_run("glue-rte", "rte", method, rho, seed, args.data_dir)
+            argv = list(run["argv"])
+            argv[argv.index("--learning_rate") + 1] = f"{lr:g}"
+            runs.append(run | {"id": f"glue-rte/rte/{method}/rho{rho:g}/lr{lr:g}/seed{seed}", "argv": argv})
+    return runs
+
+
 PEER_METHOD = "SAM-pytorch_optimizer"
 
 
@@ -333,6 +355,7 @@ STUDIES = {
     "glue-cheap": plan_glue_cheap,
     "glue-peer": plan_glue_peer,
     "glue-rte-lr": plan_glue_rte_lr,
+    "glue-rte": plan_glue_rte_at_chosen_lr,
     "image-sweep": plan_image_sweep,
     "image": plan_image_grid,
     "image-full-batch": plan_image_full_batch,
@@ -852,8 +875,15 @@ def report(
         "| task | metric | majority class | method | rho | score | minus AdamW | wall / CPU time vs AdamW | ran on |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for task in ("rte", "mrpc", "stsb", "cola", "cifar10"):
-        runs = [r for r in grid if r["task"] == task]
+    blocks = [
+        (task, task_label(task), [r for r in grid if r["task"] == task]) for task in ("rte", "mrpc", "stsb", "cola")
+    ]
+    rte_again = [r for r in records if r["study"] == "glue-rte"]
+    if rte_again:  # RTE at the learning rate its held-out sweep chose, beside the grid's 5e-5
+        rates = sorted({float(r["id"].split("/lr")[1].split("/")[0]) for r in rte_again})
+        blocks.insert(1, ("rte", f"RTE (lr {', '.join(f'{lr:g}' for lr in rates)})", rte_again))
+    blocks.append(("cifar10", task_label("cifar10"), [r for r in grid if r["task"] == "cifar10"]))
+    for task, task_name, runs in blocks:
         adamw = {r["seed"]: r for r in runs if r["method"] == "AdamW"}
         # The loss on the same split too: SAM may change it (over-confidence) where the metric does not move.
         for key, label in task_metrics(task) + [("loss", "loss (lower is better)")]:
@@ -891,7 +921,7 @@ def report(
                 cost = time_ratios(timed)
                 baseline = baselines.get(task, {}).get(key)
                 lines.append(
-                    f"| {task_label(task)} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
+                    f"| {task_name} | {label} | {'–' if baseline is None else f'{baseline:.3f}'} | {method} "
                     f"| {rho:g} | {mean_std(values)} | {paired_difference(pairs) if pairs else '–'}{crossed} "
                     f"| {cost} | {devices(mine)} |"
                 )

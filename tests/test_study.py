@@ -361,3 +361,32 @@ def test_rte_learning_rate_study_replaces_the_grid_rate_and_is_chosen_on_held_ou
     text = study.report(results, str(DATA_DIR))
     assert "## RTE learning rate" in text and "now: None" in text
     assert "| 1e-05 | – | – |" in text and "| 3e-05 | 1: 0.500 | " in text
+
+
+def test_rte_grid_is_redone_only_at_another_chosen_learning_rate():
+    args = study.argparse.Namespace(data_dir="/data", seeds=[0, 1, 2])
+    sweep = [_record("glue-sweep", task, m, rho, 0, 0.7) for task in ("mrpc", "rte") for m in ("SAM", "F-SAM") for rho in study.SWEEP_RHOS]  # fmt: skip
+    results = {r["id"]: r for r in sweep}
+    scores = {2e-5: 0.60, 1e-5: 0.58, 3e-5: 0.62, 5e-5: 0.64}
+    results |= {study.rte_lr_run_id(lr): _rte_lr_record(lr, score) for lr, score in scores.items()}
+    assert study.plan_glue_rte_at_chosen_lr(args, results) == []  # 5e-5 won: the grid's RTE rows stand
+    del results[study.rte_lr_run_id(1e-5)]
+    assert study.plan_glue_rte_at_chosen_lr(args, results) == []  # the lr study is not complete
+    results[study.rte_lr_run_id(1e-5)] = _rte_lr_record(1e-5, 0.70)
+    runs = study.plan_glue_rte_at_chosen_lr(args, results)
+    assert [run["id"] for run in runs][:3] == [
+        "glue-rte/rte/AdamW/rho0/lr1e-05/seed0",
+        "glue-rte/rte/SAM/rho0.005/lr1e-05/seed0",  # the sweep's tie goes to the smallest rho
+        "glue-rte/rte/F-SAM/rho0.005/lr1e-05/seed0",
+    ]
+    assert len(runs) == 9 and all(run["argv"][run["argv"].index("--learning_rate") + 1] == "1e-05" for run in runs)
+    assert all("--validation_split_percentage" not in run["argv"] for run in runs)  # the dev set, as in the grid
+    records = []
+    for run in runs:
+        record = _record("glue-rte", "rte", run["method"], run["rho"], run["seed"], 0.6 + 0.01 * run["seed"])
+        records.append(record | {"id": run["id"]})
+    text = study.report({r["id"]: r for r in records}, str(DATA_DIR))
+    row = next(
+        line for line in text.splitlines() if line.startswith("| RTE (lr 1e-05) | accuracy |") and "| SAM |" in line
+    )
+    assert "0.610 ± 0.010 (n=3)" in row and "+0.000" in row
