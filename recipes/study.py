@@ -514,7 +514,12 @@ def run_study(args) -> None:
     print(f"{len(planned)} runs planned now, {sum(r['id'] in results for r in planned)} done", flush=True)
     for study in args.study:
         if not STUDIES[study](args, results) and not study.endswith("sweep"):
-            print(f"{study}: nothing to plan until its rho sweep is complete", flush=True)
+            why = (
+                "until RTE's learning-rate study is complete, or ever if it keeps the grid's 5e-5 (the grid has it)"
+                if study == "glue-rte"
+                else "until its rho sweep is complete"
+            )
+            print(f"{study}: nothing to plan {why}", flush=True)
 
     def one(run):
         print(f"start {run['id']}: {command(run, args.extra_flags)}", flush=True)
