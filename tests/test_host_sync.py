@@ -51,8 +51,8 @@ class HostCopyCounter(TorchDispatchMode):
 
 class CountingMixin:
     """
-    Records the host reads of every `training_step` call, after the first optimizer step (one-time checks): the
-    Python calls by name, then `"host copies: N"` from the dispatcher.
+    Records the host reads of every `training_step` call, after the first optimizer step (one-time checks), as
+    (the Python calls by name, the number of the dispatcher's host copies).
     """
 
     def training_step(self, *args, **kwargs):
@@ -60,7 +60,7 @@ class CountingMixin:
         with counter, copies:
             loss = super().training_step(*args, **kwargs)
         if self.state.global_step >= 1:
-            self.reads_per_call.append(counter.reads + [f"host copies: {copies.copies}"])
+            self.reads_per_call.append((counter.reads, copies.copies))
         return loss
 
 
@@ -72,7 +72,7 @@ class CountingSAMTrainer(CountingMixin, SAMTrainer):
     reads_per_call: list
 
 
-def reads(tmp_path, trainer_class, *, grad_accum=1, fp16_scaler=False, poisoned=(), **kwargs) -> list[list[str]]:
+def reads(tmp_path, trainer_class, *, grad_accum=1, fp16_scaler=False, poisoned=(), **kwargs) -> list[tuple]:
     model = PoisonedClassifier(poisoned_calls=poisoned)
     trainer = trainer_class(
         model=model,
@@ -117,14 +117,12 @@ def test_nonfinite_step_adds_no_host_reads(tmp_path):
     assert no_more(sam, plain), f"plain step: {plain[0]}; SAM steps: {sam}"
 
 
-def most(reads_per_call: list[list[str]]) -> tuple[int, int]:
+def most(reads_per_call: list[tuple[list[str], int]]) -> tuple[int, int]:
     """The most Python host reads and the most dispatcher host copies of any one call."""
-    python_reads = max(len(reads) - 1 for reads in reads_per_call)
-    host_copies = max(int(reads[-1].removeprefix("host copies: ")) for reads in reads_per_call)
-    return python_reads, host_copies
+    return max(len(names) for names, _ in reads_per_call), max(copies for _, copies in reads_per_call)
 
 
-def no_more(sam: list[list[str]], plain: list[list[str]]) -> bool:
+def no_more(sam: list[tuple[list[str], int]], plain: list[tuple[list[str], int]]) -> bool:
     """Whether SAM's calls make no more Python host reads and no more host copies than the plain step's, each."""
     return all(mine <= allowed for mine, allowed in zip(most(sam), most(plain)))
 
