@@ -27,6 +27,7 @@ import re
 
 import torch
 from torch.distributed.tensor import DTensor
+from transformers.trainer_utils import get_last_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,26 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             return path
         logger.warning(f"Skipping the incomplete checkpoint {path}: {'; '.join(problems)}.")
     return None
+
+
+def checkpoint_to_resume(output_dir: str | os.PathLike) -> str | None:
+    """
+    What `train(resume_from_checkpoint=True)` resumes from: the newest complete checkpoint of `output_dir`, or `None`
+    when it has no `checkpoint-N` folder at all, so that `Trainer.train` raises its own error ("No valid checkpoint
+    found in output directory"). When it has some and none is complete, a `ValueError` with the Trainer's text
+    followed by what each one lacks: code that matches the Trainer's error keeps working.
+    """
+    complete = last_complete_checkpoint(output_dir)
+    if complete is not None or not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
+        return complete
+    folders = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if CHECKPOINT_FOLDER_RE.match(n)]
+    lacks = "; ".join(
+        f"{os.path.basename(f)}: {', '.join(checkpoint_problems(f))}" for f in sorted(folders) if os.path.isdir(f)
+    )
+    raise ValueError(
+        f"No valid checkpoint found in output directory ({os.fspath(output_dir)}): every checkpoint there is "
+        f"incomplete, a save cut short ({lacks}). Delete them to start afresh, or resume from an earlier copy."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the SAM state

@@ -25,7 +25,7 @@ from transformers import Trainer
 
 from .checkpointing import (
     check_resumed_config,
-    last_complete_checkpoint,
+    checkpoint_to_resume,
     load_trainer_sam_state,
     restore_renamed_weights,
     save_trainer_sam_state,
@@ -350,13 +350,12 @@ class SAMMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """
         The wrapped trainer's `train`; `resume_from_checkpoint=True` resumes from the newest **complete** checkpoint
-        of `output_dir` (`hf_sam.checkpointing.last_complete_checkpoint`): a save cut short is skipped with a warning
-        instead of failing the resume or silently restarting the SAM state.
+        of `output_dir` (`hf_sam.checkpointing.checkpoint_to_resume`): a save cut short is skipped with a warning
+        instead of failing the resume or silently restarting the SAM state. Without any checkpoint it raises what
+        `Trainer.train` raises; when every checkpoint is incomplete, the same error type and text, saying what each lacks.
         """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No complete checkpoint found in the output directory ({self.args.output_dir}).")
+            resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir) or True
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

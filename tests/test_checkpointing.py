@@ -102,10 +102,40 @@ def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_
         assert torch.equal(p, final[name]), name
 
 
-def test_resume_true_without_complete_checkpoint_fails_clearly(tmp_path):
-    trainer = _trainer(tmp_path, SAMConfig(method="fsam", rho=0.1))
-    with pytest.raises(ValueError, match="No complete checkpoint"):
+def _resume_error(trainer) -> Exception:
+    with pytest.raises(Exception) as error:
         trainer.train(resume_from_checkpoint=True)
+    return error.value
+
+
+@pytest.mark.parametrize("output_dir_exists", [True, False])
+def test_resume_true_without_any_checkpoint_raises_what_the_trainer_raises(tmp_path, output_dir_exists):
+    """
+    The same error as `Trainer.train` (type and message, compared with the installed transformers, so a release that
+    changes it is caught here), on the same empty (or missing) directory.
+    """
+    output_dir = tmp_path / "run"
+    if output_dir_exists:
+        output_dir.mkdir()
+    plain = Trainer(model=tiny_bert(), args=text_args(output_dir), train_dataset=TinyTextDataset())
+    expected = _resume_error(plain)
+    actual = _resume_error(_trainer(output_dir, SAMConfig(method="fsam", rho=0.1)))
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+    if output_dir_exists:
+        assert isinstance(actual, ValueError) and "No valid checkpoint found in output directory" in str(actual)
+
+
+def test_resume_true_with_only_incomplete_checkpoints_says_what_each_lacks(fsam_run, tmp_path):
+    """Checkpoint folders that are all cut short: the Trainer's error type and text, then what each folder lacks."""
+    output_dir, _ = fsam_run
+    copy = tmp_path / "run"
+    shutil.copytree(output_dir / "checkpoint-2", copy / "checkpoint-2")
+    (copy / "checkpoint-2" / "trainer_state.json").unlink()
+    (copy / "checkpoint-4").mkdir(parents=True)
+    error = _resume_error(_trainer(copy, SAMConfig(method="fsam", rho=0.1)))
+    assert isinstance(error, ValueError)
+    assert str(error).startswith(f"No valid checkpoint found in output directory ({copy})")
+    assert "checkpoint-2: " in str(error) and "checkpoint-4: " in str(error) and "trainer_state.json" in str(error)
 
 
 @pytest.mark.parametrize(
