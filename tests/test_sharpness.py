@@ -193,7 +193,7 @@ def test_hutchinson_over_every_sign_vector_is_exact_and_reports_the_rademacher_v
     assert_close(result.stderr**2, rademacher_variance(A) / (len(SIGN_VECTORS) - 1), 1e-10)
 
 
-def test_hutchinson_with_drawn_probes_is_within_a_bernstein_band():
+def test_hutchinson_with_drawn_probes_is_within_a_bernstein_band(random_seed):
     """
     400 probes from the real generator: |estimate - tr(A)| <= t, t from Bernstein's inequality at a false-failure
     probability of 1e-4, with the exact per-probe variance 2 sum_{i != j} A_ij^2 and the exact bound
@@ -201,7 +201,7 @@ def test_hutchinson_with_drawn_probes_is_within_a_bernstein_band():
     """
     model, A, _ = quadratic()
     samples = 400
-    result = hessian_trace(model, DUMMY_BATCHES, samples=samples)
+    result = hessian_trace(model, DUMMY_BATCHES, samples=samples, seed=random_seed)
     bound = (A.abs().sum() - A.diagonal().abs().sum()).item()
     assert abs(result.value - sum(EIGENVALUES)) <= bernstein_half_width(samples, rademacher_variance(A), bound)
 
@@ -282,7 +282,7 @@ def test_hutch_plus_plus_is_unbiased_for_every_sketch_and_its_stderr_is_the_cond
     assert hutch_pp_variance < 0.3**2 * hutchinson_variance  # sd about 9 against 41.9
 
 
-def test_hutch_plus_plus_with_drawn_sketches_is_within_a_bernstein_band():
+def test_hutch_plus_plus_with_drawn_sketches_is_within_a_bernstein_band(random_seed):
     """
     The real generators (sketch and probes), 400 seeds of Hutch++ (k = 2, m = 4): their mean is within t of tr(H),
     t from Bernstein's inequality at a false-failure probability of 1e-4 with the variance bound of the test above
@@ -357,7 +357,7 @@ def test_average_sharpness_closed_form():
     assert result.stderr < 1e-12
 
 
-def test_average_sharpness_within_bernstein_bands():
+def test_average_sharpness_within_bernstein_bands(random_seed):
     """
     A quadratic, 200 samples, u = z / ||z|| uniform on the unit sphere of R^d, g = A w:
 
@@ -375,12 +375,12 @@ def test_average_sharpness_within_bernstein_bands():
     spread = max(EIGENVALUES) - min(EIGENVALUES)
     sphere_variance = 2 * (d * (A @ A).trace().item() - A.trace().item() ** 2) / (d**2 * (d + 2))
     antithetic_variance = RHO**4 / 4 * sphere_variance
-    antithetic = average_sharpness(model, DUMMY_BATCHES, rho=RHO, samples=n, antithetic=True)
+    antithetic = average_sharpness(model, DUMMY_BATCHES, rho=RHO, samples=n, antithetic=True, seed=random_seed)
     assert antithetic.stderr <= spread * RHO**2 / 4 / math.sqrt(n - 1)
     bound = RHO**2 * spread / 2
     assert abs(antithetic.value - expected) <= bernstein_half_width(n, antithetic_variance, bound, 5e-5)
     g_norm = (A @ model.w.detach()).norm().item()
-    plain = average_sharpness(model, DUMMY_BATCHES, rho=RHO, samples=n, antithetic=False)
+    plain = average_sharpness(model, DUMMY_BATCHES, rho=RHO, samples=n, antithetic=False, seed=random_seed)
     plain_variance = RHO**2 * g_norm**2 / d + antithetic_variance
     bound = RHO * g_norm + RHO**2 * spread / 2
     assert abs(plain.value - expected) <= bernstein_half_width(n, plain_variance, bound, 5e-5)
