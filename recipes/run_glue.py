@@ -57,6 +57,7 @@ from hf_sam.scripts.glue import (
     glue_metrics,
     load_glue_tsv,
     split_off_validation,
+    subset_indices,
     tokenize_glue,
 )
 from hf_sam.scripts.utils import (
@@ -97,7 +98,18 @@ class ScriptArguments(RecipeArguments):
         },
     )
     max_seq_length: int = field(default=128, metadata={"help": "Longest tokenized input; longer ones are truncated."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training examples."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use N training examples: the first N, or N drawn at random with `train_subset_seed`."},
+    )
+    train_subset_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "With `max_train_samples`: draw the N training examples at random with this seed (the same subset "
+            "for every method run with the same seed; a seed's subset of N holds its subset of any smaller N) "
+            "instead of taking the first N."
+        },
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N evaluation examples."})
     validation_split_percentage: int | None = field(
         default=None,
@@ -118,6 +130,11 @@ class ScriptArguments(RecipeArguments):
         if self.data_dir is not None and self.task_name is None:
             raise ValueError("`data_dir` needs `task_name`, to know the task's TSV layout.")
         check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples", *SHARPNESS_FLAGS)
+        if self.train_subset_seed is not None and (self.max_train_samples is None or self.train_subset_seed < 0):
+            raise ValueError(
+                f"`train_subset_seed` must be an integer >= 0 used with `max_train_samples`, got {self.train_subset_seed!r}"
+                f" with `max_train_samples` {self.max_train_samples!r}."
+            )
         sharpness_diagnostics(self)  # a bad name, setting or JSON fails here, before any loading
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise ValueError(
@@ -177,8 +194,9 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
             raw = raw.map(lambda batch: {"label": [label_to_id[value] for value in batch["label"]]}, batched=True)
             raw = raw.cast_column("label", ClassLabel(names=label_names))
     for split, max_samples in (("train", script_args.max_train_samples), ("validation", script_args.max_eval_samples)):
-        if split in raw and max_samples is not None:  # the first N examples
-            raw[split] = raw[split].select(range(min(max_samples, len(raw[split]))))
+        if split in raw and max_samples is not None:
+            seed = script_args.train_subset_seed if split == "train" else None
+            raw[split] = raw[split].select(subset_indices(len(raw[split]), max_samples, seed))
 
     model_path = script_args.model_name_or_path or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)

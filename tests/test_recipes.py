@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_sam.scripts.glue import glue_metrics, load_glue_tsv, split_off_validation
+from hf_sam.scripts.glue import glue_metrics, load_glue_tsv, split_off_validation, subset_indices
 from hf_sam.scripts.utils import SAMArgumentParser, checkpoint_to_resume, make_parser, sharpness_diagnostics
 from recipes import run_glue
 
@@ -217,6 +217,23 @@ def test_held_out_split_is_disjoint_and_deterministic(tmp_path):
     assert set(split_off_validation(raw["train"], 20, seed=4)["validation"]["index"]) != held_out
 
 
+def test_train_subset_is_the_first_n_or_a_seeded_nested_random_draw():
+    assert subset_indices(10, 4, None) == [0, 1, 2, 3] and subset_indices(3, 4, None) == [0, 1, 2]
+    draw = subset_indices(1000, 100, 7)
+    assert draw == sorted(set(draw)) and len(draw) == 100 and draw == subset_indices(1000, 100, 7)
+    assert set(subset_indices(1000, 30, 7)) <= set(draw)  # a seed's smaller subset is inside its larger one
+    assert draw != subset_indices(1000, 100, 8) and draw != list(range(100))
+    assert subset_indices(5, 9, 7) == [0, 1, 2, 3, 4]
+
+
+def test_train_subset_seed_needs_max_train_samples(tmp_path):
+    base = ["--task_name", "rte", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"`train_subset_seed` must be an integer >= 0 used with `max_train_samples`"):
+        parse(base + ["--train_subset_seed", "1"])
+    with pytest.raises(ValueError, match=r"`train_subset_seed` must be an integer >= 0.*got -1"):
+        parse(base + ["--train_subset_seed", "-1", "--max_train_samples", "10"])
+
+
 # ---------------------------------------------------------------------------------------------- output dir, resume
 
 
@@ -352,7 +369,9 @@ def _recomputed_metrics(task: str, output_dir, rows) -> dict[str, float]:
         ("cola", "CoLA", []),
         ("stsb", "STS-B", []),
         ("rte", "RTE", ["--validation_split_percentage", "10", "--validation_split_seed", "1"]),
+        ("mrpc", "MRPC", ["--train_subset_seed", "5"]),
     ],
+    ids=["mrpc", "cola", "stsb", "rte-held-out", "mrpc-train-subset"],
 )
 def test_run_glue_metrics_match_the_saved_model(tmp_path, tiny_text_model, task, folder, extra):
     """The recipe's eval metrics equal the metrics recomputed from the saved model on the same evaluation rows."""
@@ -360,7 +379,7 @@ def test_run_glue_metrics_match_the_saved_model(tmp_path, tiny_text_model, task,
     argv = ["--task_name", task, "--data_dir", data_dir, "--model_name_or_path", tiny_text_model, "--method", "fsam"]
     metrics = run_glue.main(*parse(argv + extra + ["--do_train", "--do_eval"] + _common_flags(tmp_path)))
     raw = load_glue_tsv(task, data_dir)
-    if extra:  # evaluated on the held-out 10% of train.tsv, not on dev.tsv
+    if "--validation_split_percentage" in extra:  # evaluated on the held-out 10% of train.tsv, not on dev.tsv
         raw = split_off_validation(raw["train"], 10, seed=1)
         assert metrics["train_samples"] == 16 and len(raw["validation"]) == 249
     rows = raw["validation"][:16]

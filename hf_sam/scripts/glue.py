@@ -160,6 +160,17 @@ def split_off_validation(train: Dataset, percentage: int, seed: int) -> DatasetD
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
+def subset_indices(size: int, n: int, seed: int | None) -> list[int]:
+    """
+    Which `n` of `size` examples to keep, in their original order: the first `n`, or with `seed` the first `n` of a
+    random permutation (numpy's PCG64 seeded with `seed`, the same on every platform), so that a seed's subset of `n`
+    holds its subset of any smaller `n`.
+    """
+    if seed is None:
+        return list(range(min(n, size)))
+    return sorted(np.random.Generator(np.random.PCG64(seed)).permutation(size)[:n].tolist())
+
+
 def tokenize_glue(raw: DatasetDict, tokenizer, key1: str, key2: str | None, max_seq_length: int) -> DatasetDict:
     """Tokenize the text columns `key1` (and `key2`), truncated to `max_seq_length`; keep only the `label` column."""
 
