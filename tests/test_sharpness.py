@@ -95,6 +95,12 @@ def test_result_objects():
     assert float(alignment) == 0.5 and isinstance(alignment, SharpnessResult) and alignment.converged
 
 
+# Power iteration starts from a random unit vector v_0 (seeded). Its error after k steps is at most
+# (lambda_2 / lambda_1)^k / |<v_0, v_1>|; for v_0 uniform on the sphere of R^d, P(|<v_0, v_1>| < eps) <= eps sqrt(2 d / pi),
+# so a test that allows hundreds of steps at a ratio <= 0.75 fails only for eps below 1e-30: a false-failure
+# probability under 1e-29 for any random stream, and in float64 the tests below are deterministic in effect.
+
+
 def test_top_eigenvalue_quadratic():
     model, _, q = quadratic()
     result = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=500, tol=1e-10)
@@ -114,6 +120,8 @@ def test_top_eigenvalue_indefinite_algebraic_and_magnitude():
     assert_close(abs(top.eigenvector[0] @ q[:, 0]).item(), 1.0, 1e-5)
     dominant = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=1000, tol=1e-12, which="magnitude")
     assert_close(dominant.value, -5.0, 1e-6)
+    # About log(1e-12) / log(0.6) = 54 steps against log(1e-12) / log(0.75) = 96 on the shifted spectrum (8, 6, 5.5, 4,
+    # 0); the order flips only if v_0's overlaps differ by a factor over 1e9, probability under 1e-8 (bound above).
     assert dominant.iterations < top.iterations
 
 
@@ -122,6 +130,8 @@ def test_top_eigenvalue_not_converged_flag_and_one_warning_with_the_residual(cap
     with caplog.at_level(logging.WARNING):
         result = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=3, tol=1e-14)
     assert not result.converged and result.iterations == 3
+    # The residual after 3 steps at a ratio 0.999 is below 1e-14 only if v_0 is within about 1e-14 of an eigenvector:
+    # a false-failure probability under 1e-13 (bound above).
     assert result.residual > 1e-14 * abs(result.value)
     (v,) = result.eigenvector
     assert_close(result.residual, (A @ v - result.value * v).norm().item(), 1e-9)  # the residual of the returned pair
