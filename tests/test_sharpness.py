@@ -121,7 +121,7 @@ def test_top_eigenvalue_indefinite_algebraic_and_magnitude():
     dominant = top_hessian_eigenvalue(model, DUMMY_BATCHES, max_iterations=1000, tol=1e-12, which="magnitude")
     assert_close(dominant.value, -5.0, 1e-6)
     # About log(1e-12) / log(0.6) = 54 steps against log(1e-12) / log(0.75) = 96 on the shifted spectrum (8, 6, 5.5, 4,
-    # 0); the order flips only if v_0's overlaps differ by a factor over 1e9, probability under 1e-8 (bound above).
+    # 0); the order flips only if v_0's overlap with the eigenvector of -5 is below e^-21 = 8e-10: probability under 1e-8.
     assert dominant.iterations < top.iterations
 
 
