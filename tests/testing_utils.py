@@ -1,6 +1,7 @@
 """Tiny models, data and a trainer with a fixed data order, shared by the tests; helpers to run the recipes."""
 
 import os
+import runpy
 import socket
 import string
 import subprocess
@@ -264,6 +265,13 @@ def run_recipe(log_dir: Path, recipe: str, argv: list[str], processes: int = 1, 
     (log_dir / f"{recipe}.log").write_text(completed.stdout + completed.stderr)
     assert completed.returncode == 0, completed.stderr[-6000:]
     return completed
+
+
+def run_recipe_in_process(recipe: str, argv: list[str], monkeypatch) -> None:
+    """Run `recipes/<recipe>.py argv` in this process, as `python recipes/<recipe>.py argv` runs it (`__main__`)."""
+    script = REPO / "recipes" / f"{recipe}.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    runpy.run_path(str(script), run_name="__main__")
 
 
 def save_tiny_text_model(path: Path) -> Path:
