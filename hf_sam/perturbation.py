@@ -82,9 +82,13 @@ def sam_perturbation_(
 
     `params` are the weights :math:`w` (only read, for ASAM's :math:`T`). :math:`\epsilon` is `NORM_EPS`. With a
     `process_group`, the tensors are this process's shards (FSDP) and norms are taken over the whole vectors. With
-    `finite` (a 0-d bool tensor), :math:`e = 0` when it is false: `direction` must then hold finite values (see
-    `zero_unless_`), and nothing is read on the host.
+    `finite` (a 0-d bool tensor), :math:`e = 0` and :math:`\|e\| = 0` when it is false: `direction` must then hold
+    finite values (see `zero_unless_`), and nothing is read on the host. The norm is masked too: a NaN
+    `direction_norm` (the pass-1 norm, where :math:`0 \cdot \infty` made an entry NaN) must not make
+    :math:`\rho / (\mathrm{NaN} + \epsilon) \cdot 0 = \mathrm{NaN}`.
     """
+    if finite is not None and direction_norm is not None:
+        direction_norm = torch.where(finite.to(direction_norm.device), direction_norm, 0.0)
     if adaptive:
         scaling = torch._foreach_abs(params)
         if adaptive_eta:
@@ -98,7 +102,7 @@ def sam_perturbation_(
     else:
         scale = torch.full((), rho, dtype=torch.float32, device=direction[0].device if direction else None)
     if finite is not None:
-        scale = scale * finite.to(scale.device)
+        scale = torch.where(finite.to(scale.device), scale, 0.0)  # not `scale * finite`: NaN * 0 is NaN
     if adaptive:
         torch._foreach_mul_(direction, scaling)  # T^2 d
     foreach_mul_by_scalar_tensor_(direction, scale)

@@ -15,7 +15,7 @@ import torch
 from hf_sam import SAMConfig
 
 from .test_sam_trainer import reference_sam_run
-from .testing_utils import SequentialSAMTrainer, TinyDataset, free_port, tiny_args, tiny_model
+from .testing_utils import NONFINITE_CASES, SequentialSAMTrainer, TinyDataset, free_port, tiny_args, tiny_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ STEPS = 4
 RHO, SIGMA, LAM, LR = 0.1, 0.7, 0.6, 0.1
 
 
-def launch(tmp_path, name, worker="ddp_worker.py", **options) -> dict:
+def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, **options) -> dict:
     """Run a worker script of tests/ in 2 processes; return what rank 0 saved."""
     result = tmp_path / f"{name}.pt"
     command = [
@@ -39,7 +39,7 @@ def launch(tmp_path, name, worker="ddp_worker.py", **options) -> dict:
         command += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     try:
-        completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{name}: 2-process run timed out\n{error.stdout}\n{error.stderr}")
     if completed.returncode != 0:
@@ -148,6 +148,39 @@ def test_nonfinite_on_one_rank_skips_the_perturbation_on_every_rank(tmp_path):
     assert logs[0]["sam/nonfinite_micro_batches"] == 2
     assert all("sam/nonfinite_micro_batches" not in log for log in logs[1:])
     assert all(torch.isfinite(p).all() for p in result["params"].values())
+
+
+@pytest.fixture(scope="module")
+def nonfinite_bert_runs(tmp_path_factory):
+    """One 2-process launch of tests/nonfinite_worker.py: every case of `NONFINITE_CASES`, both sync modes."""
+    return launch(tmp_path_factory.mktemp("nonfinite"), "nonfinite", worker="nonfinite_worker.py", timeout=600)
+
+
+NONFINITE_DDP_CASES = [
+    (case, sync)
+    for case, options in NONFINITE_CASES.items()
+    for sync in ("global", "local")
+    if not (options["method"] == "looksam" and sync == "local")
+]
+
+
+@pytest.mark.parametrize(("case", "sync"), NONFINITE_DDP_CASES, ids=[f"{c}-{s}" for c, s in NONFINITE_DDP_CASES])
+def test_nan_first_pass_on_one_rank_is_an_unperturbed_step_on_every_rank(nonfinite_bert_runs, case, sync):
+    """
+    Tiny BERT, 2 processes: rank 1's pass-1 loss at step 0 is inf, so its gradient and norm are NaN. Global mode
+    all-reduces the NaN into both ranks' gradient; local mode agrees on the decision by a MIN all-reduce. Either way
+    every rank must take the stock Trainer's step at `w` (pass 2 at `w + 0`): bitwise the reference run
+    (`UnperturbedFirstStepSAMTrainer`, 2 processes), the same finite weights on both ranks, and the skip counted on
+    each rank in `sam/nonfinite_micro_batches` (2: both skipped their one micro-batch).
+    """
+    runs = nonfinite_bert_runs[(case, sync)]
+    poisoned, reference = runs["poisoned"], runs["reference"]
+    assert poisoned["ranks_bitwise_equal"] and reference["ranks_bitwise_equal"]
+    for name, p in poisoned["params"].items():
+        assert torch.isfinite(p).all(), f"{name} is not finite"
+        torch.testing.assert_close(p, reference["params"][name], rtol=0, atol=0, msg=f"{name} differs")
+    logs = [log for log in poisoned["log_history"] if "loss" in log]
+    assert [log.get("sam/nonfinite_micro_batches", 0) for log in logs] == [2, 0, 0, 0]
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from .testing_utils import (
     recipe_env,
     requires_glue,
     run_recipe,
+    run_recipe_in_process,
     save_tiny_text_model,
 )
 
@@ -158,6 +159,80 @@ def test_bad_flags_are_refused_naming_the_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
     with pytest.raises(ValueError, match="does not support DeepSpeed"):
         parse(base)
+
+
+# Values of the wrong type (issue 33): `key`, its value, the owner of the field and the type it takes.
+WRONGLY_TYPED = [
+    ("max_steps", "2.5", "TrainingArguments", "an int"),
+    ("gradient_accumulation_steps", "2.0", "TrainingArguments", "an int"),
+    ("max_seq_length", "32.5", "ScriptArguments", "an int"),
+    ("per_device_train_batch_size", "8.5", "TrainingArguments", "an int"),
+    ("max_train_samples", "10.5", "ScriptArguments", "an int or null"),
+    ("seed", "1.5", "TrainingArguments", "an int"),
+]
+
+
+@pytest.mark.parametrize("source", ["yaml", "command line"])
+@pytest.mark.parametrize(("key", "value", "owner", "kind"), WRONGLY_TYPED, ids=[row[0] for row in WRONGLY_TYPED])
+def test_wrongly_typed_value_is_refused_naming_it_before_anything_loads(
+    tmp_path, monkeypatch, capsys, source, key, value, owner, kind
+):
+    """
+    The recipe's own entry point, with a model and data that do not exist: the error must be the parser's, naming
+    the key, the value and the type (loading anything first would fail on the missing paths instead). YAML values
+    are checked against the dataclass field; the command line's by argparse (`--max_steps 2.5` is not an int).
+    """
+    missing = tmp_path / "missing"
+    flags = ["--task_name", "rte", "--data_dir", str(missing / "data"), "--model_name_or_path", str(missing / "model")]
+    flags += ["--do_train", "--output_dir", str(tmp_path / "out")]
+    if source == "yaml":
+        config = tmp_path / "recipe.yaml"
+        config.write_text(f"{key}: {value}\n")
+        message = f"{config}: `{key}` ({owner}.{key}) must be {kind}, got {value} (a float)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_recipe_in_process("run_glue", ["--config", str(config), *flags], monkeypatch)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            run_recipe_in_process("run_glue", [*flags, f"--{key}", value], monkeypatch)
+        assert exit_info.value.code == 2
+        assert re.search(rf"argument --{key}(/--[a-z-]+)?: invalid int value: '{value}'", capsys.readouterr().err)
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+
+def test_yaml_values_are_converted_like_their_flags(tmp_path):
+    """What a YAML value of another type becomes (the command line's conversion for strings), or why it is refused."""
+    config = tmp_path / "recipe.yaml"
+    accepted = {
+        "num_train_epochs: 3": ("num_train_epochs", 3.0),  # an int is a float
+        "max_steps: '7'": ("max_steps", 7),  # a string: converted as `--max_steps 7` is
+        "max_eval_samples: null": ("max_eval_samples", None),  # optional
+        "run_name: 12": ("run_name", "12"),  # a number for a string field: its text, as on the command line
+        "resume_from_checkpoint: true": ("resume_from_checkpoint", "true"),
+        "label_names: labels": ("label_names", ["labels"]),  # one element of a list flag
+        "label_names: [labels, 2]": ("label_names", ["labels", "2"]),
+        "fp16: no": ("fp16", False),  # YAML 1.1: a bool
+        "method: looksam": ("method", "looksam"),
+    }
+    for line, (key, expected) in accepted.items():
+        config.write_text(f"task_name: rte\n{line}\n")
+        parsed = parse(["--config", str(config), "--output_dir", "unused", "--interval", "2"])
+        values = [getattr(args, key) for args in parsed if hasattr(args, key)]
+        assert values == [expected], line
+    refused = {
+        "seed: true": "`seed` (TrainingArguments.seed) must be an int, got True (a bool)",
+        "max_steps: null": "`max_steps` (TrainingArguments.max_steps) must be an int, got None (null)",
+        "do_train: 1": "`do_train` (TrainingArguments.do_train) must be a bool (true or false), got 1 (an int)",
+        "rho: '0.1x'": "`rho` (SAMConfig.rho) must be a float, got '0.1x' (a string)",
+        "method: SAM": "`method` (SAMConfig.method) must be one of ['sam', 'fsam', 'looksam'], got 'SAM'",
+        "lr_scheduler_type: cosin": "`lr_scheduler_type` (TrainingArguments.lr_scheduler_type) must be one of",
+        "label_names: {a: b}": "`label_names` (TrainingArguments.label_names) must be a list (a string each) or null, "
+        "got {'a': 'b'} (a mapping)",
+        "task_name: [rte]": "`task_name` (ScriptArguments.task_name) must be a string or null, got ['rte'] (a list)",
+    }
+    for line, message in refused.items():
+        config.write_text(f"task_name: rte\n{line}\n")
+        with pytest.raises(ValueError, match=re.escape(f"{config}: {message}")):
+            parse(["--config", str(config), "--output_dir", "unused"])
 
 
 def test_shipped_yaml_recipe_parses():
@@ -443,7 +518,10 @@ def test_sharpness_settings_from_a_yaml_config_are_a_mapping_and_checked(tmp_pat
     ):
         parse(["--config", str(config), "--output_dir", "unused"])
     config.write_text("task_name: rte\nsharpness_data: Train\n")
-    with pytest.raises(ValueError, match="`--sharpness_data` must be 'eval' or 'train', got 'Train'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`sharpness_data` \(ScriptArguments.sharpness_data\) must be one of \['eval', 'train'\], got 'Train'",
+    ):
         parse(["--config", str(config), "--output_dir", "unused"])
 
 

@@ -6,6 +6,7 @@ imagefolder data made in `tmp_path` (always run) and on a few rows of the real C
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from hf_sam.scripts import image as image_utils
 from hf_sam.scripts.utils import make_parser
 from recipes import run_image_classification as run_image
 
-from .testing_utils import DATA_DIR, REPO, run_recipe
+from .testing_utils import DATA_DIR, REPO, run_recipe, run_recipe_in_process
 
 
 CIFAR_DIR = DATA_DIR / "cifar10-small"
@@ -29,6 +30,41 @@ CLASSES = ["cat", "dog", "frog"]
 
 def parse(argv: list[str]) -> tuple:
     return make_parser(run_image.ScriptArguments).parse_args_and_config(argv)
+
+
+# Values of the wrong type (issue 33): `key`, its value, the owner of the field and the type it takes. This recipe
+# has no `max_seq_length`; `random_crop_padding` is its own int flag.
+WRONGLY_TYPED = [
+    ("max_steps", "2.5", "TrainingArguments", "an int"),
+    ("gradient_accumulation_steps", "2.0", "TrainingArguments", "an int"),
+    ("per_device_train_batch_size", "8.5", "TrainingArguments", "an int"),
+    ("max_train_samples", "10.5", "ScriptArguments", "an int or null"),
+    ("seed", "1.5", "TrainingArguments", "an int"),
+    ("random_crop_padding", "4.5", "ScriptArguments", "an int"),
+]
+
+
+@pytest.mark.parametrize("source", ["yaml", "command line"])
+@pytest.mark.parametrize(("key", "value", "owner", "kind"), WRONGLY_TYPED, ids=[row[0] for row in WRONGLY_TYPED])
+def test_wrongly_typed_value_is_refused_naming_it_before_anything_loads(
+    tmp_path, monkeypatch, capsys, source, key, value, owner, kind
+):
+    """The recipe's entry point with data and a model that do not exist: the parser's error, naming key, value, type."""
+    missing = tmp_path / "missing"
+    flags = ["--train_file", str(missing / "train.parquet"), "--model_name_or_path", str(missing / "model")]
+    flags += ["--do_train", "--output_dir", str(tmp_path / "out")]
+    if source == "yaml":
+        config = tmp_path / "recipe.yaml"
+        config.write_text(f"{key}: {value}\n")
+        message = f"{config}: `{key}` ({owner}.{key}) must be {kind}, got {value} (a float)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_recipe_in_process("run_image_classification", ["--config", str(config), *flags], monkeypatch)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            run_recipe_in_process("run_image_classification", [*flags, f"--{key}", value], monkeypatch)
+        assert exit_info.value.code == 2
+        assert re.search(rf"argument --{key}(/--[a-z-]+)?: invalid int value: '{value}'", capsys.readouterr().err)
+    assert not missing.exists() and not (tmp_path / "out").exists()
 
 
 def _images(n: int, size: int = 16, seed: int = 0):

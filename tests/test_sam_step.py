@@ -9,15 +9,19 @@ import torch
 from transformers import Trainer
 
 from hf_sam import SAMConfig, SAMTrainer
+from hf_sam.perturbation import sam_perturbation_
 from hf_sam.setup_checks import check_sharded_setup, check_trainer_setup
 
 from .testing_utils import (
+    NONFINITE_CASES,
     PoisonedClassifier,
     SequentialSAMTrainer,
     TinyClassifier,
     TinyDataset,
     TinyTextDataset,
+    UnperturbedFirstStepSAMTrainer,
     params_of,
+    poison_training_forwards,
     text_args,
     tiny_args,
     tiny_bert,
@@ -114,6 +118,77 @@ def test_training_continues_after_a_nonfinite_first_pass(tmp_path):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log.get("sam/nonfinite_micro_batches", 0) for log in logs] == [0, 1, 0, 0]
     assert "sam/sharpness" not in logs[1] and "sam/sharpness" in logs[2]
+
+
+@pytest.mark.parametrize(("adaptive", "normalize"), [(False, True), (True, True), (False, False), (True, False)])
+def test_nan_norm_of_a_nonfinite_gradient_gives_zero_perturbation(adaptive, normalize):
+    """
+    `finite=False`: the direction is already zeroed, but the pass-1 norm it comes with is NaN (0 * inf met in the
+    backward). By hand: e = 0 and ||e|| = 0, not rho / (NaN + eps) * 0 = NaN.
+    """
+    direction = [torch.zeros(3, 2), torch.zeros(4)]
+    params = [torch.randn(3, 2), torch.randn(4)]
+    norm = sam_perturbation_(
+        direction,
+        params,
+        rho=0.1,
+        adaptive=adaptive,
+        adaptive_eta=0.01,
+        normalize=normalize,
+        direction_norm=torch.tensor(float("nan")),
+        finite=torch.tensor(False),
+    )
+    for e in direction:
+        assert torch.equal(e, torch.zeros_like(e))
+    assert torch.equal(norm, torch.tensor(0.0))
+
+
+def _bert_without_dropout():
+    """Tiny BERT, dropout off: pass 2 at `w + 0` then computes bitwise what the one-pass reference step computes."""
+    return tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_poisoned_bert_pass_one_has_a_nan_gradient_norm():
+    """Control for the tests below: on BERT, loss * inf gives a NaN gradient norm (a linear model gives inf)."""
+    model = _bert_without_dropout()
+    poison_training_forwards(model, {0})
+    dataset = TinyTextDataset()
+    batch = {key: torch.stack([dataset[i][key] for i in range(4)]) for key in dataset[0]}
+    model(**batch)["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isnan(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    assert any((g == 0).any() for g in grads) and any(torch.isnan(g).any() for g in grads)
+
+
+@pytest.mark.parametrize("case", list(NONFINITE_CASES))
+def test_nan_first_pass_on_bert_is_an_unperturbed_step(tmp_path, case):
+    """
+    Tiny BERT, AdamW, 4 steps; step 0's pass-1 loss is inf, so its gradient and gradient norm are NaN. The step must
+    be the stock Trainer's step at `w` (pass 2 at `w + 0`), with the variant's state (F-SAM EMA, LookSAM g_v) left as
+    it was: bitwise the run of `UnperturbedFirstStepSAMTrainer`, finite, and counted in `sam/nonfinite_micro_batches`.
+    """
+    sam_config = SAMConfig(rho=0.1, **NONFINITE_CASES[case])
+    runs = {}
+    for name, trainer_class in [("poisoned", SequentialSAMTrainer), ("reference", UnperturbedFirstStepSAMTrainer)]:
+        model = _bert_without_dropout()
+        if name == "poisoned":
+            poison_training_forwards(model, {0})
+        trainer = trainer_class(
+            model=model,
+            args=text_args(tmp_path / name, max_steps=4),
+            train_dataset=TinyTextDataset(),
+            sam_config=sam_config,
+        )
+        trainer.train()
+        runs[name] = (params_of(model), [log for log in trainer.state.log_history if "loss" in log])
+    (poisoned, logs), (reference, _) = runs["poisoned"], runs["reference"]
+    for name, p in poisoned.items():
+        assert torch.isfinite(p).all(), f"{name} is not finite"
+        torch.testing.assert_close(p, reference[name], rtol=0, atol=0, msg=f"{name} differs from the reference")
+    assert [log.get("sam/nonfinite_micro_batches", 0) for log in logs] == [1, 0, 0, 0]
+    assert all(
+        torch.isfinite(torch.tensor(log["sam/perturbation_norm"])) for log in logs if "sam/perturbation_norm" in log
+    )
 
 
 def _text_args(tmp_path, **overrides):

@@ -1,6 +1,7 @@
 """Tiny models, data and a trainer with a fixed data order, shared by the tests; helpers to run the recipes."""
 
 import os
+import runpy
 import socket
 import string
 import subprocess
@@ -148,6 +149,53 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
     return BertForSequenceClassification(BertConfig(**values))
 
 
+# The methods and schedules the non-finite guard is tested on (tests/test_sam_step.py, tests/nonfinite_worker.py).
+NONFINITE_CASES = {
+    "sam": {"method": "sam"},
+    "asam": {"method": "sam", "adaptive": True},
+    "usam": {"method": "sam", "normalize": False},
+    "fsam": {"method": "fsam", "fsam_lambda": 0.5},
+    "sam-interval2": {"method": "sam", "interval": 2},
+    "fsam-interval2": {"method": "fsam", "fsam_lambda": 0.5, "interval": 2},
+    "looksam-interval2": {"method": "looksam", "interval": 2},
+}
+
+
+def poison_training_forwards(model: nn.Module, calls) -> None:
+    """
+    Multiply the loss by inf on the training-mode forward calls listed in `calls` (counting from 0; eval-mode calls,
+    e.g. the loss-normalization probe, are not counted). On BERT the backward then meets 0 * inf: the gradient and
+    its norm are NaN, not inf.
+    """
+    calls, count = set(calls), [0]
+
+    def hook(module, args, output):
+        if module.training:
+            if count[0] in calls:
+                output["loss"] = output["loss"] * float("inf")
+            count[0] += 1
+        return output
+
+    model.register_forward_hook(hook)
+
+
+class UnperturbedFirstStepSAMTrainer(SequentialSAMTrainer):
+    """
+    The reference for a run whose step 0 has a non-finite pass-1 gradient: step 0 is the stock `Trainer`'s one-pass
+    step at `w` (what pass 2 at `w + 0` computes) and the SAM variant never sees it; later steps are SAM's. The loss
+    is a per-batch mean, as `SAMTrainer` decides for BERT (transformers issue #47688) at its first step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 0:
+            return Trainer.training_step(self, model, inputs, num_items_in_batch)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 class TinyTextDataset(Dataset):
     """Random token ids with padding and binary labels, shaped like a tokenized GLUE task."""
 
@@ -217,6 +265,13 @@ def run_recipe(log_dir: Path, recipe: str, argv: list[str], processes: int = 1, 
     (log_dir / f"{recipe}.log").write_text(completed.stdout + completed.stderr)
     assert completed.returncode == 0, completed.stderr[-6000:]
     return completed
+
+
+def run_recipe_in_process(recipe: str, argv: list[str], monkeypatch) -> None:
+    """Run `recipes/<recipe>.py argv` in this process, as `python recipes/<recipe>.py argv` runs it (`__main__`)."""
+    script = REPO / "recipes" / f"{recipe}.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    runpy.run_path(str(script), run_name="__main__")
 
 
 def save_tiny_text_model(path: Path) -> Path:

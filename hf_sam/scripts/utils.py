@@ -16,6 +16,8 @@ What every recipe does the same way: parse its flags (with `--config recipe.yaml
 whether to resume or refuse a used `--output_dir`, and run the train-and-evaluate tail.
 """
 
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -23,9 +25,12 @@ import resource
 import shutil
 import sys
 import time
+import types
+import typing
+from argparse import ArgumentTypeError
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Union
 
 import datasets
 import torch
@@ -72,7 +77,10 @@ class SAMArgumentParser(HfArgumentParser):
 
     The YAML file is a flat mapping from flag names (any field of the dataclasses) to values; flags on the command line
     override it. A value from the file satisfies a required flag. A key no flag takes raises a `ValueError` naming
-    it, so a typo in a recipe does not pass silently. An `env:` mapping sets environment variables before parsing
+    it, so a typo in a recipe does not pass silently. Every value is converted and checked against its dataclass
+    field's type before anything is built or loaded (`check_config_value`; argparse itself converts only string
+    defaults, so `max_steps: 2.5` would otherwise reach the Trainer): a `ValueError` names the key, the value and the
+    type the field takes. An `env:` mapping sets environment variables before parsing
     (for variables read when training starts, e.g. `WANDB_PROJECT`; those read at import time, such as
     `HF_HUB_OFFLINE`, must be exported in the shell). `--deepspeed` is refused before anything is loaded.
     """
@@ -109,10 +117,177 @@ class SAMArgumentParser(HfArgumentParser):
         unknown = sorted(set(config) - set(known))
         if unknown:
             raise ValueError(f"The config has keys no argument takes: {unknown}.")
+        fields = _dataclass_fields(self.dataclass_types)
+        typed_actions = {}
+        for action in self._actions:  # a bool field's `--no_*` twin shares its dest but has no type: the first one
+            typed_actions.setdefault(action.dest, action)
+        config = {
+            name: check_config_value(name, value, *fields[name], typed_actions[name]) if name in fields else value
+            for name, value in config.items()
+        }
         for name, value in config.items():
             known[name].default = value
             known[name].required = False
         self.set_defaults(**config)
+
+
+def _dataclass_fields(dataclass_types: Sequence[type]) -> dict[str, tuple[str, Any, Any]]:
+    """
+    `{name: (owner, annotation, default)}` of every init field: `owner` is `Class.field`, `annotation` the resolved
+    type as written (not `Field.type`, which `HfArgumentParser` narrows in place, e.g. `dict | str | None` to `str`).
+    """
+    fields = {}
+    for dtype in dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if f.init and f.name not in fields:
+                fields[f.name] = (f"{dtype.__name__}.{f.name}", hints[f.name], f.default)
+    return fields
+
+
+class _Mismatch(Exception):
+    """`value` is not of the annotation's type."""
+
+
+def check_config_value(key: str, value: Any, owner: str, annotation: Any, default: Any, action) -> Any:
+    """
+    A `--config` YAML value as the dataclass field `owner` (type `annotation`, default `default`) takes it, or a
+    `ValueError` naming `key`, `value` and the type.
+
+    - A string is what the command line would give: converted by the flag's own argparse `type` (so `max_steps:
+      "8"` is 8 and `"2.5"` is refused, as `--max_steps 2.5` is), one element of a list flag.
+    - Other YAML values must be of the field's type: an int is a float (`num_train_epochs: 3`), but a float is not
+      an int, even a whole one (`gradient_accumulation_steps: 2.0` is refused, as `--gradient_accumulation_steps
+      2.0` is); a bool is not a number; a number or bool given to a string field is its text (`run_name: 1` is
+      `"1"`); `null` only where the field is optional or defaults to None; lists and mappings element by element.
+    - Then the flag's `choices` (a `choices` metadata, a `Literal` or an `Enum`), as argparse checks a flag's.
+    """
+    expected = _describe(annotation)
+    if value is None and default is None:
+        return None
+    if isinstance(value, str):
+        try:
+            converted = action.type(value) if action.type is not None else value
+        except (ValueError, TypeError, ArgumentTypeError):
+            raise ValueError(f"`{key}` ({owner}) must be {expected}, got {value!r} (a string).") from None
+        if action.nargs in ("+", "*") and not isinstance(converted, list):
+            converted = [converted]
+    else:
+        try:
+            converted = _convert(value, annotation)
+        except _Mismatch:
+            hint = ""
+            if isinstance(value, float) and value.is_integer() and "int" in expected:
+                hint = f"; write a whole number without a decimal point (`{key}: {int(value)}`)"
+            raise ValueError(
+                f"`{key}` ({owner}) must be {expected}, got {value!r} ({_yaml_type_name(value)}){hint}."
+            ) from None
+    choices = action.choices
+    if choices is not None and converted is not None:
+        for item in converted if isinstance(converted, list) else [converted]:
+            if item not in choices:
+                raise ValueError(f"`{key}` ({owner}) must be one of {list(choices)}, got {item!r}.")
+    return converted
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """`value` as an instance of `annotation`: an exact match first, then the lenient conversions, or `_Mismatch`."""
+    try:
+        return _convert_as(value, annotation, lenient=False)
+    except _Mismatch:
+        return _convert_as(value, annotation, lenient=True)
+
+
+def _convert_as(value: Any, annotation: Any, lenient: bool) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin is Union or origin is types.UnionType:
+        for arg in args:  # strict matches over all members first: `str | bool` keeps `true` a bool
+            try:
+                return _convert_as(value, arg, lenient=False)
+            except _Mismatch:
+                pass
+        if lenient:
+            for arg in args:
+                try:
+                    return _convert_as(value, arg, lenient=True)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if origin is Literal:
+        if any(type(value) is type(choice) and value == choice for choice in args):
+            return value
+        raise _Mismatch
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if isinstance(value, annotation) or any(type(value) is type(m.value) and value == m.value for m in annotation):
+            return value
+        raise _Mismatch
+    if origin is list or annotation is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_convert_as(item, args[0], lenient) for item in value] if args else value
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if not args:
+            return value
+        return {_convert_as(k, args[0], lenient): _convert_as(v, args[1], lenient) for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if annotation is float:
+        if isinstance(value, float) or (lenient and isinstance(value, int) and not isinstance(value, bool)):
+            return float(value)
+        raise _Mismatch
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if lenient and isinstance(value, bool):
+            return "true" if value else "false"
+        if lenient and isinstance(value, int | float):
+            return str(value)
+        raise _Mismatch
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        raise _Mismatch
+    return value  # a type this check does not know: left to the dataclass
+
+
+def _describe(annotation: Any) -> str:
+    """The type `annotation` in words, for messages: `an int`, `a float`, `a string or null`, ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union or origin is types.UnionType:
+        words = [_describe(arg) for arg in args if arg is not type(None)]
+        return " or ".join(words + (["null"] if type(None) in args else []))
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return f"one of {[member.value for member in annotation]}"
+    if origin is list or annotation is list:
+        return f"a list ({_describe(args[0])} each)" if args else "a list"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    names = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    return f"a {getattr(annotation, '__name__', annotation)}"
+
+
+def _yaml_type_name(value: Any) -> str:
+    """How YAML read `value`: `a float`, `a bool`, ..."""
+    names = {bool: "a bool", int: "an int", float: "a float", list: "a list", dict: "a mapping", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def make_parser(script_arguments: type) -> SAMArgumentParser:
@@ -147,7 +322,7 @@ class RecipeArguments:
             "top_eigenvalue, trace, alignment."
         },
     )
-    sharpness_settings: str | None = field(
+    sharpness_settings: dict | str | None = field(
         default=None,
         metadata={
             "help": "JSON object of per-diagnostic settings of `SharpnessCallback` (keyword arguments of each "
