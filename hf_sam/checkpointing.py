@@ -25,13 +25,20 @@ that file alone does not mean every process's files (`rng_state_{r}.pth`, `rank{
 files (a barrier) process 0 writes `hf_sam_manifest.json`, last: the number of processes and the size of every file.
 `checkpoint_problems` checks a checkpoint against its manifest; one written before manifests (neither file) gets the
 older checks.
+
+An output directory is owned by one run at a time (`lock_output_dir`): two runs writing into one folder would
+overwrite each other's checkpoints, or one would resume from the other's half-written one.
 """
 
 import datetime
+import errno
 import json
 import logging
 import os
 import re
+import socket
+import sys
+import time
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -46,6 +53,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "hf_sam_manifest.json"
 # Present while `SAMTrainer` writes a checkpoint: with it and without a manifest, the save was cut short.
 SAVING_NAME = "hf_sam_saving"
+# The lock file of an output directory (`lock_output_dir`); `push_to_hub` leaves out names starting with `_`.
+LOCK_NAME = "_hf_sam.lock"
 # The time a recipe run has cost so far, in each checkpoint and at the end in `output_dir` (`RunCostCallback`).
 RUN_COST_NAME = "run_cost.json"
 # The folders `Trainer._save_checkpoint` writes, `checkpoint-<global step>`.
@@ -450,6 +459,128 @@ def sam_config_changes(checkpoint: str, config) -> dict[str, tuple]:
 
 def describe_changes(changed: dict[str, tuple]) -> str:
     return ", ".join(f"`{k}` {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+_HELD_LOCKS: dict[str, list] = {}  # real path of a lock file -> [open file, number of holders in this process]
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another run (another process, maybe on another host) owns the output directory."""
+
+
+def lock_output_dir(output_dir: str | os.PathLike, process_index: int = 0) -> None:
+    """
+    Make this run the owner of `output_dir` until `unlock_output_dir` (or until the process ends), before anything is
+    written into it; every process of a launched run calls it (a collective when `torch.distributed` is set up).
+
+    Process 0 alone takes an `fcntl.flock` on `output_dir/_hf_sam.lock` and writes its process id, host and start time
+    there; the other processes take no lock (so they cannot deadlock on it) and raise the same error as process 0 when
+    it fails. A lock this process already holds is taken again (a recipe holds it for the whole run, `SAMTrainer.train`
+    again for the training). Another run's lock raises `OutputDirInUseError` at once, naming the directory and that run.
+    A lock file left by a run that was killed is free (the system releases a lock with its process; on NFS, the server
+    when the client's lease ends) and is taken over. A file system without locks gets a warning: two runs are then not
+    detected.
+    """
+    error = _lock(os.fspath(output_dir)) if process_index == 0 else None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise OutputDirInUseError(error)
+
+
+def unlock_output_dir(output_dir: str | os.PathLike, process_index: int = 0) -> None:
+    """Give up one hold of `lock_output_dir`'s lock; the last one of this process releases it."""
+    if process_index != 0:
+        return
+    path = os.path.realpath(os.path.join(os.fspath(output_dir), LOCK_NAME))
+    held = _HELD_LOCKS.get(path)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD_LOCKS[path]
+        held[0].close()  # releases the flock; the file stays, free, for the next run
+
+
+def _lock(output_dir: str) -> str | None:
+    """Take the lock of `output_dir` in this process; the error message when another run holds it, else `None`."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(output_dir, LOCK_NAME))
+    if path in _HELD_LOCKS:
+        _HELD_LOCKS[path][1] += 1
+        return None
+    file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open until unlocked)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                file.close()
+                logger.warning(
+                    f"Cannot lock {path} ({error}): this file system has no locks, so another run writing into "
+                    f"{output_dir} at the same time would not be detected."
+                )
+                return None
+        holder = _read_holder(path)
+        # A killed run's data-loader workers (forked, so holding the lock too) outlive it by a few seconds.
+        if (
+            holder.get("host") == socket.gethostname()
+            and not _alive(holder.get("pid"))
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+            continue
+        file.close()
+        return (
+            f"The output directory {output_dir} is in use by another run: process {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, started {holder.get('started', '?')} (command: {holder.get('command', '?')}). "
+            f"Two runs writing into one folder overwrite each other's checkpoints. Wait for that run to end (its lock "
+            f"{path} is released when its process ends), or choose another `output_dir`."
+        )
+    earlier = _read_holder(path)
+    if earlier:
+        logger.info(
+            f"Taking over {path}, left by a run that has ended (process {earlier.get('pid')} on "
+            f"{earlier.get('host')}, started {earlier.get('started')})."
+        )
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": " ".join(sys.argv)[:300]}
+    file.seek(0)
+    file.truncate()
+    json.dump(holder, file)
+    file.flush()
+    os.fsync(file.fileno())
+    _HELD_LOCKS[path] = [file, 1]
+    return None
+
+
+def _read_holder(path: str) -> dict:
+    """The process id, host and start time a lock file names; `{}` when it names none (yet)."""
+    for _ in range(10):  # the holder writes its details just after taking the lock
+        try:
+            with open(path, encoding="utf-8") as reader:
+                return json.load(reader)
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return {}
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _checkpoint_weight_keys(checkpoint_dir: str) -> set[str] | None:

@@ -30,9 +30,11 @@ from .checkpointing import (
     checkpoint_run_settings,
     last_complete_checkpoint,
     load_trainer_sam_state,
+    lock_output_dir,
     restore_renamed_weights,
     save_trainer_sam_state,
     start_checkpoint,
+    unlock_output_dir,
     write_checkpoint_manifest,
 )
 from .model_card import add_model_card_section, model_card_tags
@@ -96,7 +98,8 @@ class SAMMixin:
     SAM state per loop, config validated), `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` (the
     variant's state in `sam_state.pt`, the checkpoint's `sam_config.json` compared on resume), `_save_checkpoint` (a
     checkpoint counts as complete once every process has written its files: `hf_sam_manifest.json`, written last),
-    `train` (`True` resumes from the newest complete checkpoint).
+    `train` (owns `output_dir` while training: a second run into it is refused; `True` resumes from the newest
+    complete checkpoint).
 
     Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
     USAM https://huggingface.co/papers/2305.15287, F-SAM https://huggingface.co/papers/2403.12350,
@@ -359,11 +362,17 @@ class SAMMixin:
         of `output_dir` (`hf_sam.checkpointing.last_complete_checkpoint`): a save cut short is skipped with a warning
         instead of failing the resume or silently restarting the SAM state.
         """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No complete checkpoint found in the output directory ({self.args.output_dir}).")
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        # Owned by this run while it trains (`hf_sam.checkpointing.lock_output_dir`): another run writing checkpoints
+        # into the same folder would overwrite them, or resume from them half-written. A recipe already holds it.
+        lock_output_dir(self.args.output_dir, self.args.process_index)
+        try:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No complete checkpoint found in the output directory ({self.args.output_dir}).")
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            unlock_output_dir(self.args.output_dir, self.args.process_index)
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         """
