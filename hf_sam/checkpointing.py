@@ -41,6 +41,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
@@ -469,7 +470,7 @@ class OutputDirInUseError(RuntimeError):
     """Another run (another process, maybe on another host) owns the output directory."""
 
 
-def lock_output_dir(output_dir: str | os.PathLike, process_index: int = 0) -> None:
+def lock_output_dir(output_dir: str | os.PathLike | None, process_index: int = 0) -> None:
     """
     Make this run the owner of `output_dir` until `unlock_output_dir` (or until the process ends), before anything is
     written into it; every process of a launched run calls it (a collective when `torch.distributed` is set up).
@@ -482,9 +483,9 @@ def lock_output_dir(output_dir: str | os.PathLike, process_index: int = 0) -> No
     when the client's lease ends) and is taken over. A file system without locks gets a warning: two runs are then not
     detected.
     """
+    if output_dir is None:
+        return
     error = _lock(os.fspath(output_dir)) if process_index == 0 else None
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -493,9 +494,9 @@ def lock_output_dir(output_dir: str | os.PathLike, process_index: int = 0) -> No
         raise OutputDirInUseError(error)
 
 
-def unlock_output_dir(output_dir: str | os.PathLike, process_index: int = 0) -> None:
+def unlock_output_dir(output_dir: str | os.PathLike | None, process_index: int = 0) -> None:
     """Give up one hold of `lock_output_dir`'s lock; the last one of this process releases it."""
-    if process_index != 0:
+    if process_index != 0 or output_dir is None:
         return
     path = os.path.realpath(os.path.join(os.fspath(output_dir), LOCK_NAME))
     held = _HELD_LOCKS.get(path)
