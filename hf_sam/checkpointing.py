@@ -362,8 +362,11 @@ def load_trainer_sam_state(trainer, checkpoint: str) -> None:
         return
     path = _trainer_sam_state_file(trainer, checkpoint)
     if not os.path.isfile(path):
-        if trainer.args.process_index == 0:
-            logger.warning(_missing_state_notice(checkpoint, path, config.method, variant.state_description, trainer))
+        notice, every_process = _missing_state_notice(
+            checkpoint, path, config.method, variant.state_description, trainer
+        )
+        if trainer.args.process_index == 0 or not every_process:  # said once when every process lacks its file
+            logger.warning(notice)
         return
     named = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
     try:
@@ -374,13 +377,21 @@ def load_trainer_sam_state(trainer, checkpoint: str) -> None:
         logger.warning(f"{error} `allow_state_reset` is set: the {variant.state_description} restarts empty.")
 
 
-def _missing_state_notice(checkpoint: str, path: str, method: str, description: str, trainer) -> str:
-    """Why `checkpoint` has no state file `path` for this process: another number of processes, or none saved."""
+def _missing_state_notice(checkpoint: str, path: str, method: str, description: str, trainer) -> tuple[str, bool]:
+    """
+    Why `checkpoint` has no state file `path` for this process, and whether every process lacks its own: another
+    number of processes saved it (every process), or this file is missing.
+    """
     names = os.listdir(checkpoint)
-    saved = sorted({int(m.group(1)) for n in names if (m := re.match(rf"^rank\d+-of-(\d+)-{SAM_STATE_NAME}$", n))})
     world_size = trainer.args.world_size
+    sizes = {int(m.group(1)) for n in names if (m := re.match(rf"^rank\d+-of-(\d+)-{re.escape(SAM_STATE_NAME)}$", n))}
+    saved = sorted(sizes - {world_size})
     if saved or (SAM_STATE_NAME in names and os.path.basename(path) != SAM_STATE_NAME):
-        saved_by = f"{saved[0]} processes (one rank*-of-{saved[0]}-{SAM_STATE_NAME} each)" if saved else "1 file"
+        saved_by = (
+            f"{saved[0]} processes (one rank*-of-{saved[0]}-{SAM_STATE_NAME} each)"
+            if saved
+            else f"1 process (one {SAM_STATE_NAME})"
+        )
         return (
             f"Resuming {method} from {checkpoint} on {world_size} process(es), but its {description} was saved by "
             f"{saved_by}: the number of processes changed. Each process keeps its own {description} (local "
@@ -388,11 +399,11 @@ def _missing_state_notice(checkpoint: str, path: str, method: str, description: 
             "with another number of processes the shards differ, so the saved states cannot be given to this run's "
             f"processes: the {description} restarts empty on every process, and this run will not equal an "
             "uninterrupted one. Resume on the checkpoint's number of processes to continue it exactly."
-        )
+        ), True
     return (
         f"Resuming {method} from {checkpoint}, which has no {os.path.basename(path)}: the {description} restarts "
         "empty, so this run will not equal an uninterrupted one."
-    )
+    ), False
 
 
 def checkpoint_run_settings(trainer) -> dict:
