@@ -194,8 +194,10 @@ class SAMConfig(PushToHubMixin):
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` ({save_directory}) should be a directory, not a file.")
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, SAM_CONFIG_NAME), "w", encoding="utf-8") as writer:
+        path = os.path.join(save_directory, SAM_CONFIG_NAME)
+        with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as writer:  # renamed when whole
             writer.write(self.to_json_string())
+        os.replace(f"{path}.tmp{os.getpid()}", path)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1])
             self.push_to_hub(repo_id, **kwargs)

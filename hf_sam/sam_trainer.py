@@ -22,13 +22,20 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpointing import (
+    batch_change_notice,
     check_resumed_config,
-    checkpoint_to_resume,
+    checkpoint_for_resume_true,
+    checkpoint_run_settings,
     load_trainer_sam_state,
+    lock_output_dir,
     restore_renamed_weights,
     save_trainer_sam_state,
+    start_checkpoint,
+    unlock_output_dir,
+    write_checkpoint_manifest,
 )
 from .model_card import add_model_card_section, model_card_tags
 from .perturbation import (
@@ -89,8 +96,10 @@ class SAMMixin:
     Trainer methods overridden: `training_step` (the step), `log` (adds `sam/*`), `save_model` (writes
     `sam_config.json`), `create_model_card` (tags and a "Trained with hf_sam" section), `_inner_training_loop` (fresh
     SAM state per loop, config validated), `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` (the
-    variant's state in `sam_state.pt`, the checkpoint's `sam_config.json` compared on resume), `train` (`True`
-    resumes from the newest complete checkpoint).
+    variant's state in `sam_state.pt`, the checkpoint's `sam_config.json` compared on resume), `_save_checkpoint` (a
+    checkpoint counts as complete once every process has written its files: `hf_sam_manifest.json`, written last),
+    `train` (owns `output_dir` while training: a second run into it is refused; `True` resumes from the newest
+    complete checkpoint).
 
     Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
     USAM https://huggingface.co/papers/2305.15287, F-SAM https://huggingface.co/papers/2403.12350,
@@ -350,13 +359,51 @@ class SAMMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """
         The wrapped trainer's `train`; `resume_from_checkpoint=True` resumes from the newest **complete** checkpoint
-        of `output_dir` (`hf_sam.checkpointing.checkpoint_to_resume`): a save cut short is skipped with a warning
+        of `output_dir` (`hf_sam.checkpointing.checkpoint_for_resume_true`): a save cut short is skipped with a warning
         instead of failing the resume or silently restarting the SAM state. Without any checkpoint it raises what
         `Trainer.train` raises; when every checkpoint is incomplete, the same error type and text, saying what each lacks.
         """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir) or True
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if resume_from_checkpoint is True and not os.path.isdir(self.args.output_dir):
+            return super().train(True, *args, **kwargs)  # nothing to resume from, nor to lock: the Trainer's own error
+        # Owned by this run while it trains (`hf_sam.checkpointing.lock_output_dir`): another run writing checkpoints
+        # into the same folder would overwrite them, or resume from them half-written. A recipe already holds it.
+        lock_output_dir(self.args.output_dir, self.args.process_index)
+        try:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = checkpoint_for_resume_true(self.args.output_dir) or True
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            unlock_output_dir(self.args.output_dir, self.args.process_index)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """
+        The Trainer's save, made safe with several processes: process 0 marks the checkpoint as being written and,
+        once every process has written its files (a barrier), writes `hf_sam_manifest.json` last; only then are
+        older checkpoints rotated out (`save_total_limit`), so the last complete one is never deleted for one that
+        may not be complete yet.
+        """
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if self.args.should_save:
+            start_checkpoint(checkpoint)
+        self.accelerator.wait_for_everyone()  # no process writes into a rewritten checkpoint while it has a manifest
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_checkpoint_manifest(
+                checkpoint, {"global_step": self.state.global_step, **checkpoint_run_settings(self)}
+            )
+            rotate_checkpoints(
+                output_dir=os.path.dirname(checkpoint),
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Weights saved under legacy names (transformers#43701) are loaded through `from_pretrained`'s conversion;
@@ -375,7 +422,12 @@ class SAMMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and not check_resumed_config(checkpoint, self.sam_config):
+        if checkpoint is None:
+            return
+        notice = batch_change_notice(checkpoint, self)
+        if notice is not None and self.args.process_index == 0:
+            logger.warning(notice)
+        if not check_resumed_config(checkpoint, self.sam_config):
             load_trainer_sam_state(self, checkpoint)
 
 

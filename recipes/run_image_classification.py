@@ -58,6 +58,7 @@ from transformers import (
 )
 
 from hf_sam import SAMConfig, SAMTrainer
+from hf_sam.checkpointing import lock_output_dir
 from hf_sam.scripts.image import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
@@ -210,7 +211,8 @@ def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
 
 def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: TrainingArguments) -> dict:
     setup_logging(training_args)
-    checkpoint = checkpoint_to_resume(training_args, script_args.overwrite_output_dir)
+    lock_output_dir(training_args.output_dir, training_args.process_index)  # before anything is read or written there
+    checkpoint = checkpoint_to_resume(training_args, script_args.overwrite_output_dir, sam_config)
     set_seed(training_args.seed)
     # The images are decoded and augmented on the fly by `with_transform`: the Trainer must keep the raw columns.
     training_args.remove_unused_columns = False

@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_steps", type=int, default=4)
     parser.add_argument("--save_steps", type=int, default=0)
-    parser.add_argument("--resume", default=None)
+    parser.add_argument("--resume", default=None, help="a checkpoint, or `latest`: the newest complete one")
     parser.add_argument("--poison_rank", type=int, default=None, help="make this rank's first pass-1 loss inf")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--result", required=True)
@@ -49,7 +49,7 @@ def main():
         ),
     )
     assert trainer.accelerator.num_processes == dist.get_world_size() > 1, "not a multi-process run"
-    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.train(resume_from_checkpoint=True if args.resume == "latest" else args.resume)
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]

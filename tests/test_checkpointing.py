@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer
 
 from hf_sam import SAMConfig, SAMTrainer
-from hf_sam.checkpointing import checkpoint_problems, last_complete_checkpoint
+from hf_sam.checkpointing import checkpoint_problems, last_complete_checkpoint, read_checkpoint_manifest
 
 from .testing_utils import TinyTextDataset, params_of, text_args, tiny_bert
 
@@ -60,6 +60,75 @@ def test_a_save_cut_short_is_skipped_with_a_warning(fsam_run, tmp_path, caplog, 
     assert "checkpoint-4" in caplog.text and problem in caplog.text
 
 
+def test_the_manifest_lists_every_file_at_its_size(fsam_run):
+    output_dir, _ = fsam_run
+    checkpoint = output_dir / "checkpoint-4"
+    manifest = read_checkpoint_manifest(checkpoint)
+    assert manifest["world_size"] == 1 and manifest["global_step"] == 4
+    names = {p.name for p in checkpoint.iterdir()} - {"hf_sam_manifest.json", "run_cost.json"}
+    assert set(manifest["files"]) == names and "sam_state.pt" in names and "rng_state.pth" in names
+    assert all(manifest["files"][name] == (checkpoint / name).stat().st_size for name in names)
+    assert not (checkpoint / "hf_sam_saving").exists() and not any(checkpoint.glob("*.tmp*"))
+
+
+def test_save_total_limit_rotates_once_the_new_checkpoint_is_complete(tmp_path):
+    """Older checkpoints are deleted after the manifest of the new one is written, never before."""
+    trainer = SAMTrainer(
+        model=tiny_bert(),
+        args=text_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1),
+        train_dataset=TinyTextDataset(),
+        sam_config=SAMConfig(method="fsam", rho=0.1),
+    )
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert trainer.args.save_total_limit == 1 and checkpoint_problems(tmp_path / "checkpoint-6") == []
+
+
+@pytest.mark.parametrize("case", ["being_written", "cut_short"])
+def test_a_checkpoint_being_written_or_cut_short_is_skipped(fsam_run, tmp_path, caplog, case):
+    """A checkpoint being written (marker, no manifest yet) or with a file cut short is not complete."""
+    output_dir, _ = fsam_run
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(output_dir / name, tmp_path / name)
+    if case == "being_written":  # every file there, but process 0 has not seen the others finish
+        (tmp_path / "checkpoint-4" / "hf_sam_manifest.json").rename(tmp_path / "checkpoint-4" / "hf_sam_saving")
+        problem = "no hf_sam_manifest.json"
+    else:
+        state = tmp_path / "checkpoint-4" / "sam_state.pt"
+        state.write_bytes(state.read_bytes()[:-10])
+        problem = "sam_state.pt has"
+    assert any(problem in p for p in checkpoint_problems(tmp_path / "checkpoint-4"))
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert problem in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"gradient_accumulation_steps": 2}, "4 examples per optimizer step before, 8 now"),
+        ({"per_device_train_batch_size": 2}, "examples are seen twice (about 8 of the epoch"),
+        ({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}, "the data order is unchanged"),
+    ],
+)
+def test_resume_with_another_batch_says_once_what_happens_to_the_data_order(
+    fsam_run, tmp_path, caplog, changes, expected
+):
+    output_dir, _ = fsam_run
+    trainer = SAMTrainer(
+        model=tiny_bert(),
+        args=text_args(tmp_path, max_steps=6, **changes),
+        train_dataset=TinyTextDataset(),
+        sam_config=SAMConfig(method="fsam", rho=0.1),
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=str(output_dir / "checkpoint-4"))
+    notices = [r.getMessage() for r in caplog.records if "examples per optimizer step" in r.getMessage()]
+    assert len(notices) == 1 and expected in notices[0], notices
+    for key, value in changes.items():
+        assert f"`{key}` {4 if key.startswith('per_device') else 1} -> {value}" in notices[0]
+
+
 def test_a_plain_trainer_checkpoint_is_complete(tmp_path):
     """A checkpoint the plain `Trainer` wrote (no `sam_config.json`) can be resumed by `SAMTrainer`."""
     trainer = Trainer(
@@ -75,9 +144,14 @@ def test_every_process_state_file_must_be_there(fsam_run, tmp_path):
     output_dir, _ = fsam_run
     checkpoint = tmp_path / "checkpoint-2"
     shutil.copytree(output_dir / "checkpoint-2", checkpoint)
+    (checkpoint / "hf_sam_manifest.json").unlink()  # written before manifests: the names alone are checked
     (checkpoint / "sam_state.pt").rename(checkpoint / "rank0-of-2-sam_state.pt")
-    assert any("process(es) [1] of 2" in p for p in checkpoint_problems(checkpoint))
+    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")
+    problems = checkpoint_problems(checkpoint)
+    assert any("sam_state.pt of process(es) [1] of 2" in p for p in problems)
+    assert any("rng_state_{r}.pth) of process(es) [1] of 2" in p for p in problems)
     shutil.copy(checkpoint / "rank0-of-2-sam_state.pt", checkpoint / "rank1-of-2-sam_state.pt")
+    shutil.copy(checkpoint / "rng_state_0.pth", checkpoint / "rng_state_1.pth")
     assert checkpoint_problems(checkpoint) == []
 
 
@@ -89,7 +163,7 @@ def test_an_empty_checkpoint_folder_is_skipped(fsam_run, tmp_path):
     assert last_complete_checkpoint(tmp_path / "nowhere") is None
 
 
-def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_run, tmp_path):
+def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_run, tmp_path, caplog):
     """`train(resume_from_checkpoint=True)` after a save cut short: resumes from the last complete checkpoint."""
     output_dir, final = fsam_run
     copy = tmp_path / "run"
@@ -97,7 +171,9 @@ def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_
     shutil.copytree(output_dir / "checkpoint-4", copy / "checkpoint-4")
     (copy / "checkpoint-4" / "trainer_state.json").unlink()
     trainer = _trainer(copy, SAMConfig(method="fsam", rho=0.1), seed=1)
-    trainer.train(resume_from_checkpoint=True)
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=True)
+    assert "examples per optimizer step" not in caplog.text  # the same batches: no notice
     for name, p in params_of(trainer.model).items():
         assert torch.equal(p, final[name]), name
 

@@ -4,7 +4,9 @@ SAMTrainer in 2 real processes (torchrun, CPU, gloo): global mode is world-size 
 Note: `accelerate launch --cpu --num_processes 2` starts a single process on these machines; `torchrun` starts two.
 """
 
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ RHO, SIGMA, LAM, LR = 0.1, 0.7, 0.6, 0.1
 
 
 def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, **options) -> dict:
-    """Run a worker script of tests/ in 2 processes; return what rank 0 saved."""
+    """Run a worker script of tests/ in 2 processes; return what rank 0 saved, and the output as `log`."""
     result = tmp_path / f"{name}.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
@@ -45,7 +47,7 @@ def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, **options) -> di
     if completed.returncode != 0:
         (tmp_path / f"{name}.log").write_text(completed.stdout + completed.stderr)
     assert completed.returncode == 0, completed.stderr[-6000:]
-    return torch.load(result, weights_only=False)
+    return {**torch.load(result, weights_only=False), "log": completed.stdout + completed.stderr}
 
 
 def single_process(tmp_path, *, method, grad_accum, batch_size):
@@ -138,6 +140,64 @@ def test_fsam_local_with_accumulation_resumes_bitwise(tmp_path):
     assert resumed["ranks_bitwise_equal"]
     for name, p in full["params"].items():
         assert torch.equal(resumed["params"][name], p), f"{name} differs after resume"
+
+
+@pytest.fixture(scope="module")
+def fsam_local_run(tmp_path_factory):
+    """2 processes, local F-SAM, 6 steps, checkpoints 2, 4, 6 (each process's RNG and F-SAM state in each)."""
+    tmp_path = tmp_path_factory.mktemp("fsam-local")
+    options = dict(method="fsam", sync="local", save_steps=2, max_steps=6)
+    return tmp_path, options, launch(tmp_path, "full", **options)
+
+
+def test_a_checkpoint_missing_or_cutting_a_process_file_falls_back_to_a_complete_one(fsam_local_run, tmp_path):
+    """
+    Process 0 writes `trainer_state.json` without waiting for process 1: a checkpoint is complete only when the
+    manifest, written after every process has saved, lists each process's files at their size. Here checkpoint-6 has
+    process 1's F-SAM state cut short, checkpoint-4 lacks its RNG state: the resume falls back to checkpoint-2 and
+    ends bitwise equal to the uninterrupted run.
+    """
+    from hf_sam.checkpointing import checkpoint_problems, read_checkpoint_manifest
+
+    full_dir, options, full = fsam_local_run
+    manifest = read_checkpoint_manifest(full_dir / "full" / "checkpoint-4")
+    assert manifest["world_size"] == 2 and manifest["global_step"] == 4
+    names = ("rng_state_0.pth", "rng_state_1.pth", "rank0-of-2-sam_state.pt", "rank1-of-2-sam_state.pt")
+    assert all(manifest["files"][name] == (full_dir / "full" / "checkpoint-4" / name).stat().st_size for name in names)
+    assert not (full_dir / "full" / "checkpoint-4" / "hf_sam_saving").exists()
+
+    run = tmp_path / "resumed"
+    shutil.copytree(full_dir / "full", run, ignore=shutil.ignore_patterns("_hf_sam.lock"))
+    cut = run / "checkpoint-6" / "rank1-of-2-sam_state.pt"
+    cut.write_bytes(cut.read_bytes()[:100])
+    (run / "checkpoint-4" / "rng_state_1.pth").unlink()
+    assert any("rank1-of-2-sam_state.pt (process 1 of 2) has 100 bytes" in p for p in checkpoint_problems(cut.parent))
+    assert any("no rng_state_1.pth (process 1 of 2)" in p for p in checkpoint_problems(run / "checkpoint-4"))
+
+    resumed = launch(tmp_path, "resumed", resume="latest", **options)
+    assert f"Skipping the incomplete checkpoint {run}/checkpoint-6" in resumed["log"]
+    assert f"Skipping the incomplete checkpoint {run}/checkpoint-4" in resumed["log"]
+    assert resumed["ranks_bitwise_equal"]
+    for name, p in full["params"].items():
+        assert torch.equal(resumed["params"][name], p), f"{name} differs after resume"
+
+
+def test_resuming_local_fsam_on_another_number_of_processes_says_so(fsam_local_run, tmp_path, caplog):
+    """The per-process F-SAM states of 2 processes cannot go to 1: the notice says why, not "no sam_state.pt"."""
+    full_dir, _, _ = fsam_local_run
+    trainer = SequentialSAMTrainer(
+        model=tiny_model(),
+        args=tiny_args(tmp_path, per_device_train_batch_size=PER_DEVICE, max_steps=6),
+        train_dataset=TinyDataset(),
+        sam_config=SAMConfig(method="fsam", rho=RHO, fsam_sigma=SIGMA, fsam_lambda=LAM, perturbation_sync="local"),
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=str(full_dir / "full" / "checkpoint-2"))
+    assert "on 1 process(es), but its F-SAM" in caplog.text
+    assert "saved by 2 processes (one rank*-of-2-sam_state.pt each): the number of processes changed" in caplog.text
+    assert "has no sam_state.pt" not in caplog.text
+    # ... and what the smaller global batch does to the data order.
+    assert "`world_size` 2 -> 1: 8 examples per optimizer step before, 4 now" in caplog.text
 
 
 def test_nonfinite_on_one_rank_skips_the_perturbation_on_every_rank(tmp_path):

@@ -383,9 +383,14 @@ def test_killed_run_resumes_bitwise_when_rerun(tmp_path, tiny_text_model):
         uninterrupted.kill()
         returncode = killed.wait()
     assert returncode == -signal.SIGKILL and not (resumed / "model.safetensors").exists(), "the run was not cut short"
+    killed_lock = json.loads((resumed / "_hf_sam.lock").read_text())  # left behind: the rerun must take it over
+    assert killed_lock["pid"] == killed.pid
 
     completed = run_recipe(tmp_path, "run_glue", argv + ["--output_dir", str(resumed)])
     assert "Resuming from" in completed.stderr and f"{resumed}/checkpoint-" in completed.stderr
+    assert (
+        f"Taking over {resumed}/_hf_sam.lock, left by a run that has ended (process {killed.pid}" in completed.stderr
+    )
     expected, got = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
@@ -405,6 +410,82 @@ def test_killed_run_resumes_bitwise_when_rerun(tmp_path, tiny_text_model):
         assert total["wall_s"] > before["wall_s"] and total["cpu_s"] > before["cpu_s"]
     else:  # killed between a later checkpoint and its run_cost.json: the time before it is unknown, not guessed
         assert total["attempts"] is None and total["wall_s"] is None and total["earlier_wall_s"] is None
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused(tmp_path, tiny_text_model):
+    """
+    Two recipe processes, one `--output_dir`: while the first trains (held stopped between two checkpoints), the
+    second is refused at once, naming the folder and the first run; the first then ends untouched. Once it has
+    ended, a run with another `--rho` is refused too, naming what differs, instead of resuming the finished run.
+    """
+    data = make_glue_dir(tmp_path / "RTE", "rte", n_train=40)
+    output_dir = tmp_path / "run"
+    argv = [
+        "--task_name", "rte", "--data_dir", str(data), "--model_name_or_path", tiny_text_model, "--method", "fsam",
+        "--rho", "0.05", "--max_train_samples", "32", "--max_seq_length", "32", "--per_device_train_batch_size", "8",
+        "--save_steps", "2", "--max_steps", "6", "--do_train", "--report_to", "none", "--use_cpu",
+        "--disable_tqdm", "true", "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            recipe_command("run_glue", argv), env=recipe_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while first.poll() is None and not (output_dir / "checkpoint-2" / "hf_sam_manifest.json").is_file():
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-6000:]
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)  # mid-run, holding the folder
+        assert first.poll() is None, "the first run ended before the second started"
+        second = subprocess.run(
+            recipe_command("run_glue", [*argv, "--rho", "0.1"]),
+            env=recipe_env(), cwd=REPO, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-6000:]
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode != 0
+    assert f"The output directory {output_dir} is in use by another run: process {first.pid} on host" in second.stderr
+    assert "Resuming" not in second.stderr and "Skipping the incomplete checkpoint" not in second.stderr
+    assert json.loads((output_dir / "sam_config.json").read_text())["rho"] == 0.05
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 6
+
+    # The first run has ended: a run with another rho would resume its last checkpoint and leave its weights beside
+    # a sam_config.json with rho 0.1. Refused, naming the change.
+    third = subprocess.run(
+        recipe_command("run_glue", [*argv, "--rho", "0.1"]), env=recipe_env(), cwd=REPO, capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
+    assert third.returncode != 0
+    assert f"{output_dir} holds a run with other SAM settings" in third.stderr and "`rho` 0.05 -> 0.1" in third.stderr
+    assert json.loads((output_dir / "sam_config.json").read_text())["rho"] == 0.05
+
+
+def test_a_launched_run_into_a_used_output_dir_is_refused_on_every_process(tmp_path, tiny_text_model):
+    """Process 0 alone takes the lock; the others raise its error too instead of waiting for it in a collective."""
+    from hf_sam.checkpointing import lock_output_dir, unlock_output_dir
+
+    data = make_glue_dir(tmp_path / "RTE", "rte", n_train=40)
+    output_dir = tmp_path / "run"
+    argv = ["--task_name", "rte", "--data_dir", str(data), "--model_name_or_path", tiny_text_model, "--do_train"]
+    lock_output_dir(output_dir)  # this test's process stands for a run that is alive
+    try:
+        completed = subprocess.run(
+            recipe_command("run_glue", argv + _common_flags(output_dir), processes=2),
+            env=recipe_env(), cwd=REPO, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    finally:
+        unlock_output_dir(output_dir)
+    assert completed.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"[rank{rank}]: hf_sam.checkpointing.OutputDirInUseError: The output directory {output_dir} is in use"
+            in (completed.stderr)
+        )
+    assert f"process {os.getpid()} on host" in completed.stderr
+    assert sorted(os.listdir(output_dir)) == ["_hf_sam.lock"]
 
 
 # ---------------------------------------------------------------------------------------------- real GLUE rows

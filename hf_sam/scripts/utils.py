@@ -40,10 +40,14 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 
 from ..checkpointing import (
     CHECKPOINT_FOLDER_RE,
+    LOCK_NAME,
     RUN_COST_NAME,
+    SAM_CONFIG_NAME,
     checkpoint_problems,
+    describe_changes,
     last_complete_checkpoint,
     read_run_cost,
+    sam_config_changes,
 )
 from ..sam_config import SAMConfig
 
@@ -389,16 +393,21 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.getLogger("hf_sam").setLevel(logging.INFO if training_args.should_log else log_level)
 
 
-def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir: bool = False) -> str | None:
+def checkpoint_to_resume(
+    training_args: TrainingArguments, overwrite_output_dir: bool = False, sam_config: SAMConfig | None = None
+) -> str | None:
     """
     The checkpoint a recipe resumes from, or `None` to train from scratch; refuses an `--output_dir` it would clobber.
+    Call it once the run owns `--output_dir` (`hf_sam.checkpointing.lock_output_dir`).
 
     - `--resume_from_checkpoint PATH`: that checkpoint (a `ValueError` saying what it lacks if it is incomplete);
       `true` or `latest`: the last complete checkpoint of `--output_dir` (an error if there is none).
     - Without it, when training into an existing `--output_dir`: its last complete checkpoint (incomplete ones, from
       a save cut short, are skipped with a warning), so rerunning a killed command resumes it. With no complete
       checkpoint, a folder holding anything but incomplete `checkpoint-*` folders is refused with a `ValueError`
-      naming `--overwrite_output_dir`.
+      naming `--overwrite_output_dir`. A checkpoint saved with other SAM settings than `sam_config` (an earlier,
+      maybe finished, run with another `--rho`) is refused with a `ValueError` naming what differs: resuming it
+      would mix the two runs (a finished run's weights beside this run's `sam_config.json`).
     - `--overwrite_output_dir`: train from scratch; the `checkpoint-*` folders already there are deleted, so that a
       later resume cannot pick up a checkpoint of the earlier run.
     """
@@ -428,9 +437,19 @@ def checkpoint_to_resume(training_args: TrainingArguments, overwrite_output_dir:
         return None
     checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is not None:
+        changed = {}
+        if sam_config is not None and os.path.isfile(os.path.join(checkpoint, SAM_CONFIG_NAME)):
+            changed = sam_config_changes(checkpoint, sam_config)
+        if changed:
+            raise ValueError(
+                f"The output directory {output_dir} holds a run with other SAM settings than this one ({checkpoint}: "
+                f"{describe_changes(changed)}). Rerun with its settings to resume it, pass `--resume_from_checkpoint "
+                f"{checkpoint}` to continue it with these settings, `--overwrite_output_dir` to train from scratch "
+                "into it, or choose another `--output_dir`."
+            )
         logger.info(f"Resuming from {checkpoint}, the last complete checkpoint in {output_dir}.")
         return checkpoint
-    other = sorted(name for name in os.listdir(output_dir) if not CHECKPOINT_FOLDER_RE.match(name))
+    other = sorted(n for n in os.listdir(output_dir) if not CHECKPOINT_FOLDER_RE.match(n) and n != LOCK_NAME)
     if other:
         raise ValueError(
             f"The output directory {output_dir} is not empty ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})"
