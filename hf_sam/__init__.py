@@ -30,7 +30,7 @@ from .sharpness import (
     worst_case_sharpness,
 )
 from .sharpness_callback import SharpnessCallback
-from .variants import VARIANTS, FriendlySAM, LookSAM, SAMVariant
+from .variants import METHODS, FriendlySAM, LookSAM, SAMVariant, register_method
 
 
 __all__ = [
@@ -38,19 +38,20 @@ __all__ = [
     "FriendlySAM",
     "HessianEigenResult",
     "LookSAM",
+    "METHODS",
     "SAMConfig",
     "SAMMixin",
     "SAMTrainer",
     "SAMVariant",
     "SharpnessCallback",
     "SharpnessResult",
-    "VARIANTS",
     "ascent_sharpness",
     "average_sharpness",
     "global_norm",
     "gradient_eigenvector_alignment",
     "hessian_trace",
     "perturb_",
+    "register_method",
     "restore_",
     "sam_perturbation_",
     "top_hessian_eigenvalue",

@@ -47,8 +47,6 @@ _WEIGHT_FILES = (
     "adapter_model.safetensors",
     "adapter_model.bin",
 )
-# Methods whose per-parameter state a checkpoint must carry in `sam_state.pt` (see `hf_sam.variants`).
-_STATEFUL_METHODS = ("fsam", "looksam")
 
 
 def read_run_cost(folder: str | os.PathLike | None) -> dict | None:
@@ -100,10 +98,17 @@ def checkpoint_problems(checkpoint_dir: str | os.PathLike) -> list[str]:
         except (OSError, ValueError) as error:
             problems.append(f"{SAM_CONFIG_NAME} cannot be read ({error})")
         else:
-            stateful = config.get("method") in _STATEFUL_METHODS and config.get("rho", 0) != 0
+            stateful = _is_stateful(config.get("method")) and config.get("rho", 0) != 0
             if stateful and not any(name.endswith(SAM_STATE_NAME) for name in names):
                 problems.append(f"no {SAM_STATE_NAME} (the {config.get('method')} state)")
     return problems
+
+
+def _is_stateful(method) -> bool:
+    """Whether a checkpoint of `method` must carry its per-parameter state in `sam_state.pt` (`hf_sam.variants`)."""
+    from .variants import METHODS
+
+    return method in METHODS and METHODS[method].state_key is not None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

@@ -15,12 +15,13 @@
 
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transformers.utils import PushToHubMixin, cached_file
+
+from .variants import METHODS, MethodNames, NumberField, method_class
 
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 
 SAM_CONFIG_NAME = "sam_config.json"
 
-METHODS = ("sam", "fsam", "looksam")
 PERTURBATION_SYNC_MODES = ("global", "local")
+# The fields every method reads; each other field is owned (and validated) by one method class (`hf_sam.variants`).
+GENERIC_FIELDS = (
+    "method", "rho", "adaptive", "adaptive_eta", "normalize", "interval", "perturbation_sync", "allow_state_reset"
+)  # fmt: skip
 
 
 @dataclass
@@ -70,9 +74,10 @@ class SAMConfig(PushToHubMixin):
     method: str = field(
         default="sam",
         metadata={
-            "help": "Sharpness-aware method: `sam` (SAM, ASAM, USAM), `fsam` (Friendly-SAM) or `looksam` (LookSAM: "
-            "full SAM every `interval` steps, its orthogonal gradient component reused in between).",
-            "choices": list(METHODS),
+            "help": "Sharpness-aware method, a name registered in `hf_sam.variants.METHODS`: `sam` (SAM, ASAM, "
+            "USAM), `fsam` (Friendly-SAM) or `looksam` (LookSAM: full SAM every `interval` steps, its orthogonal "
+            "gradient component reused in between).",
+            "choices": MethodNames(),
         },
     )
 
@@ -155,8 +160,7 @@ class SAMConfig(PushToHubMixin):
         Raise a `ValueError` naming the field and its allowed values if any field is invalid. Runs when the config is
         built and again when training starts (`SAMTrainer`), so a field changed after construction is checked too.
         """
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
+        method = method_class(self.method)
         if self.perturbation_sync not in PERTURBATION_SYNC_MODES:
             raise ValueError(
                 f"`perturbation_sync` must be one of {list(PERTURBATION_SYNC_MODES)}, got {self.perturbation_sync!r}."
@@ -164,20 +168,13 @@ class SAMConfig(PushToHubMixin):
         for name in ("adaptive", "normalize", "allow_state_reset"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool (True or False), got {getattr(self, name)!r}.")
-        _check_number("rho", self.rho, low=0.0, rule=">= 0")
-        _check_number("adaptive_eta", self.adaptive_eta, low=0.0, rule=">= 0")
-        _check_number("fsam_sigma", self.fsam_sigma, low=0.0, rule=">= 0")
-        _check_number("fsam_lambda", self.fsam_lambda, low=0.0, rule="in [0, 1)")
-        _check_number("looksam_alpha", self.looksam_alpha, low=0.0, rule=">= 0")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"`interval` must be an integer >= 1, got {self.interval!r}.")
-        if self.method == "looksam" and self.perturbation_sync != "global":
-            raise ValueError(
-                "`perturbation_sync` must be 'global' with `method='looksam'`: its gradient decomposition needs the "
-                f"all-reduced gradient, got {self.perturbation_sync!r}."
-            )
-        if self.fsam_lambda >= 1.0:
-            raise ValueError(f"`fsam_lambda` must be in [0, 1), got {self.fsam_lambda!r}.")
+        NumberField().check("rho", self.rho)
+        NumberField().check("adaptive_eta", self.adaptive_eta)
+        NumberField(1, integer=True).check("interval", self.interval)
+        for owner in METHODS.values():
+            for name, rule in owner.config_fields.items():
+                rule.check(name, getattr(self, name))
+        method.check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (what `sam_config.json` holds)."""
@@ -243,8 +240,3 @@ class SAMConfig(PushToHubMixin):
             return cls(**{k: v for k, v in values.items() if k in known})
         except ValueError as error:
             raise ValueError(f"{config_file}: {error}") from None
-
-
-def _check_number(name: str, value: Any, *, low: float, rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise ValueError(f"`{name}` must be a finite number {rule}, got {value!r}.")

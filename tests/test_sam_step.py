@@ -10,6 +10,7 @@ from transformers import Trainer
 
 from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.setup_checks import check_sharded_setup, check_trainer_setup
+from hf_sam.trainer_utils import protect_trainer_metrics
 
 from .testing_utils import (
     PoisonedClassifier,
@@ -265,7 +266,7 @@ def test_second_pass_guard_keeps_every_metric_mode(tmp_path):
     """TRL keeps `_metrics["train"]` and `_metrics["eval"]`: neither pass 2 nor the probe may add to either."""
     trainer = SAMTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=TinyDataset())
     trainer._metrics = {"train": {"entropy": [1.0]}, "eval": {"entropy": [2.0]}}
-    with trainer._second_pass_context():
+    with protect_trainer_metrics(trainer):
         trainer._metrics["train"]["entropy"].append(3.0)
         trainer._metrics["eval"]["entropy"].append(4.0)
         trainer._metrics["eval"]["new"] = [5.0]
