@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Sharpness-Aware Minimization (SAM, ASAM, USAM), Friendly-SAM and LookSAM as a drop-in `transformers.Trainer`."""
+"""Sharpness-Aware Minimization (SAM, ASAM, USAM, F-SAM, VaSSO, LookSAM) as a drop-in `transformers.Trainer`."""
 
 __version__ = "0.1.0.dev0"
 
@@ -30,7 +30,7 @@ from .sharpness import (
     worst_case_sharpness,
 )
 from .sharpness_callback import SharpnessCallback
-from .variants import METHODS, FriendlySAM, LookSAM, SAMVariant, register_method
+from .variants import METHODS, FriendlySAM, LookSAM, SAMVariant, VaSSO, register_method
 
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "SAMVariant",
     "SharpnessCallback",
     "SharpnessResult",
+    "VaSSO",
     "ascent_sharpness",
     "average_sharpness",
     "global_norm",

@@ -51,6 +51,9 @@ class SAMConfig(PushToHubMixin):
     - `method="fsam"` (Friendly-SAM, Li et al. 2024, https://huggingface.co/papers/2403.12350): the direction is
       `d = g - fsam_sigma * m_{t-1}`, where `m` is an EMA of the raw minibatch gradients,
       `m_t = fsam_lambda * m_{t-1} + (1 - fsam_lambda) * g_t` and `m_0 = g_1` (the first step is plain SAM).
+    - `method="vasso"` (VaSSO, Li & Giannakis 2023, https://huggingface.co/papers/2309.15639): the perturbation
+      follows an average of the gradients, `e = rho * d_t / ||d_t||`, `d_t = (1 - vasso_theta) * d_{t-1} +
+      vasso_theta * g_t` and `d_1 = g_1`.
     - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one pass.
     - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `interval`-th step is SAM
       and stores `g_v`, the part of its gradient orthogonal to `g`; the steps in between apply
@@ -75,8 +78,8 @@ class SAMConfig(PushToHubMixin):
         default="sam",
         metadata={
             "help": "Sharpness-aware method, a name registered in `hf_sam.variants.METHODS`: `sam` (SAM, ASAM, "
-            "USAM), `fsam` (Friendly-SAM) or `looksam` (LookSAM: full SAM every `interval` steps, its orthogonal "
-            "gradient component reused in between).",
+            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO) or `looksam` (LookSAM: full SAM every `interval` steps, "
+            "its orthogonal gradient component reused in between).",
             "choices": MethodNames(),
         },
     )
@@ -115,6 +118,15 @@ class SAMConfig(PushToHubMixin):
     fsam_lambda: float = field(
         default=0.9,
         metadata={"help": "F-SAM: decay of the EMA of raw minibatch gradients, m = lambda * m + (1 - lambda) * g."},
+    )
+
+    # Parameters of VaSSO
+    vasso_theta: float = field(
+        default=0.9,
+        metadata={
+            "help": "VaSSO: weight of the new gradient in the averaged direction, d = (1 - theta) * d + theta * g "
+            "(d_1 = g_1; theta = 1 is SAM; 0.9 in the authors' training script)."
+        },
     )
 
     # Parameters that make SAM cheaper

@@ -286,6 +286,44 @@ class FriendlySAM(_GradientAverage):
         return direction, None
 
 
+class VaSSO(_GradientAverage):
+    r"""
+    VaSSO, variance-suppressed sharpness-aware optimization (Li & Giannakis, NeurIPS 2023,
+    https://huggingface.co/papers/2309.15639), Algorithm 1. At optimizer step :math:`t` with gradient :math:`g_t`:
+
+    .. math::
+        d_t = (1 - \theta)\, d_{t-1} + \theta\, g_t, \qquad d_1 = g_1, \qquad e_t = \rho\, d_t / \|d_t\|,
+
+    so :math:`\theta = 1` is SAM. :math:`d` averages the raw (unscaled) gradients, and the steps of an `interval`
+    schedule that are not perturbed update it too (as F-SAM's EMA). With per-micro-batch perturbations each micro-batch
+    perturbs along its own :math:`(1 - \theta) d_{t-1} + \theta g_{t,i}` and :math:`d_t` takes the step's mean raw
+    gradient. A step with a non-finite gradient leaves :math:`d` untouched. ASAM's and USAM's scalings apply to
+    :math:`d_t` as to SAM's :math:`g`.
+    """
+
+    name = "vasso"
+    display_name = "VaSSO"
+    paper = ("Li & Giannakis, 2023", "https://huggingface.co/papers/2309.15639")
+    config_fields = {"vasso_theta": NumberField(0.0, 1.0, closed=True)}
+    state_key = "average"
+    state_description = "VaSSO averaged direction d"
+
+    def _later_weight(self) -> float:
+        return self.config.vasso_theta
+
+    @torch.no_grad()
+    def direction(self, grads, grad_norm, *, finite, weight=1.0, last_micro_batch=True):
+        self._allocate(grads)
+        # d = d_{t-1} + w (g - d_{t-1}): the new average with this (micro-)batch's gradient (g at the first step).
+        direction = torch._foreach_sub(grads, self.ema)
+        foreach_mul_by_scalar_tensor_(direction, self._weight())
+        torch._foreach_add_(direction, self.ema)
+        self._accumulate(grads, weight, finite)
+        if last_micro_batch:
+            self._end_step()
+        return direction, None
+
+
 class LookSAM(SAMVariant):
     r"""
     LookSAM (Liu et al., CVPR 2022, https://huggingface.co/papers/2203.02714), Algorithm 1 with global vectors.
@@ -420,7 +458,7 @@ def register_method(cls: type[SAMVariant]) -> type[SAMVariant]:
 
 # The built-in methods (their fields are checked against `SAMConfig` by tests/test_sam_config.py: `register_method`
 # cannot import `sam_config` while it is being imported).
-METHODS.update({cls.name: cls for cls in (SAMVariant, FriendlySAM, LookSAM)})
+METHODS.update({cls.name: cls for cls in (SAMVariant, FriendlySAM, VaSSO, LookSAM)})
 
 
 def method_class(name: str) -> type[SAMVariant]:

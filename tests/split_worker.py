@@ -20,6 +20,7 @@ CONFIGS = {
     "sam": SAMConfig(rho=0.1),
     "usam": SAMConfig(rho=0.5, normalize=False),
     "fsam": SAMConfig(method="fsam", rho=0.1, fsam_sigma=0.7, fsam_lambda=0.6),
+    "vasso": SAMConfig(method="vasso", rho=0.1, vasso_theta=0.6),
     "rho0": SAMConfig(rho=0.0),
 }
 

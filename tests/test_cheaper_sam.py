@@ -11,13 +11,14 @@ from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_mo
 STEPS, BATCH_SIZE, LR = 6, 8, 0.1
 
 
-def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alpha=0.7):
+def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alpha=0.7, theta=0.6):
     """
     Step t is a SAM step when t % interval == 0 (one perturbation from the gradient of all its micro-batches), else
     one plain pass. With g the step's mean gradient at w and
     g_s the applied gradient of a SAM step, LookSAM (Liu et al. 2022, Algorithm 1) stores
     g_v = g_s - (g . g_s / ||g||^2) g, and a plain step applies g + alpha ||g|| / ||g_v|| g_v instead of g.
-    F-SAM's EMA is updated with g at every step, perturbed or not.
+    F-SAM's EMA is updated with g at every step, perturbed or not; so is VaSSO's average v, d = (1 - theta) v + theta g
+    on a SAM step (d = g on the first step).
     """
     model = tiny_model()
     model.train()
@@ -35,6 +36,8 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
         if sam_step:  # one perturbation from the whole batch's gradient, then its gradient at w + e
             g = mean_grad
             d = list(g) if (method != "fsam" or ema is None) else [gi - sigma * m for gi, m in zip(g, ema)]
+            if method == "vasso" and ema is not None:
+                d = [(1 - theta) * v + theta * gi for v, gi in zip(ema, g)]
             norm = torch.sqrt(sum((di**2).sum() for di in d))
             weights = [p.detach().clone() for p in params]
             with torch.no_grad():
@@ -58,6 +61,8 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
                 applied = [a + alpha * g_norm / v_norm * v for a, v in zip(applied, orthogonal)]
         if method == "fsam":
             ema = mean_grad if ema is None else [lam * m + (1 - lam) * gi for m, gi in zip(ema, mean_grad)]
+        if method == "vasso":
+            ema = mean_grad if ema is None else [(1 - theta) * v + theta * gi for v, gi in zip(ema, mean_grad)]
         with torch.no_grad():
             for p, a in zip(params, applied):
                 p.sub_(LR * a)
@@ -65,7 +70,9 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-@pytest.mark.parametrize(("method", "interval"), [("sam", 2), ("fsam", 3), ("looksam", 2), ("looksam", 3)])
+@pytest.mark.parametrize(
+    ("method", "interval"), [("sam", 2), ("fsam", 3), ("vasso", 3), ("looksam", 2), ("looksam", 3)]
+)
 def test_matches_reference(tmp_path, method, interval, grad_accum):
     model = tiny_model()
     forwards = []
@@ -74,7 +81,9 @@ def test_matches_reference(tmp_path, method, interval, grad_accum):
         model=model,
         args=tiny_args(tmp_path, max_steps=STEPS, gradient_accumulation_steps=grad_accum),
         train_dataset=TinyDataset(n=STEPS * grad_accum * BATCH_SIZE),
-        sam_config=SAMConfig(method=method, rho=0.1, interval=interval, fsam_sigma=0.7, fsam_lambda=0.6),
+        sam_config=SAMConfig(
+            method=method, rho=0.1, interval=interval, fsam_sigma=0.7, fsam_lambda=0.6, vasso_theta=0.6
+        ),
     ).train()
     expected = reference_run(grad_accum=grad_accum, rho=0.1, interval=interval, method=method)
     for name, p in model.named_parameters():
@@ -101,7 +110,7 @@ def test_bad_interval_and_looksam_options_fail_clearly():
         SAMConfig(method="looksam", perturbation_sync="local")
 
 
-@pytest.mark.parametrize(("method", "interval"), [("sam", 1), ("fsam", 2), ("looksam", 2)])
+@pytest.mark.parametrize(("method", "interval"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("looksam", 2)])
 def test_parameter_the_loss_never_reaches_is_left_alone(tmp_path, method, interval):
     """As in the plain Trainer, a parameter without a gradient gets no update (not even AdamW's weight decay)."""
     model = tiny_model()

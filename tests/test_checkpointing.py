@@ -102,6 +102,23 @@ def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_
         assert torch.equal(p, final[name]), name
 
 
+@pytest.mark.parametrize("method", ["vasso"])
+def test_a_resumed_run_of_a_stateful_method_ends_bitwise_equal(tmp_path, method):
+    """Stopped after checkpoint 2 (its state in `sam_state.pt`) and resumed: the same weights as without a stop."""
+    full = _trainer(tmp_path / "full", SAMConfig(method=method, rho=0.1))
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert checkpoint_problems(checkpoint) == [] and (checkpoint / "sam_state.pt").is_file()
+    resumed = _trainer(tmp_path / "resumed", SAMConfig(method=method, rho=0.1), seed=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    final = params_of(full.model)
+    assert all(torch.equal(p, final[name]) for name, p in params_of(resumed.model).items())
+    (checkpoint / "sam_state.pt").unlink()  # control: the state restarts empty (with a warning), and the run differs
+    reset = _trainer(tmp_path / "reset", SAMConfig(method=method, rho=0.1), seed=1)
+    reset.train(resume_from_checkpoint=str(checkpoint))
+    assert any(not torch.equal(p, final[name]) for name, p in params_of(reset.model).items())
+
+
 def _resume_error(trainer) -> Exception:
     with pytest.raises(Exception) as error:
         trainer.train(resume_from_checkpoint=True)

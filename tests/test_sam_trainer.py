@@ -28,28 +28,34 @@ def reference_sam_run(
     fsam=False,
     sigma=1.0,
     lam=0.9,
+    vasso=False,
+    theta=0.9,
     max_grad_norm=0.0,
     per_micro_batch=False,
 ):
     """
-    SAM / ASAM / USAM / F-SAM written out from the papers, one tensor at a time, with plain SGD.
+    SAM / ASAM / USAM / F-SAM / VaSSO written out from the papers, one tensor at a time, with plain SGD.
 
     Step t over K micro-batches with mean losses L_i (batch loss L = mean_i L_i): g = grad L(w), taken micro-batch
     by micro-batch (BatchNorm statistics updated by each); d = g (SAM) or g - sigma * m_{t-1} (F-SAM, d = g on the
     first step); T = |w| + eta (ASAM) or 1; e = rho T^2 d / ||T d|| (or rho T^2 d unnormalized); the applied gradient
     is grad L(w + e), after which weights and BatchNorm statistics are put back; m_t = g (first step) or
-    lam * m_{t-1} + (1 - lam) * g; clip; w -= lr * applied.
+    lam * m_{t-1} + (1 - lam) * g; clip; w -= lr * applied. VaSSO (Li & Giannakis 2023, Algorithm 1): d = g on the
+    first step, else (1 - theta) * v_{t-1} + theta * g, and v_t = d (the average of the step's g).
 
     `per_micro_batch=True` (m-sharpness, `perturbation_sync="local"`): every micro-batch i takes its own
-    e_i from g_i = grad L_i(w) (F-SAM: g_i - sigma * m_{t-1}) and the applied gradient is mean_i grad L_i(w + e_i).
+    e_i from g_i = grad L_i(w) (F-SAM: g_i - sigma * m_{t-1}; VaSSO: (1 - theta) * v_{t-1} + theta * g_i) and the
+    applied gradient is mean_i grad L_i(w + e_i); v_t then averages the step's mean gradient.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(dataset.batches(BATCH_SIZE))
-    ema = None
+    ema = average = None
     model.train()
 
     def perturbation(g):
         d = list(g) if (not fsam or ema is None) else [gi - sigma * mi for gi, mi in zip(g, ema)]
+        if vasso and average is not None:
+            d = [(1 - theta) * vi + theta * gi for vi, gi in zip(average, g)]
         scaling = [p.detach().abs() + eta if adaptive else torch.ones_like(p) for p in params]
         if normalize:
             norm = torch.sqrt(sum(((t * di) ** 2).sum() for t, di in zip(scaling, d)))
@@ -89,6 +95,7 @@ def reference_sam_run(
                 mean_grad = [mg + gi for mg, gi in zip(mean_grad, g)]
             applied = gradient_at(perturbation(mean_grad), micro_batches)
         ema = mean_grad if ema is None else [lam * mi + (1 - lam) * gi for mi, gi in zip(ema, mean_grad)]
+        average = mean_grad if average is None else [(1 - theta) * v + theta * g for v, g in zip(average, mean_grad)]
         if max_grad_norm > 0:
             total = torch.sqrt(sum((a**2).sum() for a in applied))
             coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
@@ -112,6 +119,11 @@ VARIANTS = {
     "fsam_asam_usam": (
         SAMConfig(method="fsam", rho=0.2, fsam_sigma=1.5, adaptive=True, normalize=False),
         {"rho": 0.2, "fsam": True, "sigma": 1.5, "adaptive": True, "eta": 0.01, "normalize": False},
+    ),
+    "vasso": (SAMConfig(method="vasso", rho=0.1, vasso_theta=0.4), {"rho": 0.1, "vasso": True, "theta": 0.4}),
+    "vasso_asam_usam": (
+        SAMConfig(method="vasso", rho=0.2, vasso_theta=0.6, adaptive=True, normalize=False),
+        {"rho": 0.2, "vasso": True, "theta": 0.6, "adaptive": True, "eta": 0.01, "normalize": False},
     ),
 }
 
@@ -159,8 +171,9 @@ def test_reference_is_sensitive(tmp_path):
     """The tolerance above is far below the differences between the variants, so the comparison can fail."""
     sam = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.1)
     fsam = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.1, fsam=True, sigma=0.7)
+    vasso = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.1, vasso=True, theta=0.4)
     plain = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, rho=0.0)
-    for a, b in [(sam, fsam), (sam, plain)]:
+    for a, b in [(sam, fsam), (sam, vasso), (fsam, vasso), (sam, plain)]:
         gap = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
         assert gap > 1e-4
 
