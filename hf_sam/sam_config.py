@@ -54,6 +54,9 @@ class SAMConfig(PushToHubMixin):
     - `method="vasso"` (VaSSO, Li & Giannakis 2023, https://huggingface.co/papers/2309.15639): the perturbation
       follows an average of the gradients, `e = rho * d_t / ||d_t||`, `d_t = (1 - vasso_theta) * d_{t-1} +
       vasso_theta * g_t` and `d_1 = g_1`.
+    - `method="gsam"` (GSAM, Zhuang et al. 2022, https://huggingface.co/papers/2203.08065): the radius follows the
+      learning rate, `rho_t = rho_min + (rho - rho_min) * lr_t / learning_rate`, and the applied gradient is
+      `g_p - gsam_alpha * g_perp`, `g_perp` the part of the pass-1 gradient orthogonal to the pass-2 gradient `g_p`.
     - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one pass.
     - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `interval`-th step is SAM
       and stores `g_v`, the part of its gradient orthogonal to `g`; the steps in between apply
@@ -78,7 +81,7 @@ class SAMConfig(PushToHubMixin):
         default="sam",
         metadata={
             "help": "Sharpness-aware method, a name registered in `hf_sam.variants.METHODS`: `sam` (SAM, ASAM, "
-            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO) or `looksam` (LookSAM: full SAM every `interval` steps, "
+            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO), `gsam` (GSAM) or `looksam` (LookSAM: full SAM every `interval` steps, "
             "its orthogonal gradient component reused in between).",
             "choices": MethodNames(),
         },
@@ -126,6 +129,22 @@ class SAMConfig(PushToHubMixin):
         metadata={
             "help": "VaSSO: weight of the new gradient in the averaged direction, d = (1 - theta) * d + theta * g "
             "(d_1 = g_1; theta = 1 is SAM; 0.9 in the authors' training script)."
+        },
+    )
+
+    # Parameters of GSAM
+    gsam_alpha: float = field(
+        default=0.1,
+        metadata={
+            "help": "GSAM: weight of the removed component, g_p - alpha * g_perp (g_perp: the part of the "
+            "pass-1 gradient orthogonal to the pass-2 gradient g_p)."
+        },
+    )
+    rho_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "GSAM: the radius at learning rate 0; rho_t = rho_min + (rho - rho_min) * lr_t / "
+            "learning_rate follows the learning rate schedule (rho at the peak `learning_rate`)."
         },
     )
 

@@ -324,6 +324,78 @@ class VaSSO(_GradientAverage):
         return direction, None
 
 
+class GSAM(SAMVariant):
+    r"""
+    GSAM, surrogate gap guided SAM (Zhuang et al., ICLR 2022, https://huggingface.co/papers/2203.08065), Algorithm 1
+    with the authors' radius schedule. Step :math:`t` runs at learning rate :math:`\eta_t` (the peak :math:`\eta`
+    is `args.learning_rate`) with the radius
+
+    .. math::
+        \rho_t = \rho_{\min} + (\rho - \rho_{\min})\, \eta_t / \eta,
+
+    perturbs as SAM along the pass-1 gradient :math:`g` (ASAM's and USAM's scalings apply; `adaptive=True` with
+    `adaptive_eta=0` is the authors' adaptive GSAM), and applies, with :math:`g_p = \nabla L(w + e)`,
+
+    .. math::
+        g_p - \alpha\, g_\perp, \qquad g_\perp = g - \frac{g^\top g_p}{\|g_p\|^2}\, g_p,
+
+    the part of :math:`g` orthogonal to :math:`g_p` (`gsam_alpha`). Both use the raw gradients, whatever the
+    scalings. :math:`g_\perp` is homogeneous of degree 1 in :math:`g` (unscaled) and 0 in :math:`g_p`, so under fp16
+    it is multiplied by the loss scale before it is subtracted from the loss-scaled :math:`g_p`. A step whose pass-1
+    gradient is not finite applies :math:`g_p` unchanged. Stateless across steps: the copy of :math:`g` lives from
+    pass 1 to the end of pass 2 (one gradient's memory, like LookSAM).
+    """
+
+    name = "gsam"
+    display_name = "GSAM"
+    paper = ("Zhuang et al., 2022", "https://huggingface.co/papers/2203.08065")
+    config_fields = {"gsam_alpha": NumberField(), "rho_min": NumberField()}
+    unsupported = {
+        "local_sync": "its decomposition needs the pass-1 gradient of the same (all-reduced) batch as pass 2's",
+        "fsdp": "its gradient decomposition is not written for sharded parameters yet",
+    }
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._first_pass: list[torch.Tensor] | None = None
+        self._step_finite: torch.Tensor | None = None
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if config.rho_min > config.rho:
+            raise ValueError(f"`rho_min` must be <= `rho` ({config.rho}) with `method='gsam'`, got {config.rho_min}.")
+
+    def step_rho(self, global_step, learning_rate, peak_learning_rate):
+        config = self.config
+        if peak_learning_rate <= 0:
+            return config.rho
+        return config.rho_min + (config.rho - config.rho_min) * learning_rate / peak_learning_rate
+
+    @torch.no_grad()
+    def direction(self, grads, grad_norm, *, finite, weight=1.0, last_micro_batch=True):
+        self._first_pass = [torch.empty_like(g) for g in grads]
+        torch._foreach_copy_(self._first_pass, grads)  # copied: `grads` become e in place
+        self._step_finite = finite
+        return grads, grad_norm
+
+    @property
+    def needs_sam_grads(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def after_second_pass(self, sam_grads, *, finite, inverse_loss_scale):
+        g, self._first_pass = self._first_pass, None
+        step_finite, self._step_finite = self._step_finite & finite, None
+        dot = sum(torch.dot(a.reshape(-1).float(), b.reshape(-1).float()) for a, b in zip(g, sam_grads, strict=True))
+        coefficient = dot / global_norm(sam_grads).clamp_min(NORM_EPS) ** 2
+        torch._foreach_sub_(g, _mul_by_tensor(sam_grads, coefficient))  # g_perp, in the unscaled g's place
+        loss_scale = inverse_loss_scale.reciprocal() if inverse_loss_scale is not None else torch.ones(())
+        factor = -self.config.gsam_alpha * loss_scale.to(coefficient.device) * step_finite.to(coefficient.device)
+        foreach_mul_by_scalar_tensor_(g, factor)
+        torch._foreach_add_(sam_grads, g)
+
+
 class LookSAM(SAMVariant):
     r"""
     LookSAM (Liu et al., CVPR 2022, https://huggingface.co/papers/2203.02714), Algorithm 1 with global vectors.
@@ -458,7 +530,7 @@ def register_method(cls: type[SAMVariant]) -> type[SAMVariant]:
 
 # The built-in methods (their fields are checked against `SAMConfig` by tests/test_sam_config.py: `register_method`
 # cannot import `sam_config` while it is being imported).
-METHODS.update({cls.name: cls for cls in (SAMVariant, FriendlySAM, VaSSO, LookSAM)})
+METHODS.update({cls.name: cls for cls in (SAMVariant, FriendlySAM, VaSSO, GSAM, LookSAM)})
 
 
 def method_class(name: str) -> type[SAMVariant]:

@@ -21,6 +21,7 @@ CONFIGS = {
     "usam": SAMConfig(rho=0.5, normalize=False),
     "fsam": SAMConfig(method="fsam", rho=0.1, fsam_sigma=0.7, fsam_lambda=0.6),
     "vasso": SAMConfig(method="vasso", rho=0.1, vasso_theta=0.6),
+    "gsam": SAMConfig(method="gsam", rho=0.1, gsam_alpha=0.3),
     "rho0": SAMConfig(rho=0.0),
 }
 

@@ -11,14 +11,15 @@ from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_mo
 STEPS, BATCH_SIZE, LR = 6, 8, 0.1
 
 
-def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alpha=0.7, theta=0.6):
+def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alpha=0.7, theta=0.6, gsam_alpha=0.3):
     """
     Step t is a SAM step when t % interval == 0 (one perturbation from the gradient of all its micro-batches), else
     one plain pass. With g the step's mean gradient at w and
     g_s the applied gradient of a SAM step, LookSAM (Liu et al. 2022, Algorithm 1) stores
     g_v = g_s - (g . g_s / ||g||^2) g, and a plain step applies g + alpha ||g|| / ||g_v|| g_v instead of g.
     F-SAM's EMA is updated with g at every step, perturbed or not; so is VaSSO's average v, d = (1 - theta) v + theta g
-    on a SAM step (d = g on the first step).
+    on a SAM step (d = g on the first step). GSAM's SAM steps apply g_s - gsam_alpha * (g - (g . g_s / ||g_s||^2) g_s)
+    (its radius follows the constant learning rate: rho), its plain steps g.
     """
     model = tiny_model()
     model.train()
@@ -50,6 +51,9 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
             with torch.no_grad():
                 for p, w in zip(params, weights):
                     p.copy_(w)
+        if method == "gsam" and sam_step:
+            coefficient = sum((m * a).sum() for m, a in zip(mean_grad, applied)) / sum((a**2).sum() for a in applied)
+            applied = [a - gsam_alpha * (m - coefficient * a) for m, a in zip(mean_grad, applied)]
         if method == "looksam":
             if sam_step:
                 dot = sum((a * m).sum() for a, m in zip(applied, mean_grad))
@@ -71,7 +75,7 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 @pytest.mark.parametrize(
-    ("method", "interval"), [("sam", 2), ("fsam", 3), ("vasso", 3), ("looksam", 2), ("looksam", 3)]
+    ("method", "interval"), [("sam", 2), ("fsam", 3), ("vasso", 3), ("gsam", 2), ("looksam", 2), ("looksam", 3)]
 )
 def test_matches_reference(tmp_path, method, interval, grad_accum):
     model = tiny_model()
@@ -82,7 +86,7 @@ def test_matches_reference(tmp_path, method, interval, grad_accum):
         args=tiny_args(tmp_path, max_steps=STEPS, gradient_accumulation_steps=grad_accum),
         train_dataset=TinyDataset(n=STEPS * grad_accum * BATCH_SIZE),
         sam_config=SAMConfig(
-            method=method, rho=0.1, interval=interval, fsam_sigma=0.7, fsam_lambda=0.6, vasso_theta=0.6
+            method=method, rho=0.1, interval=interval, fsam_sigma=0.7, fsam_lambda=0.6, vasso_theta=0.6, gsam_alpha=0.3
         ),
     ).train()
     expected = reference_run(grad_accum=grad_accum, rho=0.1, interval=interval, method=method)
@@ -110,7 +114,7 @@ def test_bad_interval_and_looksam_options_fail_clearly():
         SAMConfig(method="looksam", perturbation_sync="local")
 
 
-@pytest.mark.parametrize(("method", "interval"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("looksam", 2)])
+@pytest.mark.parametrize(("method", "interval"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("gsam", 1), ("looksam", 2)])
 def test_parameter_the_loss_never_reaches_is_left_alone(tmp_path, method, interval):
     """As in the plain Trainer, a parameter without a gradient gets no update (not even AdamW's weight decay)."""
     model = tiny_model()

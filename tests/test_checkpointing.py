@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from hf_sam import SAMConfig, SAMTrainer
+from hf_sam import METHODS, SAMConfig, SAMTrainer
 from hf_sam.checkpointing import checkpoint_problems, last_complete_checkpoint
 
 from .testing_utils import TinyTextDataset, params_of, text_args, tiny_bert
@@ -102,17 +102,24 @@ def test_resume_true_skips_an_incomplete_checkpoint_and_ends_bitwise_equal(fsam_
         assert torch.equal(p, final[name]), name
 
 
-@pytest.mark.parametrize("method", ["vasso"])
-def test_a_resumed_run_of_a_stateful_method_ends_bitwise_equal(tmp_path, method):
-    """Stopped after checkpoint 2 (its state in `sam_state.pt`) and resumed: the same weights as without a stop."""
-    full = _trainer(tmp_path / "full", SAMConfig(method=method, rho=0.1))
+@pytest.mark.parametrize("method", ["vasso", "gsam"])
+def test_a_resumed_run_of_a_new_method_ends_bitwise_equal(tmp_path, method):
+    """
+    Stopped after checkpoint 2 (VaSSO's d in `sam_state.pt`; GSAM keeps none, but its radius follows the resumed LR
+    schedule: warmup then linear decay) and resumed: the same weights as without a stop.
+    """
+    full = _trainer(tmp_path / "full", SAMConfig(method=method, rho=0.1, rho_min=0.02))
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-2"
-    assert checkpoint_problems(checkpoint) == [] and (checkpoint / "sam_state.pt").is_file()
-    resumed = _trainer(tmp_path / "resumed", SAMConfig(method=method, rho=0.1), seed=1)
+    assert checkpoint_problems(checkpoint) == []
+    stateful = METHODS[method].state_key is not None
+    assert (checkpoint / "sam_state.pt").is_file() == stateful
+    resumed = _trainer(tmp_path / "resumed", SAMConfig(method=method, rho=0.1, rho_min=0.02), seed=1)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     final = params_of(full.model)
     assert all(torch.equal(p, final[name]) for name, p in params_of(resumed.model).items())
+    if not stateful:
+        return
     (checkpoint / "sam_state.pt").unlink()  # control: the state restarts empty (with a warning), and the run differs
     reset = _trainer(tmp_path / "reset", SAMConfig(method=method, rho=0.1), seed=1)
     reset.train(resume_from_checkpoint=str(checkpoint))

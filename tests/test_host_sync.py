@@ -100,9 +100,10 @@ def reads(tmp_path, trainer_class, *, grad_accum=1, fp16_scaler=False, poisoned=
         SAMConfig(method="looksam", rho=0.1, interval=2),
         SAMConfig(method="vasso", rho=0.1),
         SAMConfig(method="vasso", rho=0.1, interval=2),
+        SAMConfig(method="gsam", rho=0.1, rho_min=0.01),
         SAMConfig(rho=0.1, perturbation_sync="local"),
     ],
-    ids=["sam", "asam-usam", "fsam", "fsam-interval2", "looksam", "vasso", "vasso-interval2", "local"],
+    ids=["sam", "asam-usam", "fsam", "fsam-interval2", "looksam", "vasso", "vasso-interval2", "gsam", "local"],
 )
 def test_sam_step_adds_no_host_reads(tmp_path, sam_config, grad_accum, fp16_scaler):
     plain = reads(tmp_path / "plain", CountingTrainer, grad_accum=grad_accum, fp16_scaler=fp16_scaler)

@@ -8,7 +8,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_sam import METHODS, SAMConfig, SAMVariant, register_method
 from hf_sam.checkpointing import checkpoint_problems
-from hf_sam.model_card import add_model_card_section
+from hf_sam.model_card import add_model_card_section, model_card_section
 from hf_sam.sam_config import GENERIC_FIELDS
 from hf_sam.variants import NumberField
 
@@ -168,3 +168,11 @@ def test_every_config_field_is_generic_or_owned_by_exactly_one_method():
     assert not set(GENERIC_FIELDS) & set(owners)
     for cls in METHODS.values():  # the built-ins, registered without `register_method`, pass its checks
         register_method(cls)
+
+
+@pytest.mark.parametrize("name", ["sam", "fsam", "vasso", "gsam", "looksam"])
+def test_every_built_in_method_is_on_the_model_card_with_its_paper(name):
+    cls = METHODS[name]
+    section = model_card_section(SAMConfig(method=name, interval=2 if name == "looksam" else 1))
+    assert f"{cls.display_name} ([{cls.paper[0]}]({cls.paper[1]}))" in section
+    assert cls.paper[1].startswith("https://huggingface.co/papers/")

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from hf_sam import SAMConfig, SAMTrainer
 
-from .test_sam_trainer import STEPS, VARIANTS, reference_sam_run
+from .test_sam_trainer import STEPS, VARIANTS, reference_sam_run, trainer_args
 from .testing_utils import (
     PoisonedClassifier,
     SequentialSAMTrainer,
@@ -37,17 +37,21 @@ def with_cpu_grad_scaler(trainer, init_scale=INIT_SCALE, growth_interval=2000):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-@pytest.mark.parametrize("variant", ["usam", "asam_eta", "fsam", "fsam_asam_usam", "vasso", "vasso_asam_usam"])
+@pytest.mark.parametrize(
+    "variant",
+    ["usam", "asam_eta", "fsam", "fsam_asam_usam", "vasso", "vasso_asam_usam", "gsam"],
+)
 def test_loss_scaled_gradients_are_unscaled_before_the_perturbation(tmp_path, variant, grad_accum):
     """
-    USAM's step scales with the gradient (a missed unscale is 4096x too large), and F-SAM's EMA mixes steps taken
-    under different loss scales: the scale doubles after every step here (growth_interval=1).
+    USAM's step scales with the gradient (a missed unscale is 4096x too large), F-SAM's EMA mixes steps taken
+    under different loss scales, and GSAM subtracts an unscaled component from the loss-scaled pass-2 gradient: the
+    scale doubles after every step here (growth_interval=1).
     """
     sam_config, reference_kwargs = VARIANTS[variant]
     model = tiny_model()
     trainer = SequentialSAMTrainer(
         model=model,
-        args=tiny_args(tmp_path, gradient_accumulation_steps=grad_accum),
+        args=tiny_args(tmp_path, gradient_accumulation_steps=grad_accum, **trainer_args(reference_kwargs)),
         train_dataset=TinyDataset(),
         sam_config=sam_config,
     )

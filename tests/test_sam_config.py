@@ -15,7 +15,7 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"method": "nosuchsam"}, "method", "['sam', 'fsam', 'vasso', 'looksam']"),
+        ({"method": "nosuchsam"}, "method", "['sam', 'fsam', 'vasso', 'gsam', 'looksam']"),
         ({"rho": -0.1}, "rho", ">= 0"),
         ({"rho": float("nan")}, "rho", ">= 0"),
         ({"rho": "0.05"}, "rho", ">= 0"),
@@ -25,6 +25,10 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
         ({"fsam_lambda": -0.1}, "fsam_lambda", "[0, 1)"),
         ({"vasso_theta": 1.5}, "vasso_theta", "[0, 1]"),
         ({"vasso_theta": float("inf")}, "vasso_theta", "[0, 1]"),
+        ({"gsam_alpha": -0.1}, "gsam_alpha", ">= 0"),
+        ({"rho_min": -0.1}, "rho_min", ">= 0"),
+        ({"method": "gsam", "rho": 0.1, "rho_min": 0.2}, "rho_min", "<= `rho` (0.1)"),
+        ({"method": "gsam", "perturbation_sync": "local"}, "perturbation_sync", "'global'"),
         ({"perturbation_sync": "sometimes"}, "perturbation_sync", "['global', 'local']"),
         ({"adaptive": "yes"}, "adaptive", "True or False"),
         ({"normalize": 1}, "normalize", "True or False"),
