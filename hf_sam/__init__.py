@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Sharpness-Aware Minimization (SAM, ASAM, USAM, F-SAM, VaSSO, GSAM, LookSAM) as a drop-in `transformers.Trainer`."""
+"""Sharpness-Aware Minimization (SAM, ASAM, USAM, F-SAM, VaSSO, GSAM, AE-SAM, LookSAM) as a `transformers.Trainer`."""
 
 __version__ = "0.1.0.dev0"
 
@@ -30,10 +30,11 @@ from .sharpness import (
     worst_case_sharpness,
 )
 from .sharpness_callback import SharpnessCallback
-from .variants import GSAM, METHODS, FriendlySAM, LookSAM, SAMVariant, VaSSO, register_method
+from .variants import AESAM, GSAM, METHODS, FriendlySAM, LookSAM, SAMVariant, VaSSO, register_method
 
 
 __all__ = [
+    "AESAM",
     "AlignmentResult",
     "FriendlySAM",
     "GSAM",

@@ -165,11 +165,17 @@ def sam_state_file(directory: str, *, per_process: bool, process_index: int, wor
 
 
 def save_sam_state(path: str, variant, method: str, parameter_names: list[str]) -> None:
-    """Write `variant`'s per-parameter state (by parameter name, on the CPU) with the method and hf_sam version."""
+    """
+    Write `variant`'s state (on the CPU) with the method and hf_sam version: per-parameter tensors by parameter name,
+    a single tensor (a method's own statistics, e.g. AE-SAM's) as it is.
+    """
     from . import __version__
 
     state = {"method": method, "hf_sam_version": __version__}
     for key, tensors in variant.state_dict().items():
+        if isinstance(tensors, torch.Tensor):
+            state[key] = tensors.cpu()
+            continue
         state[key] = None if tensors is None else {n: t.cpu() for n, t in zip(parameter_names, tensors, strict=True)}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(state, path)
@@ -195,6 +201,10 @@ def load_sam_state(path: str, variant, method: str, named_parameters: dict) -> N
             f"{path} holds no {description} (`{key}`): it was written by method {saved!r}, this run is {method!r}."
         )
     saved = state[key]
+    if isinstance(saved, torch.Tensor):  # not per parameter: the method's own statistics
+        device = next(iter(named_parameters.values())).device
+        variant.load_state_dict({key: saved.to(device)})
+        return
     if saved is not None and set(named_parameters) != set(saved):
         raise ValueError(
             f"{path} holds a {description} for other trainable parameters than this model's: missing "

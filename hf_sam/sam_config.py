@@ -57,6 +57,9 @@ class SAMConfig(PushToHubMixin):
     - `method="gsam"` (GSAM, Zhuang et al. 2022, https://huggingface.co/papers/2203.08065): the radius follows the
       learning rate, `rho_t = rho_min + (rho - rho_min) * lr_t / learning_rate`, and the applied gradient is
       `g_p - gsam_alpha * g_perp`, `g_perp` the part of the pass-1 gradient orthogonal to the pass-2 gradient `g_p`.
+    - `method="aesam"` (AE-SAM, Jiang et al. 2023, https://huggingface.co/papers/2304.14647): a step is a SAM step
+      only when its squared gradient norm is high relative to its running mean and variance (`aesam_delta`), above a
+      threshold moving from `aesam_lambda1` to `aesam_lambda2` standard deviations; the others take one pass.
     - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one pass.
     - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `interval`-th step is SAM
       and stores `g_v`, the part of its gradient orthogonal to `g`; the steps in between apply
@@ -81,7 +84,7 @@ class SAMConfig(PushToHubMixin):
         default="sam",
         metadata={
             "help": "Sharpness-aware method, a name registered in `hf_sam.variants.METHODS`: `sam` (SAM, ASAM, "
-            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO), `gsam` (GSAM) or `looksam` (LookSAM: full SAM every `interval` steps, "
+            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO), `gsam` (GSAM), `aesam` (AE-SAM) or `looksam` (LookSAM: full SAM every `interval` steps, "
             "its orthogonal gradient component reused in between).",
             "choices": MethodNames(),
         },
@@ -146,6 +149,20 @@ class SAMConfig(PushToHubMixin):
             "help": "GSAM: the radius at learning rate 0; rho_t = rho_min + (rho - rho_min) * lr_t / "
             "learning_rate follows the learning rate schedule (rho at the peak `learning_rate`)."
         },
+    )
+
+    # Parameters of AE-SAM
+    aesam_delta: float = field(
+        default=0.9,
+        metadata={"help": "AE-SAM: decay of the running mean and variance of the squared gradient norm, in [0, 1)."},
+    )
+    aesam_lambda1: float = field(
+        default=-1.0,
+        metadata={"help": "AE-SAM: threshold c_t at the first step (a SAM step when ||g||^2 >= mean + c_t * std)."},
+    )
+    aesam_lambda2: float = field(
+        default=1.0,
+        metadata={"help": "AE-SAM: threshold c_t at the last step; c_t moves linearly from lambda1 to lambda2."},
     )
 
     # Parameters that make SAM cheaper

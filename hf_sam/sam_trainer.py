@@ -37,6 +37,7 @@ from .trainer_utils import (
     norm_buffers,
     protect_trainer_metrics,
     unscale_and_check_,
+    unscaled_norm,
     warn_if_perturbation_rounded_away,
 )
 from .variants import SAMVariant, variant_for
@@ -58,19 +59,16 @@ class SAMMixin(RenamedWeightsMixin):
        :math:`\nabla L_B(w + e)` is what the optimizer applies (after the method's `after_second_pass`, which may
        rewrite it); then copy :math:`w` back bitwise. BatchNorm-like running statistics keep their pass-1 values.
 
-    So the result depends only on the global batch, not on how it is split into micro-batches and processes.
-    `perturbation_sync="local"` perturbs every micro-batch on every process with its own gradient instead
-    (m-sharpness). A gradient that is not finite gives :math:`e = 0` and leaves the method's state alone, decided on
-    the device: the step reads nothing on the host that the plain step does not. Steps the method does not perturb
-    (`is_sam_step`) take the wrapped trainer's one pass, then the method's `plain_step`.
+    So the result depends only on the global batch. `perturbation_sync="local"` perturbs every micro-batch on every
+    process with its own gradient instead (m-sharpness). A gradient that is not finite gives :math:`e = 0` and leaves
+    the method's state alone, decided on the device: no host read beyond the plain step's (but AE-SAM's decision).
+    Steps the method does not perturb take the wrapped trainer's one pass (then the method's `plain_step`).
 
-    The optimizer, LR schedule, `max_grad_norm` clipping (of the applied gradient), mixed precision, evaluation,
-    logging and checkpointing are the wrapped trainer's own. The logged `loss` is :math:`L(w)`; `sam/*` values are
-    logged besides (`hf_sam.sam_metrics`). A loss that ignores `num_items_in_batch` (transformers #47688) is corrected
-    at the first step (`hf_sam.trainer_utils.correct_loss_normalization`). Overridden besides `training_step`: `log`,
-    `save_model` (`sam_config.json`), `create_model_card`, `_inner_training_loop` (fresh SAM state), `train` (`True`
-    resumes from the newest complete checkpoint), `_save/_load_optimizer_and_scheduler` (`sam_state.pt`, the
-    resumed config checked) and `hf_sam.compat`'s loading (transformers#43701).
+    The optimizer, LR schedule, clipping (of the applied gradient), mixed precision, evaluation, logging and
+    checkpointing are the wrapped trainer's own; `sam/*` values are logged besides `loss` :math:`L(w)`. A loss that
+    ignores `num_items_in_batch` (transformers #47688) is corrected at the first step. Overridden besides
+    `training_step`: `log`, `save_model`, `create_model_card`, `_inner_training_loop`, `train` (`True` resumes from
+    the newest complete checkpoint), `_save/_load_optimizer_and_scheduler` (`sam_state.pt`) and `hf_sam.compat`'s.
 
     Papers: SAM https://huggingface.co/papers/2010.01412, ASAM https://huggingface.co/papers/2102.11600,
     USAM https://huggingface.co/papers/2305.15287; each method's own in its class (`hf_sam.variants`).
@@ -134,6 +132,10 @@ class SAMMixin(RenamedWeightsMixin):
         micro_batches, self._kept_micro_batches = self._kept_micro_batches, []
         params = self._trainable_params()
         grads = local_shards(grads_or_zeros(params))
+        scale, group = inverse_loss_scale(self.accelerator), self._sharding_group(params)
+        steps = (self.state.global_step, self.state.max_steps)
+        if not self.sam_variant.perturbs(lambda: unscaled_norm(grads, scale, group), *steps):
+            return loss  # the method chose a plain step: pass 1's gradient, in `.grad`, is applied
         for p in params:
             p.grad = None  # pass-1 gradients are not applied
         self._perturbed_pass(model, params, grads, micro_batches, num_shares=1, last_micro_batch=True)
@@ -154,10 +156,9 @@ class SAMMixin(RenamedWeightsMixin):
         for p, acc in zip(params, accumulated, strict=True):
             p.grad = acc  # pass 2 accumulates onto the earlier micro-batches' gradients
         del accumulated
-        num_micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        last = self.accelerator.sync_gradients
-        micro_batches = [(inputs, num_items_in_batch, loss)]
-        self._perturbed_pass(model, params, grads, micro_batches, num_shares=num_micro_batches, last_micro_batch=last)
+        shares = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        last, kept = self.accelerator.sync_gradients, [(inputs, num_items_in_batch, loss)]
+        self._perturbed_pass(model, params, grads, kept, num_shares=shares, last_micro_batch=last)
         return loss
 
     def _perturbed_pass(self, model, params, grads, micro_batches, *, num_shares: int, last_micro_batch: bool) -> None:
@@ -266,10 +267,7 @@ class SAMMixin(RenamedWeightsMixin):
         return super()._inner_training_loop(*args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """
-        The wrapped trainer's `train`; `resume_from_checkpoint=True` resumes from the newest **complete** checkpoint
-        (`hf_sam.checkpointing.checkpoint_to_resume`: a save cut short is skipped with a warning).
-        """
+        """`resume_from_checkpoint=True` resumes from the newest **complete** checkpoint (a save cut short is skipped)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir) or True
         return super().train(resume_from_checkpoint, *args, **kwargs)

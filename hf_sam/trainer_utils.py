@@ -196,6 +196,12 @@ def warn_if_perturbation_rounded_away(
         )
 
 
+def unscaled_norm(grads: list[torch.Tensor], inverse_scale: torch.Tensor | None, process_group=None) -> torch.Tensor:
+    """The norm of `grads` divided by the fp16 loss scale (`inverse_scale` its inverse, `None`: no scaler); no sync."""
+    norm = global_norm(grads, process_group)
+    return norm if inverse_scale is None else norm * inverse_scale.to(norm.device)
+
+
 def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """This process's shard of each FSDP2 DTensor (sharing its storage), or the tensor itself."""
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]

@@ -20,6 +20,8 @@ must carry (`state_key`; `None`: stateless), what it cannot do (`unsupported`: `
 `"accumulation"`, each with the reason) and its hooks. A step of `SAMTrainer` calls, on the method object:
 
 - `is_sam_step(global_step)`: a two-pass (perturbed) step, or a plain one-pass step (`SAMConfig.interval`);
+- `perturbs(unscaled_grad_norm, global_step, max_steps)` after pass 1 (global mode): whether this step perturbs after
+  all (AE-SAM decides from :math:`\|g\|^2`; a host read, so the other methods do not override it);
 - `step_rho(global_step, learning_rate, peak_learning_rate)`: the radius :math:`\rho_t` of this step;
 - `direction(grads, grad_norm, finite=...)` after pass 1: the direction :math:`d` that becomes the perturbation
   :math:`e` (SAM: :math:`d = g`; F-SAM: :math:`d = g - \sigma m_{t-1}`); a stateful method updates its state here;
@@ -40,7 +42,7 @@ methods. The fields it owns must be `SAMConfig` dataclass fields (so the command
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,9 +57,9 @@ FEATURES = ("fsdp", "local_sync", "accumulation")
 
 @dataclass(frozen=True)
 class NumberField:
-    """The rule of a numeric `SAMConfig` field: a finite number >= `low`, below `high` (or up to it, `closed`)."""
+    """The rule of a numeric `SAMConfig` field: a finite number >= `low` (`None`: any), below `high` (or up to it)."""
 
-    low: float = 0.0
+    low: float | None = 0.0
     high: float | None = None
     closed: bool = False
     integer: bool = False
@@ -65,6 +67,8 @@ class NumberField:
     @property
     def rule(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
+        if self.low is None:
+            return kind
         if self.high is None:
             return f"{kind} >= {self.low:g}"
         return f"{kind} in [{self.low:g}, {self.high:g}{']' if self.closed else ')'}"
@@ -72,7 +76,8 @@ class NumberField:
     def check(self, name: str, value: Any) -> None:
         """Raise a `ValueError` naming the field, the value and the rule when `value` breaks it."""
         number = isinstance(value, int) if self.integer else isinstance(value, (int, float))
-        ok = number and not isinstance(value, bool) and math.isfinite(value) and value >= self.low
+        ok = number and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (self.low is None or value >= self.low)
         if ok and self.high is not None:
             ok = value <= self.high if self.closed else value < self.high
         if not ok:
@@ -112,6 +117,14 @@ class SAMVariant:
     def is_sam_step(self, global_step: int) -> bool:
         """Whether optimizer step `global_step` is perturbed (two passes): every `interval`-th step."""
         return global_step % self.config.interval == 0
+
+    def perturbs(self, unscaled_grad_norm: Callable[[], torch.Tensor], global_step: int, max_steps: int) -> bool:
+        r"""
+        After pass 1 of a step `is_sam_step` chose (global mode), whether to perturb it after all; `False` applies
+        pass 1's gradient (one pass). `unscaled_grad_norm()` computes :math:`\|g\|`. Deciding is a host read (the
+        answer is control flow), so only a method that needs it overrides this (AE-SAM); SAM always perturbs.
+        """
+        return True
 
     def step_rho(self, global_step: int, learning_rate: float, peak_learning_rate: float) -> float:
         """The radius of step `global_step`, run at `learning_rate` (the schedule's peak: `peak_learning_rate`)."""
@@ -163,8 +176,11 @@ class SAMVariant:
         """Whether `after_second_pass` does anything (so the trainer can skip collecting the gradients)."""
         return False
 
-    def state_dict(self) -> dict[str, list[torch.Tensor] | None]:
-        """The per-parameter state, `{state_key: tensors or None}` (empty for a stateless method)."""
+    def state_dict(self) -> dict[str, list[torch.Tensor] | torch.Tensor | None]:
+        """
+        The state, `{state_key: per-parameter tensors, one tensor of the method's own statistics, or None}` (empty for
+        a stateless method).
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, list[torch.Tensor] | None]) -> None:
@@ -396,6 +412,84 @@ class GSAM(SAMVariant):
         torch._foreach_add_(sam_grads, g)
 
 
+class AESAM(SAMVariant):
+    r"""
+    AE-SAM, an adaptive policy to employ SAM (Jiang et al., ICLR 2023, https://huggingface.co/papers/2304.14647),
+    Algorithm 1: SAM only where the loss is sharp, measured by the squared norm :math:`x_t = \|g_t\|^2` of the
+    pass-1 gradient relative to its running mean and variance,
+
+    .. math::
+        \mu_t = \delta \mu_{t-1} + (1 - \delta) x_t, \qquad
+        \sigma_t^2 = \delta \sigma_{t-1}^2 + (1 - \delta) (x_t - \mu_t)^2, \qquad
+        c_t = \lambda_1 + (\lambda_2 - \lambda_1)\, t / T,
+
+    and step :math:`t` (of :math:`T`, `max_steps`) is a SAM step when :math:`x_t \ge \mu_t + c_t \sigma_t`, else a
+    plain step that applies :math:`g_t` (`aesam_delta`, `aesam_lambda1`, `aesam_lambda2`; :math:`\delta = 0.9`,
+    :math:`\lambda_1 = -1`, :math:`\lambda_2 = 1` by default, so that for roughly normal :math:`x_t` about half of
+    the steps are SAM steps, more early and fewer late). The statistics start at :math:`\mu_1 = x_1`,
+    :math:`\sigma_1 = 0` (the first step is a SAM step); a step whose gradient is not finite leaves them alone and is
+    not perturbed. The perturbation is SAM's (ASAM's and USAM's scalings apply).
+
+    Cost: pass 1 of every step is kept until the decision (as for any SAM step), a SAM step costs two passes and a
+    plain step one; the decision reads one boolean on the host per step (it is control flow: whether pass 2 runs),
+    the only host read a method adds. The statistics (`mu`, `var`, two numbers) are checkpointed.
+    """
+
+    name = "aesam"
+    display_name = "AE-SAM"
+    paper = ("Jiang et al., 2023", "https://huggingface.co/papers/2304.14647")
+    config_fields = {
+        "aesam_delta": NumberField(0.0, 1.0),
+        "aesam_lambda1": NumberField(None),
+        "aesam_lambda2": NumberField(None),
+    }
+    state_key = "statistics"
+    state_description = "AE-SAM running mean and variance of the squared gradient norm"
+    unsupported = {
+        "local_sync": "its decision takes the whole step's gradient, which local mode never forms before pass 2",
+        "fsdp": "its decision is not tested under sharding yet",
+    }
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.mean: torch.Tensor | None = None  # 0-d float32, NaN until the first finite step
+        self.var: torch.Tensor | None = None
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if config.interval != 1:
+            raise ValueError(
+                f"`interval` must be 1 with `method='aesam'`: its policy decides which steps perturb, got "
+                f"{config.interval!r}."
+            )
+
+    @torch.no_grad()
+    def perturbs(self, unscaled_grad_norm, global_step, max_steps):
+        x = unscaled_grad_norm().square()
+        if self.mean is None:
+            self.mean = torch.full((), float("nan"), device=x.device)
+            self.var = torch.zeros((), device=x.device)
+        finite, first = torch.isfinite(x), torch.isnan(self.mean)
+        delta = self.config.aesam_delta
+        mean = torch.where(first, x, delta * self.mean + (1 - delta) * x)
+        var = torch.where(first, 0.0, delta * self.var + (1 - delta) * (x - mean).square())
+        self.mean, self.var = torch.where(finite, mean, self.mean), torch.where(finite, var, self.var)
+        progress = global_step / max_steps if max_steps > 0 else 0.0
+        c = self.config.aesam_lambda1 + (self.config.aesam_lambda2 - self.config.aesam_lambda1) * progress
+        return bool(finite & (x >= self.mean + c * self.var.sqrt()))  # the one host read of the policy
+
+    def state_dict(self):
+        """`{"statistics": tensor([mu, var])}`: one tensor, not per parameter."""
+        if self.mean is None:
+            return {"statistics": None}
+        return {"statistics": torch.stack([self.mean, self.var]).detach().clone()}
+
+    def load_state_dict(self, state):
+        statistics = state.get("statistics")
+        self.mean, self.var = (None, None) if statistics is None else (statistics[0].clone(), statistics[1].clone())
+
+
 class LookSAM(SAMVariant):
     r"""
     LookSAM (Liu et al., CVPR 2022, https://huggingface.co/papers/2203.02714), Algorithm 1 with global vectors.
@@ -530,7 +624,7 @@ def register_method(cls: type[SAMVariant]) -> type[SAMVariant]:
 
 # The built-in methods (their fields are checked against `SAMConfig` by tests/test_sam_config.py: `register_method`
 # cannot import `sam_config` while it is being imported).
-METHODS.update({cls.name: cls for cls in (SAMVariant, FriendlySAM, VaSSO, GSAM, LookSAM)})
+METHODS.update({cls.name: cls for cls in (SAMVariant, FriendlySAM, VaSSO, GSAM, AESAM, LookSAM)})
 
 
 def method_class(name: str) -> type[SAMVariant]:

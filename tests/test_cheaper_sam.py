@@ -5,6 +5,7 @@ import torch
 
 from hf_sam import SAMConfig
 
+from .test_sam_trainer import reference_sam_run
 from .testing_utils import SequentialSAMTrainer, TinyDataset, tiny_args, tiny_model
 
 
@@ -96,6 +97,47 @@ def test_matches_reference(tmp_path, method, interval, grad_accum):
     assert len(forwards) == grad_accum * (2 * sam_steps + (STEPS - sam_steps)), "reuse steps must take one pass"
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_aesam_takes_two_passes_on_its_sam_steps_only(tmp_path, grad_accum):
+    """AE-SAM against `reference_sam_run`'s policy (the paper's equations): same weights; a plain step is one pass."""
+    model = tiny_model()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
+    config = SAMConfig(method="aesam", rho=0.1, aesam_delta=0.5, aesam_lambda1=-0.5, aesam_lambda2=1.5)
+    SequentialSAMTrainer(
+        model=model,
+        args=tiny_args(tmp_path, max_steps=STEPS, gradient_accumulation_steps=grad_accum),
+        train_dataset=TinyDataset(n=STEPS * grad_accum * BATCH_SIZE),
+        sam_config=config,
+    ).train()
+    expected = reference_sam_run(
+        tiny_model(), TinyDataset(n=STEPS * grad_accum * BATCH_SIZE), steps=STEPS, grad_accum=grad_accum, rho=0.1,
+        aesam=True, delta=0.5, lambda1=-0.5, lambda2=1.5,
+    )  # fmt: skip
+    for (name, p), q in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+    assert 0 < expected.sam_steps < STEPS, "the policy must take both kinds of steps here"
+    assert len(forwards) == grad_accum * (2 * expected.sam_steps + (STEPS - expected.sam_steps))
+
+
+def test_aesam_policy_perturbs_about_half_of_the_steps_more_early_than_late():
+    """
+    The policy alone on squared norms drawn from a normal law: with the paper's lambda1 = -1, lambda2 = 1 the
+    threshold moves from mu - sigma to mu + sigma, so about half of the steps are SAM steps (P(z >= c) averaged over
+    c in [-1, 1] is 0.5), most of them early.
+    """
+    from hf_sam.variants import AESAM
+
+    policy = AESAM(SAMConfig(method="aesam"))
+    generator = torch.Generator().manual_seed(0)
+    squared = 10.0 + torch.randn(4000, generator=generator)
+    steps = len(squared)
+    taken = [policy.perturbs(lambda x=x: x.sqrt(), t, steps) for t, x in enumerate(squared)]
+    assert 0.45 < sum(taken) / steps < 0.55
+    assert sum(taken[: steps // 4]) > 0.75 * (steps // 4) > 0.25 * (steps // 4) > sum(taken[-(steps // 4) :])
+    assert not policy.perturbs(lambda: torch.tensor(float("inf")), steps, steps), "a non-finite step is not perturbed"
+
+
 def test_looksam_differs_from_plain_interval_sam(tmp_path):
     """The reused component matters: LookSAM is not SAM with `interval`, and the reference can tell them apart."""
     looksam = reference_run(grad_accum=1, rho=0.1, interval=2, method="looksam")
@@ -114,7 +156,9 @@ def test_bad_interval_and_looksam_options_fail_clearly():
         SAMConfig(method="looksam", perturbation_sync="local")
 
 
-@pytest.mark.parametrize(("method", "interval"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("gsam", 1), ("looksam", 2)])
+@pytest.mark.parametrize(
+    ("method", "interval"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("gsam", 1), ("aesam", 1), ("looksam", 2)]
+)
 def test_parameter_the_loss_never_reaches_is_left_alone(tmp_path, method, interval):
     """As in the plain Trainer, a parameter without a gradient gets no update (not even AdamW's weight decay)."""
     model = tiny_model()

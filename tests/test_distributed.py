@@ -116,7 +116,7 @@ def assert_params_close(actual: dict, expected: dict):
         torch.testing.assert_close(actual[name], p.detach(), rtol=1e-6, atol=1e-6, msg=f"{name} differs")
 
 
-@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("gsam", 2)])
+@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("gsam", 2), ("aesam", 2)])
 def test_global_mode_is_world_size_invariant(tmp_path, method, grad_accum):
     """2 processes x batch 4 == 1 process x batch 8 (with accumulation: the Trainer's no_sync micro-batches too)."""
     result = launch(tmp_path, "ddp", method=method, sync="global", grad_accum=grad_accum)

@@ -170,7 +170,7 @@ def test_every_config_field_is_generic_or_owned_by_exactly_one_method():
         register_method(cls)
 
 
-@pytest.mark.parametrize("name", ["sam", "fsam", "vasso", "gsam", "looksam"])
+@pytest.mark.parametrize("name", ["sam", "fsam", "vasso", "gsam", "aesam", "looksam"])
 def test_every_built_in_method_is_on_the_model_card_with_its_paper(name):
     cls = METHODS[name]
     section = model_card_section(SAMConfig(method=name, interval=2 if name == "looksam" else 1))

@@ -39,7 +39,7 @@ def with_cpu_grad_scaler(trainer, init_scale=INIT_SCALE, growth_interval=2000):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 @pytest.mark.parametrize(
     "variant",
-    ["usam", "asam_eta", "fsam", "fsam_asam_usam", "vasso", "vasso_asam_usam", "gsam"],
+    ["usam", "asam_eta", "fsam", "fsam_asam_usam", "vasso", "vasso_asam_usam", "gsam", "aesam"],
 )
 def test_loss_scaled_gradients_are_unscaled_before_the_perturbation(tmp_path, variant, grad_accum):
     """

@@ -15,7 +15,7 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"method": "nosuchsam"}, "method", "['sam', 'fsam', 'vasso', 'gsam', 'looksam']"),
+        ({"method": "nosuchsam"}, "method", "['sam', 'fsam', 'vasso', 'gsam', 'aesam', 'looksam']"),
         ({"rho": -0.1}, "rho", ">= 0"),
         ({"rho": float("nan")}, "rho", ">= 0"),
         ({"rho": "0.05"}, "rho", ">= 0"),
@@ -29,6 +29,11 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
         ({"rho_min": -0.1}, "rho_min", ">= 0"),
         ({"method": "gsam", "rho": 0.1, "rho_min": 0.2}, "rho_min", "<= `rho` (0.1)"),
         ({"method": "gsam", "perturbation_sync": "local"}, "perturbation_sync", "'global'"),
+        ({"aesam_delta": 1.0}, "aesam_delta", "[0, 1)"),
+        ({"aesam_lambda1": float("nan")}, "aesam_lambda1", "a finite number"),
+        ({"aesam_lambda2": "1"}, "aesam_lambda2", "a finite number"),
+        ({"method": "aesam", "interval": 2}, "interval", "must be 1 with `method='aesam'`"),
+        ({"method": "aesam", "perturbation_sync": "local"}, "perturbation_sync", "'global'"),
         ({"perturbation_sync": "sometimes"}, "perturbation_sync", "['global', 'local']"),
         ({"adaptive": "yes"}, "adaptive", "True or False"),
         ({"normalize": 1}, "normalize", "True or False"),

@@ -244,6 +244,7 @@ def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match)
         (SAMConfig(), {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
         (SAMConfig(method="looksam", interval=2), {}, "looksam"),
         (SAMConfig(method="gsam"), {}, "`method='gsam'` is not supported under FSDP"),
+        (SAMConfig(method="aesam"), {}, "`method='aesam'` is not supported under FSDP"),
     ],
 )
 def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):

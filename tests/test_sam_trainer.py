@@ -34,6 +34,10 @@ def reference_sam_run(
     alpha=0.0,
     rho_min=0.0,
     linear_lr=False,
+    aesam=False,
+    delta=0.9,
+    lambda1=-1.0,
+    lambda2=1.0,
     max_grad_norm=0.0,
     per_micro_batch=False,
 ):
@@ -48,7 +52,10 @@ def reference_sam_run(
     first step, else (1 - theta) * v_{t-1} + theta * g, and v_t = d (the average of the step's g). GSAM (Zhuang et
     al. 2022, Algorithm 1): rho_t = rho_min + (rho - rho_min) * lr_t / lr, and the applied gradient g_p = grad L(w + e)
     becomes g_p - alpha * (g - (g . g_p / ||g_p||^2) g_p). `linear_lr`: lr_t = lr * (steps - t) / steps, the
-    Trainer's linear schedule without warmup.
+    Trainer's linear schedule without warmup. AE-SAM (Jiang et al. 2023, Algorithm 1): with x = ||g||^2 of the step,
+    mu = x and var = 0 at the first step, else mu = delta mu + (1 - delta) x and var = delta var + (1 - delta)
+    (x - mu)^2; c = lambda1 + (lambda2 - lambda1) t / steps; the step is SAM when x >= mu + c sqrt(var), else it
+    applies g (one pass). `model.sam_steps` counts the SAM steps.
 
     `per_micro_batch=True` (m-sharpness, `perturbation_sync="local"`): every micro-batch i takes its own
     e_i from g_i = grad L_i(w) (F-SAM: g_i - sigma * m_{t-1}; VaSSO: (1 - theta) * v_{t-1} + theta * g_i) and the
@@ -56,7 +63,8 @@ def reference_sam_run(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(dataset.batches(BATCH_SIZE))
-    ema = average = None
+    ema = average = mean = var = None
+    model.sam_steps = 0
     model.train()
 
     def perturbation(g):
@@ -103,7 +111,14 @@ def reference_sam_run(
             for batch in micro_batches:
                 g = torch.autograd.grad(model(**batch)["loss"] / grad_accum, params)
                 mean_grad = [mg + gi for mg, gi in zip(mean_grad, g)]
-            applied = gradient_at(perturbation(mean_grad), micro_batches)
+            perturbs = True
+            if aesam:
+                x = sum((g**2).sum() for g in mean_grad)
+                mean = x if mean is None else delta * mean + (1 - delta) * x
+                var = torch.zeros(()) if var is None else delta * var + (1 - delta) * (x - mean) ** 2
+                perturbs = bool(x >= mean + (lambda1 + (lambda2 - lambda1) * step / steps) * var.sqrt())
+            model.sam_steps += perturbs
+            applied = gradient_at(perturbation(mean_grad), micro_batches) if perturbs else mean_grad
         if gsam:
             coefficient = sum((g * a).sum() for g, a in zip(mean_grad, applied)) / sum((a**2).sum() for a in applied)
             applied = [a - alpha * (g - coefficient * a) for g, a in zip(mean_grad, applied)]
@@ -155,6 +170,10 @@ VARIANTS = {
             "max_grad_norm": 0.2,
         },
     ),  # fmt: skip
+    "aesam": (
+        SAMConfig(method="aesam", rho=0.1, aesam_delta=0.5, aesam_lambda1=-0.5, aesam_lambda2=1.5),
+        {"rho": 0.1, "aesam": True, "delta": 0.5, "lambda1": -0.5, "lambda2": 1.5},
+    ),
 }
 
 
