@@ -60,10 +60,11 @@ class SAMConfig(PushToHubMixin):
     - `method="aesam"` (AE-SAM, Jiang et al. 2023, https://huggingface.co/papers/2304.14647): a step is a SAM step
       only when its squared gradient norm is high relative to its running mean and variance (`aesam_delta`), above a
       threshold moving from `aesam_lambda1` to `aesam_lambda2` standard deviations; the others take one pass.
-    - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one pass.
-    - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `interval`-th step is SAM
+    - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one plain pass.
+    - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `looksam_k`-th step is SAM
       and stores `g_v`, the part of its gradient orthogonal to `g`; the steps in between apply
-      `g + looksam_alpha * ||g|| / ||g_v|| * g_v` after one pass.
+      `g + looksam_alpha * ||g|| / ||g_v|| * g_v` after one pass. (`interval=k` with LookSAM, the old spelling, is
+      read as `looksam_k=k` with a `FutureWarning`.)
 
     This class is a dataclass: [`~transformers.HfArgumentParser`] parses it next to
     [`~transformers.TrainingArguments`]. It is saved as one `sam_config.json` ([`~SAMConfig.save_pretrained`]), loaded
@@ -84,8 +85,8 @@ class SAMConfig(PushToHubMixin):
         default="sam",
         metadata={
             "help": "Sharpness-aware method, a name registered in `hf_sam.variants.METHODS`: `sam` (SAM, ASAM, "
-            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO), `gsam` (GSAM), `aesam` (AE-SAM) or `looksam` (LookSAM: full SAM every `interval` steps, "
-            "its orthogonal gradient component reused in between).",
+            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO), `gsam` (GSAM), `aesam` (AE-SAM) or `looksam` "
+            "(LookSAM: full SAM every `looksam_k` steps, its orthogonal gradient component reused in between).",
             "choices": MethodNames(),
         },
     )
@@ -169,14 +170,21 @@ class SAMConfig(PushToHubMixin):
     interval: int = field(
         default=1,
         metadata={
-            "help": "Perturb on every k-th optimizer step only (k >= 1): `sam`/`fsam` take plain one-pass steps in "
-            "between (Composer's SAM `interval`; F-SAM's EMA still sees every step), `looksam` reuses the last SAM "
-            "step's orthogonal gradient component. Cost per step about 1 + 1/k passes."
+            "help": "Perturb on every k-th optimizer step only (k >= 1), plain one-pass steps in between (Composer's "
+            "SAM `interval`; F-SAM's EMA and VaSSO's average still see every step). Cost per step about 1 + 1/k "
+            "passes. (LookSAM's own schedule is `looksam_k`.)"
         },
     )
     looksam_alpha: float = field(
         default=0.7,
         metadata={"help": "LookSAM: weight of the reused component, g_s = g + alpha * ||g|| / ||g_v|| * g_v."},
+    )
+    looksam_k: int = field(
+        default=1,
+        metadata={
+            "help": "LookSAM's k: a SAM step (which stores g_v) every k-th optimizer step, the k - 1 steps in between "
+            "reuse g_v after one pass (k = 5 in the paper; 1: every step is SAM). Replaces `interval` with LookSAM."
+        },
     )
 
     # Parameters for many processes
@@ -201,6 +209,8 @@ class SAMConfig(PushToHubMixin):
     )
 
     def __post_init__(self):
+        if isinstance(self.method, str) and self.method in METHODS:  # old spellings; an unknown method: `validate`
+            METHODS[self.method].upgrade_config(self)
         self.validate()
 
     def validate(self) -> None:

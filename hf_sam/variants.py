@@ -42,6 +42,7 @@ methods. The fields it owns must be `SAMConfig` dataclass fields (so the command
 """
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -113,6 +114,10 @@ class SAMVariant:
                 f"`perturbation_sync` must be 'global' with `method={cls.name!r}`: {cls.unsupported['local_sync']}, "
                 f"got {config.perturbation_sync!r}."
             )
+
+    @classmethod
+    def upgrade_config(cls, config) -> None:
+        """Rewrite a config in an old spelling of this method's fields, in place, with a `FutureWarning` (at build)."""
 
     def is_sam_step(self, global_step: int) -> bool:
         """Whether optimizer step `global_step` is perturbed (two passes): every `interval`-th step."""
@@ -494,7 +499,7 @@ class LookSAM(SAMVariant):
     r"""
     LookSAM (Liu et al., CVPR 2022, https://huggingface.co/papers/2203.02714), Algorithm 1 with global vectors.
 
-    Every :math:`k`-th optimizer step (`interval`) is a SAM step. From its gradients :math:`g = \nabla L(w)` (pass 1)
+    Every :math:`k`-th optimizer step (`looksam_k`) is a SAM step. From its gradients :math:`g = \nabla L(w)` (pass 1)
     and :math:`g_s = \nabla L(w + e)` (pass 2, the applied one) it keeps the part of :math:`g_s` orthogonal to
     :math:`g`,
 
@@ -511,13 +516,43 @@ class LookSAM(SAMVariant):
     name = "looksam"
     display_name = "LookSAM"
     paper = ("Liu et al., 2022", "https://huggingface.co/papers/2203.02714")
-    config_fields = {"looksam_alpha": NumberField()}
+    config_fields = {"looksam_alpha": NumberField(), "looksam_k": NumberField(1, integer=True)}
     state_key = "orthogonal"
     state_description = "LookSAM orthogonal gradient component"
     unsupported = {
         "local_sync": "its gradient decomposition needs the all-reduced gradient",
         "fsdp": "its gradient decomposition is not written for sharded parameters yet",
     }
+
+    @classmethod
+    def upgrade_config(cls, config) -> None:
+        """`interval=k` was LookSAM's k before `looksam_k` (hf_sam 0.1.0.dev0): read as `looksam_k=k`, with a warning."""
+        if config.interval == 1 or isinstance(config.interval, bool) or not isinstance(config.interval, int):
+            return
+        if config.looksam_k not in (1, config.interval):
+            raise ValueError(
+                f"`interval` ({config.interval}) and `looksam_k` ({config.looksam_k}) both set with `method='looksam'`:"
+                " set `looksam_k` alone (LookSAM's k; `interval` is the plain-step schedule of the other methods)."
+            )
+        warnings.warn(
+            f"`interval={config.interval}` with `method='looksam'` is deprecated: LookSAM's k is `looksam_k`. Read as "
+            f"`looksam_k={config.interval}`, `interval=1`.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        config.looksam_k, config.interval = config.interval, 1
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if config.interval != 1:
+            raise ValueError(
+                f"`interval` must be 1 with `method='looksam'`: LookSAM's k is `looksam_k`, got {config.interval!r}."
+            )
+
+    def is_sam_step(self, global_step: int) -> bool:
+        """A SAM step every `looksam_k`-th optimizer step; the steps in between reuse :math:`g_v`."""
+        return global_step % self.config.looksam_k == 0
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -79,6 +79,8 @@ def reference_run(*, grad_accum, rho, interval, method, sigma=0.7, lam=0.6, alph
     ("method", "interval"), [("sam", 2), ("fsam", 3), ("vasso", 3), ("gsam", 2), ("looksam", 2), ("looksam", 3)]
 )
 def test_matches_reference(tmp_path, method, interval, grad_accum):
+    """`interval` (or LookSAM's `looksam_k`): the reference's schedule, and one pass on the steps in between."""
+    schedule = {"looksam_k": interval} if method == "looksam" else {"interval": interval}
     model = tiny_model()
     forwards = []
     model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
@@ -87,7 +89,7 @@ def test_matches_reference(tmp_path, method, interval, grad_accum):
         args=tiny_args(tmp_path, max_steps=STEPS, gradient_accumulation_steps=grad_accum),
         train_dataset=TinyDataset(n=STEPS * grad_accum * BATCH_SIZE),
         sam_config=SAMConfig(
-            method=method, rho=0.1, interval=interval, fsam_sigma=0.7, fsam_lambda=0.6, vasso_theta=0.6, gsam_alpha=0.3
+            method=method, rho=0.1, fsam_sigma=0.7, fsam_lambda=0.6, vasso_theta=0.6, gsam_alpha=0.3, **schedule
         ),
     ).train()
     expected = reference_run(grad_accum=grad_accum, rho=0.1, interval=interval, method=method)
@@ -154,6 +156,23 @@ def test_bad_interval_and_looksam_options_fail_clearly():
         SAMConfig(method="looksam", looksam_alpha=-1)
     with pytest.raises(ValueError, match="`perturbation_sync`"):
         SAMConfig(method="looksam", perturbation_sync="local")
+    with pytest.raises(ValueError, match="`looksam_k`"):
+        SAMConfig(method="looksam", looksam_k=0)
+    with pytest.raises(ValueError, match="`interval` .* and `looksam_k` .* both set"):
+        SAMConfig(method="looksam", interval=3, looksam_k=2)
+
+
+def test_looksam_interval_is_read_as_looksam_k_with_a_deprecation_warning(tmp_path):
+    """LookSAM's k was `interval` (one name for two ideas): old configs and `sam_config.json` files still load."""
+    with pytest.warns(FutureWarning, match="`looksam_k`"):
+        config = SAMConfig(method="looksam", interval=3)
+    assert (config.looksam_k, config.interval) == (3, 1)
+    (tmp_path / "sam_config.json").write_text('{"method": "looksam", "interval": 5, "hf_sam_version": "0.1.0.dev0"}')
+    with pytest.warns(FutureWarning, match="`looksam_k`"):
+        assert SAMConfig.from_pretrained(tmp_path) == SAMConfig(method="looksam", looksam_k=5)
+    config.interval = 2  # changed after construction: refused when training starts, not reinterpreted
+    with pytest.raises(ValueError, match="`interval` must be 1 with `method='looksam'`"):
+        config.validate()
 
 
 @pytest.mark.parametrize(
@@ -167,7 +186,9 @@ def test_parameter_the_loss_never_reaches_is_left_alone(tmp_path, method, interv
         model=model,
         args=tiny_args(tmp_path, optim="adamw_torch", weight_decay=0.1, max_steps=4),
         train_dataset=TinyDataset(),
-        sam_config=SAMConfig(method=method, interval=interval),
+        sam_config=SAMConfig(
+            method=method, **({"looksam_k": interval} if method == "looksam" else {"interval": interval})
+        ),
     ).train()
     assert torch.equal(model.unused, torch.ones(3))
     assert model.unused.grad is None

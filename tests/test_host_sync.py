@@ -97,7 +97,7 @@ def reads(tmp_path, trainer_class, *, grad_accum=1, fp16_scaler=False, poisoned=
         SAMConfig(rho=0.1, adaptive=True, normalize=False),
         SAMConfig(method="fsam", rho=0.1),
         SAMConfig(method="fsam", rho=0.1, interval=2),
-        SAMConfig(method="looksam", rho=0.1, interval=2),
+        SAMConfig(method="looksam", rho=0.1, looksam_k=2),
         SAMConfig(method="vasso", rho=0.1),
         SAMConfig(method="vasso", rho=0.1, interval=2),
         SAMConfig(method="gsam", rho=0.1, rho_min=0.01),
