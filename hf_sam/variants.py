@@ -15,11 +15,13 @@ r"""
 The sharpness-aware methods, one class each, and their registry: everything a method is, in pure PyTorch.
 
 A method class declares what is specific to it: its `name` (`SAMConfig.method`), `display_name` and `paper` (the model
-card), the `SAMConfig` fields it owns with their validation (`config_fields`), the per-parameter state a checkpoint
-must carry (`state_key`; `None`: stateless), what it cannot do (`unsupported`: `"fsdp"`, `"local_sync"`,
-`"accumulation"`, each with the reason) and its hooks. A step of `SAMTrainer` calls, on the method object:
+card), the `SAMConfig` fields it owns with their validation (`config_fields`, and `check_config` for rules across
+fields; `upgrade_config` reads an old spelling with a `FutureWarning`), the state a checkpoint must carry
+(`state_key`; `None`: stateless), what it cannot do (`unsupported`: `"fsdp"`, `"local_sync"`, `"accumulation"`, each
+with the reason, refused before training) and its hooks. A step of `SAMTrainer` calls, on the method object:
 
-- `is_sam_step(global_step)`: a two-pass (perturbed) step, or a plain one-pass step (`SAMConfig.interval`);
+- `is_sam_step(global_step)`: a two-pass (perturbed) step, or a plain one-pass step (`SAMConfig.interval`; LookSAM:
+  `looksam_k`);
 - `perturbs(unscaled_grad_norm, global_step, max_steps)` after pass 1 (global mode): whether this step perturbs after
   all (AE-SAM decides from :math:`\|g\|^2`; a host read, so the other methods do not override it);
 - `step_rho(global_step, learning_rate, peak_learning_rate)`: the radius :math:`\rho_t` of this step;
@@ -634,7 +636,8 @@ class MethodNames(Sequence):
 def register_method(cls: type[SAMVariant]) -> type[SAMVariant]:
     """
     Add the method class `cls` to `METHODS` under `cls.name` (usable as a class decorator). Its `config_fields` must
-    be `SAMConfig` fields owned by no other method, and its `unsupported` keys among `FEATURES`.
+    be `SAMConfig` fields owned by no other method (but the methods it subclasses), and its `unsupported` keys among
+    `FEATURES`.
     """
     from dataclasses import fields
 
@@ -645,7 +648,8 @@ def register_method(cls: type[SAMVariant]) -> type[SAMVariant]:
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"A method named {cls.name!r} is already registered ({METHODS[cls.name].__name__}).")
     known = {f.name for f in fields(SAMConfig)} - set(GENERIC_FIELDS)
-    owned = {name: other.name for other in METHODS.values() if other is not cls for name in other.config_fields}
+    others = [other for other in METHODS.values() if not issubclass(cls, other)]  # a subclass shares its base's
+    owned = {name: other.name for other in others for name in other.config_fields}
     for name in cls.config_fields:
         if name not in known or name in owned:
             why = f"owned by {owned[name]!r}" if name in owned else "not a method-specific `SAMConfig` field"

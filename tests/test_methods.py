@@ -176,3 +176,26 @@ def test_every_built_in_method_is_on_the_model_card_with_its_paper(name):
     section = model_card_section(SAMConfig(method=name))
     assert f"{cls.display_name} ([{cls.paper[0]}]({cls.paper[1]}))" in section
     assert cls.paper[1].startswith("https://huggingface.co/papers/")
+
+
+def test_a_subclass_of_a_built_in_shares_its_fields(tmp_path):
+    """F-SAM's rule with another name: it owns F-SAM's fields too (they stay validated), and trains like F-SAM."""
+
+    class RenamedFriendlySAM(METHODS["fsam"]):
+        name = "test-fsam"
+
+    register_method(RenamedFriendlySAM)
+    try:
+        with pytest.raises(ValueError, match="`fsam_lambda`"):
+            SAMConfig(method="test-fsam", fsam_lambda=1.5)
+        runs = {}
+        for method in ("fsam", "test-fsam"):
+            trainer = SequentialSAMTrainer(
+                model=tiny_model(), args=tiny_args(tmp_path / method), train_dataset=TinyDataset(),
+                sam_config=SAMConfig(method=method, rho=0.1, fsam_lambda=0.5),
+            )  # fmt: skip
+            trainer.train()
+            runs[method] = params_of(trainer.model)
+        assert all(torch.equal(p, runs["test-fsam"][name]) for name, p in runs["fsam"].items())
+    finally:
+        METHODS.pop("test-fsam")
