@@ -15,7 +15,6 @@
 
 __version__ = "0.1.0.dev0"
 
-from .perturbation import global_norm, perturb_, restore_, sam_perturbation_
 from .sam_config import SAMConfig
 from .sam_trainer import SAMMixin, SAMTrainer
 from .sharpness import (
@@ -50,13 +49,32 @@ __all__ = [
     "VaSSO",
     "ascent_sharpness",
     "average_sharpness",
-    "global_norm",
     "gradient_eigenvector_alignment",
     "hessian_trace",
-    "perturb_",
     "register_method",
-    "restore_",
-    "sam_perturbation_",
     "top_hessian_eigenvalue",
     "worst_case_sharpness",
 ]
+
+
+# Old top-level names: the step's internal helpers (now only in `hf_sam.perturbation`) and the registry's old name.
+_MOVED = {
+    "global_norm": ("hf_sam.perturbation", "global_norm"),
+    "perturb_": ("hf_sam.perturbation", "perturb_"),
+    "restore_": ("hf_sam.perturbation", "restore_"),
+    "sam_perturbation_": ("hf_sam.perturbation", "sam_perturbation_"),
+    "VARIANTS": ("hf_sam.variants", "METHODS"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module 'hf_sam' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    module, new = _MOVED[name]
+    warnings.warn(
+        f"`hf_sam.{name}` is deprecated and will be removed: use `{module}.{new}`.", FutureWarning, stacklevel=2
+    )
+    return getattr(importlib.import_module(module), new)

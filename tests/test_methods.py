@@ -199,3 +199,26 @@ def test_a_subclass_of_a_built_in_shares_its_fields(tmp_path):
         assert all(torch.equal(p, runs["test-fsam"][name]) for name, p in runs["fsam"].items())
     finally:
         METHODS.pop("test-fsam")
+
+
+@pytest.mark.parametrize(
+    ("old", "module", "new"),
+    [
+        ("VARIANTS", "hf_sam.variants", "METHODS"),
+        ("global_norm", "hf_sam.perturbation", "global_norm"),
+        ("perturb_", "hf_sam.perturbation", "perturb_"),
+        ("restore_", "hf_sam.perturbation", "restore_"),
+        ("sam_perturbation_", "hf_sam.perturbation", "sam_perturbation_"),
+    ],
+)
+def test_old_top_level_names_still_load_with_a_deprecation_warning(old, module, new):
+    import importlib
+
+    import hf_sam
+
+    assert old not in hf_sam.__all__
+    with pytest.warns(FutureWarning, match=f"`hf_sam.{old}` is deprecated.*`{module}.{new}`"):
+        value = getattr(hf_sam, old)
+    assert value is getattr(importlib.import_module(module), new)
+    with pytest.raises(AttributeError):
+        hf_sam.no_such_name  # noqa: B018
