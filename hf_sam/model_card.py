@@ -17,7 +17,7 @@ import json
 import os
 
 from .sam_config import SAMConfig
-from .variants import method_class
+from .variants import SAMVariant, method_class
 
 
 MODEL_CARD_START = "<!-- hf_sam: start -->"
@@ -47,7 +47,7 @@ def model_card_section(config: SAMConfig) -> str:
             if used
         }
     )
-    if len(papers) > 1 and cls.name == "sam":
+    if len(papers) > 1 and cls is SAMVariant:
         del papers[cls.display_name]  # "ASAM", not "SAM + ASAM"
     method = " + ".join(f"{name} ([{cite}]({link}))" for name, (cite, link) in papers.items())
     interval = f", `interval={config.interval}`" if config.interval != 1 else ""
