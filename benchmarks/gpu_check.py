@@ -439,7 +439,7 @@ def make_runner(
         "hf_sam SAM": SAMConfig(rho=RHO),
         "hf_sam F-SAM": SAMConfig(method="fsam", rho=RHO),
         "hf_sam SAM k=5": SAMConfig(rho=RHO, interval=5),
-        "hf_sam LookSAM k=5": SAMConfig(method="looksam", rho=RHO, interval=5),
+        "hf_sam LookSAM k=5": SAMConfig(method="looksam", rho=RHO, looksam_k=5),
     }
     if name in configs:
         return trainer_runner(model, batch, configs[name], precision, device, output_dir)

@@ -23,7 +23,7 @@ data order, optimizer (AdamW) and LR schedule, only the `SAMConfig` differs:
 
 - `adamw`: `rho=0` (the plain Trainer step);
 - `sam`: `method="sam", rho=0.05` (two passes every step);
-- `looksam`: `method="looksam", rho=0.05, interval=5, looksam_alpha=0.7` (SAM every 5th step, one pass in between plus
+- `looksam`: `method="looksam", rho=0.05, looksam_k=5, looksam_alpha=0.7` (SAM every 5th step, one pass in between plus
   the stored orthogonal component of the last SAM gradient);
 - `sam_k5`: `method="sam", rho=0.05, interval=5` (SAM every 5th step, plain steps in between).
 
@@ -52,7 +52,7 @@ from hf_sam import SAMConfig, SAMTrainer
 METHODS = {
     "adamw": ("AdamW (rho=0)", SAMConfig(rho=0.0)),
     "sam": ("SAM (rho=0.05)", SAMConfig(method="sam", rho=0.05)),
-    "looksam": ("LookSAM (k=5, alpha=0.7)", SAMConfig(method="looksam", rho=0.05, interval=5, looksam_alpha=0.7)),
+    "looksam": ("LookSAM (k=5, alpha=0.7)", SAMConfig(method="looksam", rho=0.05, looksam_k=5, looksam_alpha=0.7)),
     "sam_k5": ("SAM every 5th step (k=5)", SAMConfig(method="sam", rho=0.05, interval=5)),
 }
 METRICS = {"mrpc": ("accuracy", "f1"), "rte": ("accuracy",)}

@@ -22,7 +22,7 @@ the table gives the median step time and its ratio to the plain `Trainer` step. 
 
 - `Trainer`: `transformers.Trainer.training_step` + `optimizer.step()` (the floor for SAM is 2x this);
 - `hf_sam sam`, `hf_sam fsam`: `SAMTrainer.training_step` + `optimizer.step()`;
-- `hf_sam sam k=2/5`, `hf_sam looksam k=5`: the cheaper schedules (`SAMConfig.interval`);
+- `hf_sam sam k=2/5`, `hf_sam looksam k=5`: the cheaper schedules (`SAMConfig.interval`, `SAMConfig.looksam_k`);
 - `pytorch_optimizer SAM/FriendlySAM`: the peer's optimizer, driven by the manual two-pass loop its docs show;
 - `two-pass loop`: a minimal hand-written SAM step (per-parameter ops, restore by copying).
 
@@ -164,7 +164,7 @@ def make_runners(kind: str, include_peers: bool, grad_accum: int = 1) -> dict:
         "hf_sam fsam": SAMConfig(method="fsam", rho=RHO),
         "hf_sam sam k=2": SAMConfig(rho=RHO, interval=2),
         "hf_sam sam k=5": SAMConfig(rho=RHO, interval=5),
-        "hf_sam looksam k=5": SAMConfig(method="looksam", rho=RHO, interval=5),
+        "hf_sam looksam k=5": SAMConfig(method="looksam", rho=RHO, looksam_k=5),
     }
     for name, sam_config in specs.items():
         model, batch = build_model(kind)

@@ -43,7 +43,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,6 @@ _WEIGHT_FILES = (
     "adapter_model.safetensors",
     "adapter_model.bin",
 )
-# Methods whose per-parameter state a checkpoint must carry in `sam_state.pt` (see `hf_sam.variants`).
-_STATEFUL_METHODS = ("fsam", "looksam")
 
 
 def read_run_cost(folder: str | os.PathLike | None) -> dict | None:
@@ -139,7 +137,7 @@ def checkpoint_problems(checkpoint_dir: str | os.PathLike) -> list[str]:
         except (OSError, ValueError) as error:
             problems.append(f"{SAM_CONFIG_NAME} cannot be read ({error})")
         else:
-            stateful = config.get("method") in _STATEFUL_METHODS and config.get("rho", 0) != 0
+            stateful = _is_stateful(config.get("method")) and config.get("rho", 0) != 0
             if stateful and not any(name.endswith(SAM_STATE_NAME) for name in names):
                 problems.append(f"no {SAM_STATE_NAME} (the {config.get('method')} state)")
     return list(dict.fromkeys(problems))
@@ -221,6 +219,13 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _is_stateful(method) -> bool:
+    """Whether a checkpoint of `method` must carry its per-parameter state in `sam_state.pt` (`hf_sam.variants`)."""
+    from .variants import METHODS
+
+    return method in METHODS and METHODS[method].state_key is not None
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """
     The newest `checkpoint-N` in `output_dir` that `checkpoint_problems` finds complete, or `None`. Newer incomplete
@@ -275,11 +280,17 @@ def sam_state_file(directory: str, *, per_process: bool, process_index: int, wor
 
 
 def save_sam_state(path: str, variant, method: str, parameter_names: list[str]) -> None:
-    """Write `variant`'s per-parameter state (by parameter name, on the CPU) with the method and hf_sam version."""
+    """
+    Write `variant`'s state (on the CPU) with the method and hf_sam version: per-parameter tensors by parameter name,
+    a single tensor (a method's own statistics, e.g. AE-SAM's) as it is.
+    """
     from . import __version__
 
     state = {"method": method, "hf_sam_version": __version__}
     for key, tensors in variant.state_dict().items():
+        if isinstance(tensors, torch.Tensor):
+            state[key] = tensors.cpu()
+            continue
         state[key] = None if tensors is None else {n: t.cpu() for n, t in zip(parameter_names, tensors, strict=True)}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"  # renamed when whole: a file cut short never bears the name
@@ -307,6 +318,10 @@ def load_sam_state(path: str, variant, method: str, named_parameters: dict) -> N
             f"{path} holds no {description} (`{key}`): it was written by method {saved!r}, this run is {method!r}."
         )
     saved = state[key]
+    if isinstance(saved, torch.Tensor):  # not per parameter: the method's own statistics
+        device = next(iter(named_parameters.values())).device
+        variant.load_state_dict({key: saved.to(device)})
+        return
     if saved is not None and set(named_parameters) != set(saved):
         raise ValueError(
             f"{path} holds a {description} for other trainable parameters than this model's: missing "
@@ -685,3 +700,66 @@ def restore_renamed_weights(model: torch.nn.Module, checkpoint_dir: str) -> bool
         "map back (transformers#43701): loaded through `from_pretrained` instead."
     )
     return True
+
+
+class SafeCheckpointsMixin:
+    """
+    What `SAMTrainer` adds to the Trainer's checkpoints: the run owns `output_dir` while it trains (`train`), a
+    checkpoint is complete only once every process has written its files (`_save_checkpoint`), and
+    `train(resume_from_checkpoint=True)` resumes from the newest complete one.
+    """
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """
+        The wrapped trainer's `train`; `resume_from_checkpoint=True` resumes from the newest **complete** checkpoint
+        of `output_dir` (`hf_sam.checkpointing.checkpoint_for_resume_true`): a save cut short is skipped with a warning
+        instead of failing the resume or silently restarting the SAM state. Without any checkpoint it raises what
+        `Trainer.train` raises; when every checkpoint is incomplete, the same error type and text, saying what each lacks.
+        """
+        if resume_from_checkpoint is True and not os.path.isdir(self.args.output_dir):
+            return super().train(True, *args, **kwargs)  # nothing to resume from, nor to lock: the Trainer's own error
+        # Owned by this run while it trains (`hf_sam.checkpointing.lock_output_dir`): another run writing checkpoints
+        # into the same folder would overwrite them, or resume from them half-written. A recipe already holds it.
+        lock_output_dir(self.args.output_dir, self.args.process_index)
+        try:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = checkpoint_for_resume_true(self.args.output_dir) or True
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            unlock_output_dir(self.args.output_dir, self.args.process_index)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """
+        The Trainer's save, made safe with several processes: process 0 marks the checkpoint as being written and,
+        once every process has written its files (a barrier), writes `hf_sam_manifest.json` last; only then are
+        older checkpoints rotated out (`save_total_limit`), so the last complete one is never deleted for one that
+        may not be complete yet.
+        """
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if self.args.should_save:
+            start_checkpoint(checkpoint)
+        self.accelerator.wait_for_everyone()  # no process writes into a rewritten checkpoint while it has a manifest
+        save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_checkpoint_manifest(
+                checkpoint, {"global_step": self.state.global_step, **checkpoint_run_settings(self)}
+            )
+            rotate_checkpoints(
+                output_dir=os.path.dirname(checkpoint),
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        notice = None if checkpoint is None else batch_change_notice(checkpoint, self)
+        if notice is not None and self.args.process_index == 0:
+            logger.warning(notice)

@@ -17,16 +17,16 @@ import json
 import os
 
 from .sam_config import SAMConfig
+from .variants import SAMVariant, method_class
 
 
 MODEL_CARD_START = "<!-- hf_sam: start -->"
 MODEL_CARD_END = "<!-- hf_sam: end -->"
-PAPERS = {
-    "SAM": ("Foret et al., 2021", "https://huggingface.co/papers/2010.01412"),
+# The papers of the scalings every method composes with (`adaptive`, `normalize=False`); a method's own paper is
+# declared by its class (`hf_sam.variants`).
+SCALING_PAPERS = {
     "ASAM": ("Kwon et al., 2021", "https://huggingface.co/papers/2102.11600"),
     "USAM": ("Dai, Ahn & Sra, 2023", "https://huggingface.co/papers/2305.15287"),
-    "F-SAM": ("Li et al., 2024", "https://huggingface.co/papers/2403.12350"),
-    "LookSAM": ("Liu et al., 2022", "https://huggingface.co/papers/2203.02714"),
 }
 
 
@@ -38,9 +38,18 @@ def model_card_tags(tags: str | list[str] | None, config: SAMConfig) -> list[str
 
 def model_card_section(config: SAMConfig) -> str:
     """The section: the method(s) with their papers, `rho`, and the whole `SAMConfig` as JSON."""
-    names = [{"fsam": "F-SAM", "looksam": "LookSAM"}[config.method]] if config.method != "sam" else []
-    names += (["ASAM"] if config.adaptive else []) + ([] if config.normalize else ["USAM"])
-    method = " + ".join(f"{name} ([{PAPERS[name][0]}]({PAPERS[name][1]}))" for name in names or ["SAM"])
+    cls = method_class(config.method)
+    papers = {cls.display_name: cls.paper}
+    papers.update(
+        {
+            name: SCALING_PAPERS[name]
+            for name, used in [("ASAM", config.adaptive), ("USAM", not config.normalize)]
+            if used
+        }
+    )
+    if len(papers) > 1 and cls is SAMVariant:
+        del papers[cls.display_name]  # "ASAM", not "SAM + ASAM"
+    method = " + ".join(f"{name} ([{cite}]({link}))" for name, (cite, link) in papers.items())
     interval = f", `interval={config.interval}`" if config.interval != 1 else ""
     return (
         f"{MODEL_CARD_START}\n## Trained with hf_sam\n\nThis model was trained with {method} through "

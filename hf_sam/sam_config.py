@@ -15,12 +15,13 @@
 
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transformers.utils import PushToHubMixin, cached_file
+
+from .variants import METHODS, MethodNames, NumberField, method_class
 
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 
 SAM_CONFIG_NAME = "sam_config.json"
 
-METHODS = ("sam", "fsam", "looksam")
 PERTURBATION_SYNC_MODES = ("global", "local")
+# The fields every method reads; each other field is owned (and validated) by one method class (`hf_sam.variants`).
+GENERIC_FIELDS = (
+    "method", "rho", "adaptive", "adaptive_eta", "normalize", "interval", "perturbation_sync", "allow_state_reset"
+)  # fmt: skip
 
 
 @dataclass
@@ -47,10 +51,20 @@ class SAMConfig(PushToHubMixin):
     - `method="fsam"` (Friendly-SAM, Li et al. 2024, https://huggingface.co/papers/2403.12350): the direction is
       `d = g - fsam_sigma * m_{t-1}`, where `m` is an EMA of the raw minibatch gradients,
       `m_t = fsam_lambda * m_{t-1} + (1 - fsam_lambda) * g_t` and `m_0 = g_1` (the first step is plain SAM).
-    - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one pass.
-    - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `interval`-th step is SAM
+    - `method="vasso"` (VaSSO, Li & Giannakis 2023, https://huggingface.co/papers/2309.15639): the perturbation
+      follows an average of the gradients, `e = rho * d_t / ||d_t||`, `d_t = (1 - vasso_theta) * d_{t-1} +
+      vasso_theta * g_t` and `d_1 = g_1`.
+    - `method="gsam"` (GSAM, Zhuang et al. 2022, https://huggingface.co/papers/2203.08065): the radius follows the
+      learning rate, `rho_t = rho_min + (rho - rho_min) * lr_t / learning_rate`, and the applied gradient is
+      `g_p - gsam_alpha * g_perp`, `g_perp` the part of the pass-1 gradient orthogonal to the pass-2 gradient `g_p`.
+    - `method="aesam"` (AE-SAM, Jiang et al. 2023, https://huggingface.co/papers/2304.14647): a step is a SAM step
+      only when its squared gradient norm is high relative to its running mean and variance (`aesam_delta`), above a
+      threshold moving from `aesam_lambda1` to `aesam_lambda2` standard deviations; the others take one pass.
+    - `interval=k`: only every k-th optimizer step is perturbed (Composer's SAM option); the others take one plain pass.
+    - `method="looksam"` (Liu et al. 2022, https://huggingface.co/papers/2203.02714): every `looksam_k`-th step is SAM
       and stores `g_v`, the part of its gradient orthogonal to `g`; the steps in between apply
-      `g + looksam_alpha * ||g|| / ||g_v|| * g_v` after one pass.
+      `g + looksam_alpha * ||g|| / ||g_v|| * g_v` after one pass. (`interval=k` with LookSAM, the old spelling, is
+      read as `looksam_k=k` with a `FutureWarning`.)
 
     This class is a dataclass: [`~transformers.HfArgumentParser`] parses it next to
     [`~transformers.TrainingArguments`]. It is saved as one `sam_config.json` ([`~SAMConfig.save_pretrained`]), loaded
@@ -70,9 +84,10 @@ class SAMConfig(PushToHubMixin):
     method: str = field(
         default="sam",
         metadata={
-            "help": "Sharpness-aware method: `sam` (SAM, ASAM, USAM), `fsam` (Friendly-SAM) or `looksam` (LookSAM: "
-            "full SAM every `interval` steps, its orthogonal gradient component reused in between).",
-            "choices": list(METHODS),
+            "help": "Sharpness-aware method, a name registered in `hf_sam.variants.METHODS`: `sam` (SAM, ASAM, "
+            "USAM), `fsam` (Friendly-SAM), `vasso` (VaSSO), `gsam` (GSAM), `aesam` (AE-SAM) or `looksam` "
+            "(LookSAM: full SAM every `looksam_k` steps, its orthogonal gradient component reused in between).",
+            "choices": MethodNames(),
         },
     )
 
@@ -112,18 +127,64 @@ class SAMConfig(PushToHubMixin):
         metadata={"help": "F-SAM: decay of the EMA of raw minibatch gradients, m = lambda * m + (1 - lambda) * g."},
     )
 
+    # Parameters of VaSSO
+    vasso_theta: float = field(
+        default=0.9,
+        metadata={
+            "help": "VaSSO: weight of the new gradient in the averaged direction, d = (1 - theta) * d + theta * g "
+            "(d_1 = g_1; theta = 1 is SAM; 0.9 in the authors' training script)."
+        },
+    )
+
+    # Parameters of GSAM
+    gsam_alpha: float = field(
+        default=0.1,
+        metadata={
+            "help": "GSAM: weight of the removed component, g_p - alpha * g_perp (g_perp: the part of the "
+            "pass-1 gradient orthogonal to the pass-2 gradient g_p)."
+        },
+    )
+    rho_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "GSAM: the radius at learning rate 0; rho_t = rho_min + (rho - rho_min) * lr_t / "
+            "learning_rate follows the learning rate schedule (rho at the peak `learning_rate`)."
+        },
+    )
+
+    # Parameters of AE-SAM
+    aesam_delta: float = field(
+        default=0.9,
+        metadata={"help": "AE-SAM: decay of the running mean and variance of the squared gradient norm, in [0, 1)."},
+    )
+    aesam_lambda1: float = field(
+        default=-1.0,
+        metadata={"help": "AE-SAM: threshold c_t at the first step (a SAM step when ||g||^2 >= mean + c_t * std)."},
+    )
+    aesam_lambda2: float = field(
+        default=1.0,
+        metadata={"help": "AE-SAM: threshold c_t at the last step; c_t moves linearly from lambda1 to lambda2."},
+    )
+
     # Parameters that make SAM cheaper
     interval: int = field(
         default=1,
         metadata={
-            "help": "Perturb on every k-th optimizer step only (k >= 1): `sam`/`fsam` take plain one-pass steps in "
-            "between (Composer's SAM `interval`; F-SAM's EMA still sees every step), `looksam` reuses the last SAM "
-            "step's orthogonal gradient component. Cost per step about 1 + 1/k passes."
+            "help": "Perturb on every k-th optimizer step only (k >= 1), plain one-pass steps in between (Composer's "
+            "SAM `interval`; F-SAM's EMA and VaSSO's average still see every step). Cost per step about 1 + 1/k "
+            "passes. (LookSAM's own schedule is `looksam_k`.)"
         },
     )
     looksam_alpha: float = field(
         default=0.7,
         metadata={"help": "LookSAM: weight of the reused component, g_s = g + alpha * ||g|| / ||g_v|| * g_v."},
+    )
+    looksam_k: int = field(
+        default=1,
+        metadata={
+            "help": "LookSAM's k: a SAM step (which stores g_v) every k-th optimizer step, the k - 1 steps in between "
+            "reuse g_v after one pass (k = 5 in the paper; 1: every step is SAM). Replaces `interval` with LookSAM."
+        },
     )
 
     # Parameters for many processes
@@ -148,6 +209,8 @@ class SAMConfig(PushToHubMixin):
     )
 
     def __post_init__(self):
+        if isinstance(self.method, str) and self.method in METHODS:  # old spellings; an unknown method: `validate`
+            METHODS[self.method].upgrade_config(self)
         self.validate()
 
     def validate(self) -> None:
@@ -155,8 +218,7 @@ class SAMConfig(PushToHubMixin):
         Raise a `ValueError` naming the field and its allowed values if any field is invalid. Runs when the config is
         built and again when training starts (`SAMTrainer`), so a field changed after construction is checked too.
         """
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
+        method = method_class(self.method)
         if self.perturbation_sync not in PERTURBATION_SYNC_MODES:
             raise ValueError(
                 f"`perturbation_sync` must be one of {list(PERTURBATION_SYNC_MODES)}, got {self.perturbation_sync!r}."
@@ -164,20 +226,13 @@ class SAMConfig(PushToHubMixin):
         for name in ("adaptive", "normalize", "allow_state_reset"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool (True or False), got {getattr(self, name)!r}.")
-        _check_number("rho", self.rho, low=0.0, rule=">= 0")
-        _check_number("adaptive_eta", self.adaptive_eta, low=0.0, rule=">= 0")
-        _check_number("fsam_sigma", self.fsam_sigma, low=0.0, rule=">= 0")
-        _check_number("fsam_lambda", self.fsam_lambda, low=0.0, rule="in [0, 1)")
-        _check_number("looksam_alpha", self.looksam_alpha, low=0.0, rule=">= 0")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"`interval` must be an integer >= 1, got {self.interval!r}.")
-        if self.method == "looksam" and self.perturbation_sync != "global":
-            raise ValueError(
-                "`perturbation_sync` must be 'global' with `method='looksam'`: its gradient decomposition needs the "
-                f"all-reduced gradient, got {self.perturbation_sync!r}."
-            )
-        if self.fsam_lambda >= 1.0:
-            raise ValueError(f"`fsam_lambda` must be in [0, 1), got {self.fsam_lambda!r}.")
+        NumberField().check("rho", self.rho)
+        NumberField().check("adaptive_eta", self.adaptive_eta)
+        NumberField(1, integer=True).check("interval", self.interval)
+        for owner in METHODS.values():
+            for name, rule in owner.config_fields.items():
+                rule.check(name, getattr(self, name))
+        method.check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (what `sam_config.json` holds)."""
@@ -245,8 +300,3 @@ class SAMConfig(PushToHubMixin):
             return cls(**{k: v for k, v in values.items() if k in known})
         except ValueError as error:
             raise ValueError(f"{config_file}: {error}") from None
-
-
-def _check_number(name: str, value: Any, *, low: float, rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise ValueError(f"`{name}` must be a finite number {rule}, got {value!r}.")

@@ -17,6 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .sam_config import SAMConfig
+from .variants import method_class
 
 
 def check_trainer_setup(trainer, config: SAMConfig) -> None:
@@ -49,6 +50,12 @@ def check_trainer_setup(trainer, config: SAMConfig) -> None:
                 '{"fsdp_version": 2}`): FSDP1 flattens parameters, so the perturbation cannot be applied to them.'
             )
         check_sharded_setup(config, trainer.args.gradient_accumulation_steps)
+    method = method_class(config.method)
+    if "accumulation" in method.unsupported and trainer.args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            f"`gradient_accumulation_steps` must be 1 with `method={config.method!r}`: "
+            f"{method.unsupported['accumulation']}, got {trainer.args.gradient_accumulation_steps}."
+        )
 
 
 def check_sharded_setup(config: SAMConfig, gradient_accumulation_steps: int) -> None:
@@ -64,8 +71,9 @@ def check_sharded_setup(config: SAMConfig, gradient_accumulation_steps: int) -> 
             f"{gradient_accumulation_steps}): FSDP keeps unsynced micro-batch gradients unsharded and "
             "outside `.grad`, where the first pass cannot be set apart. Raise the per-device batch size instead."
         )
-    if config.method == "looksam":
-        raise ValueError("`method='looksam'` is not supported under FSDP yet; use 'sam' or 'fsam'.")
+    method = method_class(config.method)
+    if "fsdp" in method.unsupported:
+        raise ValueError(f"`method={config.method!r}` is not supported under FSDP: {method.unsupported['fsdp']}.")
 
 
 def sharding_group(params: list[torch.Tensor]):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from accelerate.logging import get_logger
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .perturbation import foreach_mul_by_scalar_tensor_, global_norm, zero_unless_
 
@@ -193,3 +194,27 @@ def warn_if_perturbation_rounded_away(
             "`sam/sharpness` near 0 is the symptom.",
             main_process_only=True,
         )
+
+
+def unscaled_norm(grads: list[torch.Tensor], inverse_scale: torch.Tensor | None, process_group=None) -> torch.Tensor:
+    """The norm of `grads` divided by the fp16 loss scale (`inverse_scale` its inverse, `None`: no scaler); no sync."""
+    norm = global_norm(grads, process_group)
+    return norm if inverse_scale is None else norm * inverse_scale.to(norm.device)
+
+
+def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's shard of each FSDP2 DTensor (sharing its storage), or the tensor itself."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def grads_or_zeros(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's `.grad`, or zeros for a parameter the loss did not reach."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New tensors equal to `tensors` (one fused copy)."""
+    saved = [torch.empty_like(t) for t in tensors]
+    if saved:
+        torch._foreach_copy_(saved, tensors)
+    return saved

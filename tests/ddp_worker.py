@@ -45,7 +45,14 @@ def main():
         ),
         train_dataset=TinyDataset(),
         sam_config=SAMConfig(
-            method=args.method, rho=0.1, fsam_sigma=0.7, fsam_lambda=0.6, perturbation_sync=args.sync
+            method=args.method,
+            rho=0.1,
+            fsam_sigma=0.7,
+            fsam_lambda=0.6,
+            vasso_theta=0.6,
+            gsam_alpha=0.3,
+            rho_min=0.05,
+            perturbation_sync=args.sync,
         ),
     )
     assert trainer.accelerator.num_processes == dist.get_world_size() > 1, "not a multi-process run"

@@ -32,7 +32,7 @@ def main():
     fully_shard(model.fc2)
     fully_shard(model)
     sam_config = SAMConfig(method=args.method, rho=0.5 if args.adaptive else 0.1, adaptive=args.adaptive,
-                           adaptive_eta=0.1, fsam_sigma=0.7, fsam_lambda=0.6)  # fmt: skip
+                           adaptive_eta=0.1, fsam_sigma=0.7, fsam_lambda=0.6, vasso_theta=0.6)  # fmt: skip
     trainer = SAMTrainer(
         model=model, args=tiny_args(args.output_dir), train_dataset=TinyDataset(), sam_config=sam_config
     )

@@ -20,6 +20,9 @@ CONFIGS = {
     "sam": SAMConfig(rho=0.1),
     "usam": SAMConfig(rho=0.5, normalize=False),
     "fsam": SAMConfig(method="fsam", rho=0.1, fsam_sigma=0.7, fsam_lambda=0.6),
+    "vasso": SAMConfig(method="vasso", rho=0.1, vasso_theta=0.6),
+    "gsam": SAMConfig(method="gsam", rho=0.1, gsam_alpha=0.3),
+    "aesam": SAMConfig(method="aesam", rho=0.1, aesam_delta=0.5, aesam_lambda1=-0.5, aesam_lambda2=1.5),
     "rho0": SAMConfig(rho=0.0),
 }
 

@@ -218,13 +218,13 @@ def test_resume_true_with_only_incomplete_checkpoints_says_what_each_lacks(fsam_
     ("saved_method", "new_config"),
     [
         ("fsam", SAMConfig(method="sam", rho=0.1)),
-        ("fsam", SAMConfig(method="looksam", rho=0.1, interval=2)),
+        ("fsam", SAMConfig(method="looksam", rho=0.1, looksam_k=2)),
         ("looksam", SAMConfig(method="fsam", rho=0.1)),
         ("fsam", SAMConfig(method="fsam", rho=0.1, perturbation_sync="local")),
     ],
 )
 def test_resume_with_a_changed_method_is_an_error_unless_allowed(tmp_path, caplog, saved_method, new_config):
-    saved = SAMConfig(method=saved_method, rho=0.1, interval=2 if saved_method == "looksam" else 1)
+    saved = SAMConfig(method=saved_method, rho=0.1, looksam_k=2 if saved_method == "looksam" else 1)
     _trainer(tmp_path / "run", saved).train()
     checkpoint = str(tmp_path / "run" / "checkpoint-2")
     with pytest.raises(ValueError, match="allow_state_reset") as error:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 PER_DEVICE = 4
 STEPS = 4
-RHO, SIGMA, LAM, LR = 0.1, 0.7, 0.6, 0.1
+RHO, SIGMA, LAM, THETA, LR = 0.1, 0.7, 0.6, 0.6, 0.1
 
 
 def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, **options) -> dict:
@@ -58,14 +58,17 @@ def single_process(tmp_path, *, method, grad_accum, batch_size):
             tmp_path / "single", per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum
         ),
         train_dataset=TinyDataset(),
-        sam_config=SAMConfig(method=method, rho=RHO, fsam_sigma=SIGMA, fsam_lambda=LAM),
+        sam_config=SAMConfig(
+            method=method, rho=RHO, fsam_sigma=SIGMA, fsam_lambda=LAM, vasso_theta=THETA, gsam_alpha=0.3, rho_min=0.05
+        ),
     ).train()
     return dict(model.named_parameters())
 
 
-def per_shard_reference(*, fsam: bool, grad_accum: int):
+def per_shard_reference(*, method: str, grad_accum: int):
     """
-    Local mode written out: process r perturbs with its own gradient (and, for F-SAM, its own EMA of it); the applied
+    Local mode written out: process r perturbs with its own gradient (and, for F-SAM and VaSSO, its own average of
+    it: d = g - sigma m for F-SAM, d = (1 - theta) v + theta g for VaSSO, d = g on the first step); the applied
     gradient is the average over processes (and the sum over micro-batches / grad_accum) of the pass-2 gradients.
     Process r gets batches r, r + W, r + 2W, ... of the sequential batches (Accelerate's sharding).
     """
@@ -81,7 +84,11 @@ def per_shard_reference(*, fsam: bool, grad_accum: int):
             for rank in range(WORLD_SIZE):
                 batch = batches[(step * grad_accum + micro) * WORLD_SIZE + rank]
                 g = torch.autograd.grad(model(**batch)["loss"], params)
-                d = list(g) if (not fsam or emas[rank] is None) else [gi - SIGMA * m for gi, m in zip(g, emas[rank])]
+                d = list(g)
+                if method == "fsam" and emas[rank] is not None:
+                    d = [gi - SIGMA * m for gi, m in zip(g, emas[rank])]
+                if method == "vasso" and emas[rank] is not None:
+                    d = [(1 - THETA) * v + THETA * gi for gi, v in zip(g, emas[rank])]
                 norm = torch.sqrt(sum((di**2).sum() for di in d))
                 weights = [p.detach().clone() for p in params]
                 with torch.no_grad():
@@ -93,11 +100,12 @@ def per_shard_reference(*, fsam: bool, grad_accum: int):
                         p.copy_(w)
                 applied = [a + gi / (grad_accum * WORLD_SIZE) for a, gi in zip(applied, g2)]
                 step_mean[rank] = [s + gi / grad_accum for s, gi in zip(step_mean[rank], g)]
+        weight = 1 - LAM if method == "fsam" else THETA
         for rank in range(WORLD_SIZE):
             emas[rank] = (
                 step_mean[rank]
                 if emas[rank] is None
-                else [LAM * m + (1 - LAM) * s for m, s in zip(emas[rank], step_mean[rank])]
+                else [(1 - weight) * m + weight * s for m, s in zip(emas[rank], step_mean[rank])]
             )
         with torch.no_grad():
             for p, a in zip(params, applied):
@@ -110,7 +118,7 @@ def assert_params_close(actual: dict, expected: dict):
         torch.testing.assert_close(actual[name], p.detach(), rtol=1e-6, atol=1e-6, msg=f"{name} differs")
 
 
-@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2)])
+@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2), ("vasso", 2), ("gsam", 2), ("aesam", 2)])
 def test_global_mode_is_world_size_invariant(tmp_path, method, grad_accum):
     """2 processes x batch 4 == 1 process x batch 8 (with accumulation: the Trainer's no_sync micro-batches too)."""
     result = launch(tmp_path, "ddp", method=method, sync="global", grad_accum=grad_accum)
@@ -119,23 +127,24 @@ def test_global_mode_is_world_size_invariant(tmp_path, method, grad_accum):
     assert_params_close(result["params"], expected)
 
 
-@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2)])
+@pytest.mark.parametrize(("method", "grad_accum"), [("sam", 1), ("fsam", 2), ("vasso", 2)])
 def test_local_mode_matches_per_shard_reference(tmp_path, method, grad_accum):
     result = launch(tmp_path, "ddp", method=method, sync="local", grad_accum=grad_accum)
     assert result["ranks_bitwise_equal"]
-    assert_params_close(result["params"], per_shard_reference(fsam=method == "fsam", grad_accum=grad_accum))
+    assert_params_close(result["params"], per_shard_reference(method=method, grad_accum=grad_accum))
     # ... and local mode is really a different algorithm from global mode.
     global_params = single_process(tmp_path, method=method, grad_accum=grad_accum, batch_size=8)
     assert any((result["params"][n] - p).abs().max() > 1e-5 for n, p in global_params.items())
 
 
-def test_fsam_local_with_accumulation_resumes_bitwise(tmp_path):
-    options = dict(method="fsam", sync="local", grad_accum=2, save_steps=2)
+@pytest.mark.parametrize(("method", "state_key"), [("fsam", "ema"), ("vasso", "average")])
+def test_local_with_accumulation_resumes_bitwise(tmp_path, method, state_key):
+    options = dict(method=method, sync="local", grad_accum=2, save_steps=2)
     full = launch(tmp_path, "full", **options)
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / "rank0-of-2-sam_state.pt").is_file() and (checkpoint / "rank1-of-2-sam_state.pt").is_file()
-    ema = [torch.load(checkpoint / f"rank{r}-of-2-sam_state.pt")["ema"]["fc1.weight"] for r in range(2)]
-    assert not torch.equal(ema[0], ema[1]), "local mode keeps one EMA per process"
+    ema = [torch.load(checkpoint / f"rank{r}-of-2-sam_state.pt")[state_key]["fc1.weight"] for r in range(2)]
+    assert not torch.equal(ema[0], ema[1]), "local mode keeps one average per process"
     resumed = launch(tmp_path, "resumed", resume=checkpoint, **options)
     assert resumed["ranks_bitwise_equal"]
     for name, p in full["params"].items():
@@ -248,9 +257,10 @@ def test_nan_first_pass_on_one_rank_is_an_unperturbed_step_on_every_rank(nonfini
     [
         ({"method": "sam"}, {"rho": 0.1}),
         ({"method": "fsam"}, {"rho": 0.1, "fsam": True, "sigma": 0.7, "lam": 0.6}),
+        ({"method": "vasso"}, {"rho": 0.1, "vasso": True, "theta": 0.6}),
         ({"method": "sam", "adaptive": True}, {"rho": 0.5, "adaptive": True, "eta": 0.1}),
     ],
-    ids=["sam", "fsam", "asam"],
+    ids=["sam", "fsam", "vasso", "asam"],
 )
 def test_fsdp2_sharded_step_equals_one_process(tmp_path, options, reference):
     """

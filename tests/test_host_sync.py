@@ -97,10 +97,13 @@ def reads(tmp_path, trainer_class, *, grad_accum=1, fp16_scaler=False, poisoned=
         SAMConfig(rho=0.1, adaptive=True, normalize=False),
         SAMConfig(method="fsam", rho=0.1),
         SAMConfig(method="fsam", rho=0.1, interval=2),
-        SAMConfig(method="looksam", rho=0.1, interval=2),
+        SAMConfig(method="looksam", rho=0.1, looksam_k=2),
+        SAMConfig(method="vasso", rho=0.1),
+        SAMConfig(method="vasso", rho=0.1, interval=2),
+        SAMConfig(method="gsam", rho=0.1, rho_min=0.01),
         SAMConfig(rho=0.1, perturbation_sync="local"),
     ],
-    ids=["sam", "asam-usam", "fsam", "fsam-interval2", "looksam", "local"],
+    ids=["sam", "asam-usam", "fsam", "fsam-interval2", "looksam", "vasso", "vasso-interval2", "gsam", "local"],
 )
 def test_sam_step_adds_no_host_reads(tmp_path, sam_config, grad_accum, fp16_scaler):
     plain = reads(tmp_path / "plain", CountingTrainer, grad_accum=grad_accum, fp16_scaler=fp16_scaler)
@@ -108,6 +111,17 @@ def test_sam_step_adds_no_host_reads(tmp_path, sam_config, grad_accum, fp16_scal
         tmp_path / "sam", CountingSAMTrainer, grad_accum=grad_accum, fp16_scaler=fp16_scaler, sam_config=sam_config
     )
     assert no_more(sam, plain), f"plain step: {plain[0]}; SAM steps: {sam}"
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_aesam_adds_one_host_read_per_step(tmp_path, grad_accum):
+    """AE-SAM's decision is control flow (whether pass 2 runs): one boolean read per step, documented, and no more."""
+    plain = reads(tmp_path / "plain", CountingTrainer, grad_accum=grad_accum)
+    config = SAMConfig(method="aesam", rho=0.1)
+    sam = reads(tmp_path / "sam", CountingSAMTrainer, grad_accum=grad_accum, sam_config=config)
+    (plain_reads, plain_copies), (sam_reads, sam_copies) = most(plain), most(sam)
+    assert sam_reads <= plain_reads + 1 and sam_copies <= plain_copies + 1, f"plain step: {plain[0]}; SAM: {sam}"
+    assert sam_reads + sam_copies > plain_reads + plain_copies, "the counters must see the decision's read"
 
 
 def test_nonfinite_step_adds_no_host_reads(tmp_path):

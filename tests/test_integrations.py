@@ -534,7 +534,7 @@ def test_auto_find_batch_size_retries_from_the_unperturbed_weights(tmp_path, met
         (SAMConfig(rho=0.05), "SAM"),
         (SAMConfig(rho=1.0, adaptive=True), "ASAM"),
         (SAMConfig(rho=0.01, normalize=False), "USAM"),
-        (SAMConfig(method="looksam", rho=0.05, interval=5), "LookSAM"),
+        (SAMConfig(method="looksam", rho=0.05, looksam_k=5), "LookSAM"),
     ],
 )
 def test_model_card_names_hf_sam_the_method_and_rho(tmp_path, sam_config, method_name):

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from hf_sam import SAMConfig, SAMTrainer
 
-from .test_sam_trainer import STEPS, VARIANTS, reference_sam_run
+from .test_sam_trainer import STEPS, VARIANTS, reference_sam_run, trainer_args
 from .testing_utils import (
     PoisonedClassifier,
     SequentialSAMTrainer,
@@ -37,17 +37,21 @@ def with_cpu_grad_scaler(trainer, init_scale=INIT_SCALE, growth_interval=2000):
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-@pytest.mark.parametrize("variant", ["usam", "asam_eta", "fsam", "fsam_asam_usam"])
+@pytest.mark.parametrize(
+    "variant",
+    ["usam", "asam_eta", "fsam", "fsam_asam_usam", "vasso", "vasso_asam_usam", "gsam", "aesam"],
+)
 def test_loss_scaled_gradients_are_unscaled_before_the_perturbation(tmp_path, variant, grad_accum):
     """
-    USAM's step scales with the gradient (a missed unscale is 4096x too large), and F-SAM's EMA mixes steps taken
-    under different loss scales: the scale doubles after every step here (growth_interval=1).
+    USAM's step scales with the gradient (a missed unscale is 4096x too large), F-SAM's EMA mixes steps taken
+    under different loss scales, and GSAM subtracts an unscaled component from the loss-scaled pass-2 gradient: the
+    scale doubles after every step here (growth_interval=1).
     """
     sam_config, reference_kwargs = VARIANTS[variant]
     model = tiny_model()
     trainer = SequentialSAMTrainer(
         model=model,
-        args=tiny_args(tmp_path, gradient_accumulation_steps=grad_accum),
+        args=tiny_args(tmp_path, gradient_accumulation_steps=grad_accum, **trainer_args(reference_kwargs)),
         train_dataset=TinyDataset(),
         sam_config=sam_config,
     )
@@ -59,12 +63,13 @@ def test_loss_scaled_gradients_are_unscaled_before_the_perturbation(tmp_path, va
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=f"{variant}: {name} differs")
 
 
-def test_nonfinite_step_is_skipped_by_the_scaler_and_leaves_the_ema(tmp_path):
+@pytest.mark.parametrize("method", ["fsam", "vasso"])
+def test_nonfinite_step_is_skipped_by_the_scaler_and_leaves_the_ema(tmp_path, method):
     """Both passes of step 2 overflow: no perturbation, no EMA update, the scaler skips the step and backs off."""
     torch.manual_seed(0)
     model = PoisonedClassifier(poisoned_calls={2, 3})
     trainer = SequentialSAMTrainer(
-        model=model, args=tiny_args(tmp_path, max_steps=2), train_dataset=TinyDataset(), sam_config=SAMConfig("fsam")
+        model=model, args=tiny_args(tmp_path, max_steps=2), train_dataset=TinyDataset(), sam_config=SAMConfig(method)
     )
     scaler = with_cpu_grad_scaler(trainer)
     ema_and_weights = {}
@@ -187,17 +192,18 @@ def test_gpu_fp32_matches_cpu_and_mixed_precision_stays_close_to_fp32(tmp_path, 
         assert gap <= 0.05 * change, f"{precision}: {gap} vs a weight change of {change}"
 
 
-def test_overflow_on_a_plain_interval_step_leaves_the_fsam_ema(tmp_path):
+@pytest.mark.parametrize("method", ["fsam", "vasso"])
+def test_overflow_on_a_plain_interval_step_leaves_the_fsam_ema(tmp_path, method):
     """
-    fp16, F-SAM with `interval=2`: step 1 is a plain one-pass step whose gradient overflows (inf). The scaler skips
-    it and backs off; F-SAM's EMA must stay as it was (lerp with weight 0 against inf would make it NaN).
+    fp16, F-SAM (VaSSO) with `interval=2`: step 1 is a plain one-pass step whose gradient overflows (inf). The scaler
+    skips it and backs off; the average must stay as it was (lerp with weight 0 against inf would make it NaN).
     """
     model = PoisonedClassifier(poisoned_calls={2})  # calls 0, 1: SAM step 0; call 2: plain step 1
     trainer = SequentialSAMTrainer(
         model=model,
         args=tiny_args(tmp_path, max_steps=4),
         train_dataset=TinyDataset(),
-        sam_config=SAMConfig(method="fsam", rho=0.1, interval=2),
+        sam_config=SAMConfig(method=method, rho=0.1, interval=2),
     )
     scaler = with_cpu_grad_scaler(trainer)
     emas = {}

@@ -15,7 +15,7 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"method": "gsam"}, "method", "['sam', 'fsam', 'looksam']"),
+        ({"method": "nosuchsam"}, "method", "['sam', 'fsam', 'vasso', 'gsam', 'aesam', 'looksam']"),
         ({"rho": -0.1}, "rho", ">= 0"),
         ({"rho": float("nan")}, "rho", ">= 0"),
         ({"rho": "0.05"}, "rho", ">= 0"),
@@ -23,6 +23,17 @@ from .testing_utils import TinyDataset, tiny_args, tiny_model
         ({"fsam_sigma": -1.0}, "fsam_sigma", ">= 0"),
         ({"fsam_lambda": 1.0}, "fsam_lambda", "[0, 1)"),
         ({"fsam_lambda": -0.1}, "fsam_lambda", "[0, 1)"),
+        ({"vasso_theta": 1.5}, "vasso_theta", "[0, 1]"),
+        ({"vasso_theta": float("inf")}, "vasso_theta", "[0, 1]"),
+        ({"gsam_alpha": -0.1}, "gsam_alpha", ">= 0"),
+        ({"rho_min": -0.1}, "rho_min", ">= 0"),
+        ({"method": "gsam", "rho": 0.1, "rho_min": 0.2}, "rho_min", "<= `rho` (0.1)"),
+        ({"method": "gsam", "perturbation_sync": "local"}, "perturbation_sync", "'global'"),
+        ({"aesam_delta": 1.0}, "aesam_delta", "[0, 1)"),
+        ({"aesam_lambda1": float("nan")}, "aesam_lambda1", "a finite number"),
+        ({"aesam_lambda2": "1"}, "aesam_lambda2", "a finite number"),
+        ({"method": "aesam", "interval": 2}, "interval", "must be 1 with `method='aesam'`"),
+        ({"method": "aesam", "perturbation_sync": "local"}, "perturbation_sync", "'global'"),
         ({"perturbation_sync": "sometimes"}, "perturbation_sync", "['global', 'local']"),
         ({"adaptive": "yes"}, "adaptive", "True or False"),
         ({"normalize": 1}, "normalize", "True or False"),
@@ -53,7 +64,7 @@ def test_parsed_next_to_training_arguments(tmp_path):
     )
     assert training_args.learning_rate == 1e-3
     with pytest.raises(SystemExit):
-        parser.parse_args_into_dataclasses(["--method", "gsam", "--output_dir", str(tmp_path)])
+        parser.parse_args_into_dataclasses(["--method", "nosuchsam", "--output_dir", str(tmp_path)])
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -11,6 +11,7 @@ from transformers import Trainer
 from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.perturbation import sam_perturbation_
 from hf_sam.setup_checks import check_sharded_setup, check_trainer_setup
+from hf_sam.trainer_utils import protect_trainer_metrics
 
 from .testing_utils import (
     NONFINITE_CASES,
@@ -248,9 +249,17 @@ def _train_with_checkpoints(output_dir, sam_config, model, resume=None):
     return model
 
 
-@pytest.mark.parametrize(("method", "interval"), [("fsam", 1), ("sam", 1), ("fsam", 3), ("looksam", 2)])
+@pytest.mark.parametrize(
+    ("method", "interval"),
+    [("fsam", 1), ("sam", 1), ("fsam", 3), ("looksam", 2), ("vasso", 1), ("vasso", 3), ("gsam", 1), ("aesam", 1)],
+)
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method, interval):
-    sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5, interval=interval)
+    """
+    Stopped after checkpoint 2 and resumed: F-SAM's EMA, VaSSO's d, LookSAM's g_v and AE-SAM's statistics come from
+    `sam_state.pt`; GSAM keeps none, but its radius follows the resumed schedule (warmup, then linear decay).
+    """
+    schedule = {"looksam_k": interval} if method == "looksam" else {"interval": interval}
+    sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5, vasso_theta=0.5, rho_min=0.02, **schedule)
     uninterrupted = _train_with_checkpoints(tmp_path / "full", sam_config, tiny_bert())
     # Different initial weights: everything must come from the checkpoint.
     resumed = _train_with_checkpoints(
@@ -261,9 +270,10 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, method, interval):
         assert torch.equal(p, q), f"{name} differs after resume"
 
 
-def test_resume_without_fsam_state_warns_and_changes_the_run(tmp_path, caplog):
-    """The control for the test above: F-SAM's EMA matters, and losing it is loud."""
-    sam_config = SAMConfig(method="fsam", rho=0.1, fsam_lambda=0.5)
+@pytest.mark.parametrize("method", ["fsam", "vasso"])
+def test_resume_without_fsam_state_warns_and_changes_the_run(tmp_path, caplog, method):
+    """The control for the test above: F-SAM's EMA (VaSSO's d) matters, and losing it is loud."""
+    sam_config = SAMConfig(method=method, rho=0.1, fsam_lambda=0.5, vasso_theta=0.5)
     uninterrupted = _train_with_checkpoints(tmp_path / "full", sam_config, tiny_bert())
     checkpoint = tmp_path / "stripped"
     shutil.copytree(tmp_path / "full" / "checkpoint-2", checkpoint)
@@ -316,7 +326,9 @@ def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match)
     [
         (SAMConfig(perturbation_sync="local"), {}, "`perturbation_sync` must be 'global' under FSDP"),
         (SAMConfig(), {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
-        (SAMConfig(method="looksam", interval=2), {}, "looksam"),
+        (SAMConfig(method="looksam", looksam_k=2), {}, "looksam"),
+        (SAMConfig(method="gsam"), {}, "`method='gsam'` is not supported under FSDP"),
+        (SAMConfig(method="aesam"), {}, "`method='aesam'` is not supported under FSDP"),
     ],
 )
 def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
@@ -340,7 +352,7 @@ def test_second_pass_guard_keeps_every_metric_mode(tmp_path):
     """TRL keeps `_metrics["train"]` and `_metrics["eval"]`: neither pass 2 nor the probe may add to either."""
     trainer = SAMTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=TinyDataset())
     trainer._metrics = {"train": {"entropy": [1.0]}, "eval": {"entropy": [2.0]}}
-    with trainer._second_pass_context():
+    with protect_trainer_metrics(trainer):
         trainer._metrics["train"]["entropy"].append(3.0)
         trainer._metrics["eval"]["entropy"].append(4.0)
         trainer._metrics["eval"]["new"] = [5.0]
