@@ -128,7 +128,7 @@ def test_old_records_are_read_with_their_parameters_as_fields():
 def test_committed_records_map_to_the_parameters_their_study_plans():
     """Every committed record that the studies plan today reads back with the plan's parameters, field by field."""
     results = read_records(os.path.join(RESULTS, "study_cpu.jsonl"), os.path.join(RESULTS, "study_gpu.jsonl"))
-    assert len(results) == 95 and {r["device"] for r in results.values()} == {"CPU", "H100", "H200"}
+    assert len(results) >= 95 and {"CPU", "H100", "H200"} <= {r["device"] for r in results.values()}
     matched = 0
     for study in tables.STUDIES.values():
         for run in plan(study, [0, 1, 2], results):
@@ -136,7 +136,7 @@ def test_committed_records_map_to_the_parameters_their_study_plans():
                 record = results[run.id]
                 assert {key: record[key] for key in run.parameters()} == run.parameters(), run.id
                 matched += 1
-    assert matched == 95
+    assert matched == len(results)
 
 
 def test_runs_that_wait_for_a_sweep_start_once_it_is_complete(tmp_path, monkeypatch):

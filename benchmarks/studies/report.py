@@ -78,7 +78,7 @@ def _arms(sweep) -> list[tuple[str, float]]:
 
 
 def sweep_section(results: dict[str, dict]) -> list[str]:
-    """The rho sweeps: each method's held-out score at each rho, the rho chosen, the held-out score along training."""
+    """The rho sweeps: each method's held-out score at each rho and the rho chosen, then `sweep_histories`."""
     usual = _sweep_device(list(results.values()))
 
     def cell(record: dict | None) -> str:
@@ -122,9 +122,14 @@ def sweep_section(results: dict[str, dict]) -> list[str]:
             cell(find(results, study=IMAGE_SWEEP.name, method=m, rho=rho, seed=0)) for m, rho in _arms(IMAGE_SWEEP)
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Held-out score after each epoch (AdamW: does it plateau?):", ""]
-    lines += ["| run | held-out score after epoch (epoch: score) |", "|---|---|"]
     sweeps = [r for r in results.values() if r["study"] == GLUE_SWEEP.name] + image_sweep
+    return lines + sweep_histories(sweeps)
+
+
+def sweep_histories(sweeps: list[dict]) -> list[str]:
+    """The held-out score of each sweep run after each epoch (every 5th and the last for long runs)."""
+    lines = ["", "Held-out score after each epoch (AdamW: does it plateau?):", ""]
+    lines += ["| run | held-out score after epoch (epoch: score) |", "|---|---|"]
     for record in sorted(sweeps, key=lambda r: (r["task"], METHOD_ORDER.index(r["method"]), r["rho"])):
         by_epoch = {}
         for log in record["eval_history"]:
