@@ -117,7 +117,7 @@ def fit_temperature(logits, labels) -> float:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return float(min(max(math.exp(float(log_t)), T_MIN), T_MAX))
+    return float(min(max(math.exp(log_t.item()), T_MIN), T_MAX))
 
 
 def cross_fitted_temperature_metrics(logits, labels, seed: int = 0) -> dict[str, float]:

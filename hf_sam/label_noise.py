@@ -136,7 +136,8 @@ class MemorisationCallback(TrainerCallback):
                 inputs = {
                     k: v.to(device) for k, v in batch.items() if k not in ("labels", "label") and torch.is_tensor(v)
                 }
-                predictions.append(model(**inputs).logits.argmax(dim=-1).cpu().numpy())
+                logits = model(**inputs)["logits"]  # a `ModelOutput` or a dict
+                predictions.append(logits.argmax(dim=-1).cpu().numpy())
         finally:
             model.train(was_training)
         return np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
