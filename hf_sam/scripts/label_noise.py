@@ -75,8 +75,8 @@ def add_label_noise(
     true_ids = np.array([to_id(value) for value in dataset[column]], dtype=np.int64)
     noisy_ids, flipped = flip_labels(true_ids, num_classes, rate, seed)
     feature = dataset.features[column]
-    noisy = dataset.remove_columns(column).add_column(column, [from_id(int(i)) for i in noisy_ids], feature=feature)
-    noisy = noisy.select_columns(dataset.column_names)  # the original column order
+    noisy = dataset.add_column("__noisy__", [from_id(int(i)) for i in noisy_ids], feature=feature)
+    noisy = noisy.remove_columns(column).rename_column("__noisy__", column).select_columns(dataset.column_names)
     noisy = noisy.add_column(TRUE_LABEL_COLUMN, true_ids.tolist(), feature=Value("int64"))
     record = {
         "rate": rate,
