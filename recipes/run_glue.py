@@ -170,6 +170,8 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
 
     # Data first, checked before any model is loaded.
     raw = load_raw_datasets(script_args)
+    if training_args.do_eval and "validation" not in raw and script_args.validation_split_percentage is None:
+        raise ValueError("`--do_eval` needs validation data (`--validation_file`, or a task with a dev split).")
     task = script_args.task_name
     key1, key2 = TASK_TO_KEYS[task] if task is not None else ("sentence1", "sentence2")
     for split in raw:
@@ -208,23 +210,15 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         raw = split_off_validation(
             raw["train"], script_args.validation_split_percentage, script_args.validation_split_seed
         )
-    if training_args.do_eval and "validation" not in raw:
-        raise ValueError("`--do_eval` needs validation data (`--validation_file`, or a task with a dev split).")
     for split, max_samples in (("train", script_args.max_train_samples), ("validation", script_args.max_eval_samples)):
         if split in raw and max_samples is not None:  # the first N examples
             raw[split] = raw[split].select(range(min(max_samples, len(raw[split]))))
 
-    # With label noise: the true labels, kept out of the tokenized data (a held-out split carved from the noisy
-    # training data has them too).
+    # With label noise: the true labels (of a held-out split carved from the noisy training data too); tokenizing
+    # drops their column.
     true_labels = {
         split: raw[split][TRUE_LABEL_COLUMN] for split in raw if TRUE_LABEL_COLUMN in raw[split].column_names
     }
-    raw = DatasetDict(
-        {
-            split: raw[split].remove_columns([c for c in [TRUE_LABEL_COLUMN] if c in raw[split].column_names])
-            for split in raw
-        }
-    )
 
     model_path = script_args.model_name_or_path or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
