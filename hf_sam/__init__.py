@@ -15,6 +15,7 @@
 
 __version__ = "0.1.0.dev0"
 
+from .label_noise import MemorisationCallback, flip_labels
 from .perturbation import global_norm, perturb_, restore_, sam_perturbation_
 from .sam_config import SAMConfig
 from .sam_trainer import SAMMixin, SAMTrainer
@@ -38,6 +39,7 @@ __all__ = [
     "FriendlySAM",
     "HessianEigenResult",
     "LookSAM",
+    "MemorisationCallback",
     "SAMConfig",
     "SAMMixin",
     "SAMTrainer",
@@ -47,6 +49,7 @@ __all__ = [
     "VARIANTS",
     "ascent_sharpness",
     "average_sharpness",
+    "flip_labels",
     "global_norm",
     "gradient_eigenvector_alignment",
     "hessian_trace",
