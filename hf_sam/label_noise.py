@@ -122,6 +122,10 @@ class MemorisationCallback(TrainerCallback):
         self.flipped, self.clean = memorisation_subset(self.noisy_labels, self.true_labels, max_per_group, seed)
         self.dataset, self.collate_fn, self.batch_size, self.trainer = dataset, collate_fn, batch_size, trainer
         self._last_step: int | None = None
+        logger.info(
+            f"Memorisation of the flipped labels: measured at each evaluation on a fixed random subset of "
+            f"{len(self.flipped)} flipped and {len(self.clean)} clean training examples (of {len(dataset)})."
+        )
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, indices: np.ndarray) -> np.ndarray:

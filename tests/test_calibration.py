@@ -61,6 +61,10 @@ def test_ece_by_hand():
     assert ece(LOGITS, LABELS) == pytest.approx(expected, rel=1e-12)
     # One bin, M = 1: |accuracy - mean confidence| = |2/5 - (0.70 + 0.62 + 0.50 + 0.85 + 0.72) / 5|.
     assert ece(LOGITS, LABELS, n_bins=1) == pytest.approx(abs(0.4 - 3.39 / 5), rel=1e-12)
+    # A confidence on a bin edge goes to the bin below (the bins are (a, b]): with M = 2, 0.5 is in (0, 0.5], apart
+    # from 0.9 in (0.5, 1]: (|1 - 0.5| + |0 - 0.9|) / 2 (both in one bin it would be |1/2 - 0.7| = 0.2).
+    edge_logits, edge_labels = np.array([[0.0, 0.0], [math.log(0.9), math.log(0.1)]]), np.array([0, 1])
+    assert ece(edge_logits, edge_labels, n_bins=2) == pytest.approx((0.5 + 0.9) / 2, rel=1e-12)
     # Confidence 1 falls in the last bin (the bins are closed on the right): right and sure is perfectly calibrated.
     assert ece(np.array([[100.0, 0.0]]), np.array([0])) == pytest.approx(0.0, abs=1e-12)
 
