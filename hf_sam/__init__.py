@@ -15,6 +15,7 @@
 
 __version__ = "0.1.0.dev0"
 
+from .label_noise import MemorisationCallback, flip_labels
 from .sam_config import SAMConfig
 from .sam_trainer import SAMMixin, SAMTrainer
 from .sharpness import (
@@ -40,6 +41,7 @@ __all__ = [
     "HessianEigenResult",
     "LookSAM",
     "METHODS",
+    "MemorisationCallback",
     "SAMConfig",
     "SAMMixin",
     "SAMTrainer",
@@ -49,6 +51,7 @@ __all__ = [
     "VaSSO",
     "ascent_sharpness",
     "average_sharpness",
+    "flip_labels",
     "gradient_eigenvector_alignment",
     "hessian_trace",
     "register_method",

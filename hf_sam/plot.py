@@ -12,14 +12,16 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Plot the loss and sharpness logs of one or more runs from their `trainer_state.json`.
+Plot the loss, sharpness and label-noise memorisation logs of one or more runs from their `trainer_state.json`.
 
 ```bash
 python -m hf_sam.plot runs/mrpc-sam runs/mrpc-fsam --out sharpness.png
 ```
 
 One panel per quantity (`loss`, `eval_loss`, `sam/sharpness`, then every `sharpness/<name>` logged by
-`SharpnessCallback`, or the `--keys` given), one line per run (labelled with the run's folder name) against the
+`SharpnessCallback`; for a run with `--label_noise`, `eval_accuracy` and `eval_clean_accuracy` (a held-out split's
+accuracy against its noisy and its true labels) and every `memorisation/<name>` of `MemorisationCallback`; or the
+`--keys` given), one line per run (labelled with the run's folder name) against the
 optimizer step; a `<key>_stderr` logged next to a key is drawn as a +-1 stderr band. `--log_y KEY ...` draws those
 panels on a logarithmic axis (symmetric-log, linear around 0, when a value or a band reaches 0 or below). Needs
 matplotlib (`pip install matplotlib`); draws with the Agg backend (no display, and pyplot's global backend is left
@@ -36,6 +38,7 @@ from pathlib import Path
 
 TRAINER_STATE_NAME = "trainer_state.json"
 DEFAULT_KEYS = ("loss", "eval_loss", "sam/sharpness")
+LABEL_NOISE_KEYS = ("eval_accuracy", "eval_clean_accuracy")
 STDERR_SUFFIX = "_stderr"
 
 Series = dict[str, tuple[list[int], list[float], list[float] | None]]
@@ -73,15 +76,18 @@ def logged_keys(run: str | Path) -> list[str]:
 
 def load_series(run: str | Path, keys: Sequence[str] | None = None) -> Series:
     """
-    `{key: (steps, values, stderrs or None)}` from a run's `log_history`, for `keys` (default: `DEFAULT_KEYS` and
-    every `sharpness/*` key, without the `*_stderr` ones). Non-numeric and non-finite values are skipped.
+    `{key: (steps, values, stderrs or None)}` from a run's `log_history`, for `keys` (default: `DEFAULT_KEYS`, every
+    `sharpness/*` key without the `*_stderr` ones, `LABEL_NOISE_KEYS` when `eval_clean_accuracy` is logged, and every
+    `memorisation/*` key). Non-numeric and non-finite values are skipped.
     """
     with open(find_trainer_state(run)) as f:
         history = json.load(f).get("log_history", [])
     if keys is None:
         logged = {key for entry in history for key in entry}
         sharpness = sorted(k for k in logged if k.startswith("sharpness/") and not k.endswith(STDERR_SUFFIX))
-        keys = [k for k in DEFAULT_KEYS if k in logged] + sharpness
+        memorisation = sorted(k for k in logged if k.startswith("memorisation/"))
+        noise = [k for k in LABEL_NOISE_KEYS if k in logged] if "eval_clean_accuracy" in logged else []
+        keys = [k for k in DEFAULT_KEYS if k in logged] + sharpness + noise + memorisation
     series: Series = {}
     for key in keys:
         steps, values, stderrs = [], [], []

@@ -30,6 +30,12 @@ One or many GPUs, data from the Hub:
     accelerate launch recipes/run_glue.py --model_name_or_path google-bert/bert-base-cased --task_name rte \
         --method sam --rho 0.05 --do_train --do_eval --bf16 --output_dir runs/rte-sam
 
+`--label_noise 0.2` flips 20% of the training labels of a classification task (symmetric noise, before
+`--validation_split_percentage` carves the held-out split, whose accuracy against the true labels is logged as
+`eval_clean_accuracy`); the memorisation of the flipped labels is logged at each evaluation as `memorisation/*`
+(`hf_sam.label_noise`). Every evaluation of a classification task reports the calibration metrics of
+`hf_sam.calibration` (`eval_nll`, `eval_ece`, `eval_brier`, and after temperature scaling).
+
 `--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them. Rerunning a
 command whose `--output_dir` holds checkpoints resumes from the last complete one.
 """
@@ -50,6 +56,7 @@ from transformers import (
 
 from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.checkpointing import lock_output_dir
+from hf_sam.label_noise import MemorisationCallback
 from hf_sam.scripts.glue import (
     TASK_NUM_LABELS,
     TASK_TO_KEYS,
@@ -60,6 +67,13 @@ from hf_sam.scripts.glue import (
     split_off_validation,
     subset_indices,
     tokenize_glue,
+)
+from hf_sam.scripts.label_noise import (
+    TRUE_LABEL_COLUMN,
+    LabelNoiseArguments,
+    add_label_noise,
+    classification_metrics,
+    write_label_noise_json,
 )
 from hf_sam.scripts.utils import (
     SHARPNESS_FLAGS,
@@ -78,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ScriptArguments(RecipeArguments):
+class ScriptArguments(RecipeArguments, LabelNoiseArguments):
     """What to train on and with which model (and `--overwrite_output_dir`)."""
 
     task_name: str | None = field(default=None, metadata={"help": "GLUE task.", "choices": sorted(TASK_TO_KEYS)})
@@ -141,6 +155,12 @@ class ScriptArguments(RecipeArguments):
             raise ValueError(
                 f"`validation_split_percentage` must be between 1 and 99, got {self.validation_split_percentage}."
             )
+        self.check_label_noise()
+        if self.label_noise > 0 and self.task_name is not None and TASK_NUM_LABELS[self.task_name] == 1:
+            raise ValueError(
+                f"`--label_noise {self.label_noise}` flips class labels, but `{self.task_name}` is a regression task "
+                "(similarity scores); use it with a classification task."
+            )
 
 
 def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
@@ -169,11 +189,7 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
 
     # Data first, checked before any model is loaded.
     raw = load_raw_datasets(script_args)
-    if script_args.validation_split_percentage is not None:
-        raw = split_off_validation(
-            raw["train"], script_args.validation_split_percentage, script_args.validation_split_seed
-        )
-    if training_args.do_eval and "validation" not in raw:
+    if training_args.do_eval and "validation" not in raw and script_args.validation_split_percentage is None:
         raise ValueError("`--do_eval` needs validation data (`--validation_file`, or a task with a dev split).")
     task = script_args.task_name
     key1, key2 = TASK_TO_KEYS[task] if task is not None else ("sentence1", "sentence2")
@@ -195,10 +211,34 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         if label_to_id is not None:  # strings, or ints that are not 0..n-1: class ids in sorted order
             raw = raw.map(lambda batch: {"label": [label_to_id[value] for value in batch["label"]]}, batched=True)
             raw = raw.cast_column("label", ClassLabel(names=label_names))
+    if script_args.label_noise > 0:  # on the training set as loaded, before a held-out split is carved from it
+        if is_regression:
+            raise ValueError(
+                f"`--label_noise {script_args.label_noise}` flips class labels, but the labels of "
+                f"{script_args.train_file} are floats (a regression task)."
+            )
+        raw["train"], noise_record = add_label_noise(
+            raw["train"], "label", len(label_names), script_args.label_noise, script_args.label_noise_seed
+        )
+        if training_args.should_save:
+            write_label_noise_json(training_args.output_dir, noise_record)
+        logger.info(
+            f"Label noise: flipped {noise_record['count']} of the {noise_record['num_examples']} training labels."
+        )
+    if script_args.validation_split_percentage is not None:
+        raw = split_off_validation(
+            raw["train"], script_args.validation_split_percentage, script_args.validation_split_seed
+        )
     for split, max_samples in (("train", script_args.max_train_samples), ("validation", script_args.max_eval_samples)):
         if split in raw and max_samples is not None:
             seed = script_args.train_subset_seed if split == "train" else None
             raw[split] = raw[split].select(subset_indices(len(raw[split]), max_samples, seed))
+
+    # With label noise: the true labels (of a held-out split carved from the noisy training data too); tokenizing
+    # drops their column.
+    true_labels = {
+        split: raw[split][TRUE_LABEL_COLUMN] for split in raw if TRUE_LABEL_COLUMN in raw[split].column_names
+    }
 
     model_path = script_args.model_name_or_path or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -217,10 +257,17 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         f"examples; {'regression' if is_regression else f'labels {label_names}'}."
     )
 
+    eval_true_labels = true_labels.get("validation")
+
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         predictions = np.squeeze(logits, axis=-1) if is_regression else np.argmax(logits, axis=1)
-        return glue_metrics(task, predictions, prediction.label_ids)
+        metrics = glue_metrics(task, predictions, prediction.label_ids)
+        if is_regression:
+            return metrics
+        # The Trainer's evaluation loop keeps the order of the evaluation data, so `eval_true_labels` lines up.
+        clean = eval_true_labels if eval_true_labels is not None and len(eval_true_labels) == len(logits) else None
+        return {**classification_metrics(logits, prediction.label_ids, clean), **metrics}
 
     trainer = SAMTrainer(
         model=model,
@@ -232,6 +279,18 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
+    if "train" in true_labels and training_args.do_train:  # the memorisation of the flipped training labels
+        collator = DataCollatorWithPadding(tokenizer)
+        trainer.add_callback(
+            MemorisationCallback(
+                train_dataset.remove_columns("label"),
+                train_dataset["label"],
+                true_labels["train"],
+                collator,
+                batch_size=training_args.per_device_eval_batch_size,
+                trainer=trainer,
+            )
+        )
     return train_and_evaluate(trainer, training_args, checkpoint, script_args)
 
 

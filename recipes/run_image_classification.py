@@ -37,6 +37,11 @@ A pretrained ViT from the Hub, on one or many GPUs:
         --model_name_or_path google/vit-base-patch16-224-in21k --method sam --rho 0.05 \
         --do_train --do_eval --bf16 --output_dir runs/cifar10-vit-base-sam
 
+`--label_noise 0.4` flips 40% of the training labels (symmetric noise, before `--train_val_split` carves the
+held-out split, whose accuracy against the true labels is logged as `eval_clean_accuracy`); the memorisation of the
+flipped labels is logged at each evaluation as `memorisation/*` (`hf_sam.label_noise`). Every evaluation reports the
+calibration metrics of `hf_sam.calibration` (`eval_nll`, `eval_ece`, `eval_brier`, and after temperature scaling).
+
 `--config recipe.yaml` reads defaults from a YAML file; flags on the command line override them. Rerunning a
 command whose `--output_dir` holds checkpoints resumes from the last complete one.
 """
@@ -59,6 +64,7 @@ from transformers import (
 
 from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.checkpointing import lock_output_dir
+from hf_sam.label_noise import MemorisationCallback
 from hf_sam.scripts.image import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
@@ -68,6 +74,13 @@ from hf_sam.scripts.image import (
     drop_undecodable_images,
     find_column,
     make_transforms,
+)
+from hf_sam.scripts.label_noise import (
+    TRUE_LABEL_COLUMN,
+    LabelNoiseArguments,
+    add_label_noise,
+    classification_metrics,
+    write_label_noise_json,
 )
 from hf_sam.scripts.utils import (
     SHARPNESS_FLAGS,
@@ -86,7 +99,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ScriptArguments(RecipeArguments):
+class ScriptArguments(RecipeArguments, LabelNoiseArguments):
     """What to train on and with which model (and `--overwrite_output_dir`)."""
 
     dataset_name: str | None = field(
@@ -176,6 +189,7 @@ class ScriptArguments(RecipeArguments):
         sharpness_diagnostics(self)  # a bad name, setting or JSON fails here, before any loading
         if self.random_crop_padding < 0:
             raise ValueError(f"`random_crop_padding` must be >= 0, got {self.random_crop_padding!r}.")
+        self.check_label_noise()
 
 
 def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
@@ -202,9 +216,14 @@ def load_raw_datasets(args: ScriptArguments) -> DatasetDict:
         raw = load_dataset("parquet", data_files=data_files)
     if "train" not in raw:
         raise ValueError(f"The data has no `train` split; its splits are {list(raw)}.")
+    return raw
+
+
+def with_validation_split(raw: DatasetDict, train_val_split: float) -> DatasetDict:
+    """`train` and `validation`: the data's validation split, or `train_val_split` of `train` held out (seed 0)."""
     validation = next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
     if validation is None:
-        split = raw["train"].train_test_split(test_size=args.train_val_split, seed=0)
+        split = raw["train"].train_test_split(test_size=train_val_split, seed=0)
         return DatasetDict(train=split["train"], validation=split["test"])
     return DatasetDict(train=raw["train"], validation=raw[validation])
 
@@ -228,6 +247,24 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
     raw = DatasetDict({split: raw[split].select_columns([image_column, label_column]) for split in raw}).rename_column(
         label_column, "__label__"
     )
+    to_id = int if label_to_id is None else label_to_id.__getitem__
+    if script_args.label_noise > 0:  # on the training set as loaded, before a held-out split is carved from it
+        from_id = int if label_to_id is None else dict(enumerate(label_to_id)).__getitem__
+        raw["train"], noise_record = add_label_noise(
+            raw["train"],
+            "__label__",
+            len(labels),
+            script_args.label_noise,
+            script_args.label_noise_seed,
+            to_id,
+            from_id,
+        )
+        if training_args.should_save:
+            write_label_noise_json(training_args.output_dir, noise_record)
+        logger.info(
+            f"Label noise: flipped {noise_record['count']} of the {noise_record['num_examples']} training labels."
+        )
+    raw = with_validation_split(raw, script_args.train_val_split)
     train_dataset, eval_dataset = raw["train"], raw["validation"]
     # Shuffle before taking a subset (as transformers' recipe does): datasets such as CIFAR are often sorted by class.
     if script_args.max_train_samples is not None:
@@ -269,18 +306,39 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
     train_transform, eval_transform = make_transforms(
         image_processor,
         image_column,
-        int if label_to_id is None else label_to_id.__getitem__,
+        to_id,
         padding=script_args.random_crop_padding,
         flip=script_args.horizontal_flip,
     )
+    # With label noise: the true labels of a held-out split carved from the training data (its `labels` are noisy),
+    # and the memorisation of the flipped training labels, measured on un-augmented images.
+    noisy = TRUE_LABEL_COLUMN in train_dataset.column_names
+    eval_true_labels = None
+    if noisy and TRUE_LABEL_COLUMN in eval_dataset.column_names:
+        eval_true_labels = np.asarray(eval_dataset[TRUE_LABEL_COLUMN])
+    memorisation = None
+    if noisy and training_args.do_train:
+        noisy_ids = [to_id(value) for value in train_dataset["__label__"]]
+        memorisation = MemorisationCallback(
+            train_dataset.with_transform(eval_transform),  # un-augmented
+            noisy_ids,
+            train_dataset[TRUE_LABEL_COLUMN],
+            collate_fn,
+            batch_size=training_args.per_device_eval_batch_size,
+        )
+
     # `--sharpness_data train` measures the training loss on un-augmented images (the eval transform).
     sharpness_train_dataset = train_dataset.with_transform(eval_transform)
     train_dataset = train_dataset.with_transform(train_transform)
     eval_dataset = eval_dataset.with_transform(eval_transform)
 
     def compute_metrics(prediction):
+        # The Trainer's evaluation loop keeps the order of the evaluation data, so `eval_true_labels` lines up.
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return {"accuracy": float((np.argmax(logits, axis=1) == prediction.label_ids).mean())}
+        true_labels = (
+            eval_true_labels if eval_true_labels is not None and len(eval_true_labels) == len(logits) else None
+        )
+        return classification_metrics(logits, prediction.label_ids, true_labels)
 
     trainer = SAMTrainer(
         model=model,
@@ -292,6 +350,9 @@ def main(script_args: ScriptArguments, sam_config: SAMConfig, training_args: Tra
         compute_metrics=compute_metrics,
         sam_config=sam_config,
     )
+    if memorisation is not None:
+        memorisation.trainer = trainer
+        trainer.add_callback(memorisation)
     return train_and_evaluate(trainer, training_args, checkpoint, script_args, sharpness_train_dataset)
 
 
