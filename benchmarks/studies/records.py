@@ -19,7 +19,8 @@ then lived only in the run id and the command).
 A record holds the run's parameters as fields (`id`, `study`, `recipe`, `task`, `method`, `rho`, `seed`,
 `learning_rate`, `label_noise` and `train_samples` (`None`: none / the whole training set), `held_out`, `sharpness`
 (what the sharpness was measured on, or `None`), `device` ("CPU" or the GPU's model, e.g. "H100")), then what it gave
-and cost: `command`, `metrics`, `eval_history`, `train_history`, `sharpness_history`, `wall_s` and `cpu_s` (all
+and cost: `command`, `metrics`, `eval_history`, `train_history`, `sharpness_history`, `memorisation_history`
+(label-noise runs: `hf_sam.label_noise.MemorisationCallback`'s logs), `wall_s` and `cpu_s` (all
 attempts; `None`: unknown), `attempt_wall_s`, `attempt_cpu_s`, `attempts`, `resumed_from`, `torch_threads`,
 `finished` and `environment` (versions, machine, commit).
 """

@@ -122,6 +122,7 @@ def execute(run: Run, args: argparse.Namespace, env_info: dict) -> dict | None:
         eval_history=[log for log in history if any(k.startswith("eval_") for k in log)],
         train_history=[log for log in history if "loss" in log],
         sharpness_history=[log for log in history if any(k.startswith("sharpness/") for k in log)],
+        memorisation_history=[log for log in history if any(k.startswith("memorisation/") for k in log)],
         # The whole run's time: this attempt's process, plus the earlier attempts' up to the resumed checkpoint.
         wall_s=None if earlier_wall is None else earlier_wall + wall,
         cpu_s=None if earlier_cpu is None else earlier_cpu + attempt_cpu,
