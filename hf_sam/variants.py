@@ -484,7 +484,9 @@ class AESAM(SAMVariant):
         self.mean, self.var = torch.where(finite, mean, self.mean), torch.where(finite, var, self.var)
         progress = global_step / max_steps if max_steps > 0 else 0.0
         c = self.config.aesam_lambda1 + (self.config.aesam_lambda2 - self.config.aesam_lambda1) * progress
-        return bool(finite & (x >= self.mean + c * self.var.sqrt()))  # the one host read of the policy
+        # A non-finite gradient takes the two-pass path with e = 0, as with every method: pass 2 recomputes the
+        # gradient at w, instead of the one-pass path applying the non-finite pass-1 gradient.
+        return bool(~finite | (x >= self.mean + c * self.var.sqrt()))  # the one host read of the policy
 
     def state_dict(self):
         """`{"statistics": tensor([mu, var])}`: one tensor, not per parameter."""

@@ -161,6 +161,12 @@ def test_poisoned_bert_pass_one_has_a_nan_gradient_norm():
     assert any((g == 0).any() for g in grads) and any(torch.isnan(g).any() for g in grads)
 
 
+def test_every_registered_method_has_a_nonfinite_case():
+    from hf_sam.variants import METHODS
+
+    assert set(METHODS) <= {options["method"] for options in NONFINITE_CASES.values()}
+
+
 @pytest.mark.parametrize("case", list(NONFINITE_CASES))
 def test_nan_first_pass_on_bert_is_an_unperturbed_step(tmp_path, case):
     """

@@ -157,8 +157,11 @@ NONFINITE_CASES = {
     "fsam": {"method": "fsam", "fsam_lambda": 0.5},
     "sam-interval2": {"method": "sam", "interval": 2},
     "fsam-interval2": {"method": "fsam", "fsam_lambda": 0.5, "interval": 2},
-    "looksam-interval2": {"method": "looksam", "interval": 2},
-}
+    "looksam-k2": {"method": "looksam", "looksam_k": 2},
+    "vasso": {"method": "vasso", "vasso_theta": 0.5},
+    "gsam": {"method": "gsam"},
+    "aesam": {"method": "aesam"},
+}  # every method of the registry (`test_every_registered_method_has_a_nonfinite_case`)
 
 
 def poison_training_forwards(model: nn.Module, calls) -> None:
