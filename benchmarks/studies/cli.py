@@ -22,6 +22,7 @@ from pathlib import Path
 from . import __doc__ as PACKAGE_DOC
 from .records import read_records
 from .report import report
+from .report_label_noise import plot_memorisation
 from .runner import command, planned_runs, run_studies
 from .tables import STUDIES
 
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.results[0]).parent.mkdir(parents=True, exist_ok=True)
     if args.report:
         paths = " ".join(os.path.relpath(path, REPO) if Path(path).is_absolute() else path for path in args.results)
-        Path(args.markdown).write_text(report(read_records(*args.results), args.data_dir, paths), encoding="utf-8")
+        results = read_records(*args.results)
+        Path(args.markdown).write_text(report(results, args.data_dir, paths), encoding="utf-8")
+        plot_memorisation(results, REPO / "docs" / "label_noise.png")  # once the label-noise study has runs
     elif args.export_states:
         export_states(read_records(*args.results), Path(args.export_states))
     elif args.dry_run:

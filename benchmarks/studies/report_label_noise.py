@@ -1,0 +1,224 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+The label-noise study's part of the report (`tables.LABEL_NOISE*`): the rho sweep on the noisy held-out split, then
+per method on the clean test set the accuracy at the last epoch and at the epoch the noisy held-out split chose, the
+calibration before and after temperature scaling, how much of the flipped labels it memorised, paired differences to
+AdamW and the CPU time; and `plot_memorisation`, the figure of the memorisation curves.
+"""
+
+import statistics
+from functools import partial
+from pathlib import Path
+
+from .records import find, whole_time_known
+from .setups import METHOD_ORDER
+from .stats import mean_std, paired_difference
+from .tables import LABEL_NOISE, LABEL_NOISE_MORE, LABEL_NOISE_SWEEP, NOISE_RHO
+
+
+CALIBRATION = ("nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "temperature")
+MEMORISED = "memorisation/flipped_noisy_accuracy"
+
+
+def best_epoch(record: dict) -> int:
+    """The epoch of the highest noisy held-out accuracy (`eval_accuracy`) of a sweep run; a tie: the earliest."""
+    history = [
+        (log["eval_accuracy"], -round(log["epoch"])) for log in record["eval_history"] if "eval_accuracy" in log
+    ]
+    return -max(history)[1]
+
+
+def at_epoch(record: dict, epoch: int, key: str = "eval_accuracy") -> float | None:
+    """`key` of the evaluation at the end of `epoch`, or None when the run did not log it."""
+    values = [log[key] for log in record["eval_history"] if round(log["epoch"]) == epoch and key in log]
+    return values[-1] if values else None
+
+
+def memorised(record: dict) -> float | None:
+    """The fraction of the flipped training examples (the logged subset) predicted as their noisy label, at the end."""
+    history = [log[MEMORISED] for log in record.get("memorisation_history") or [] if MEMORISED in log]
+    return history[-1] if history else None
+
+
+def _sweep_rows(sweep: list[dict]) -> list[str]:
+    lines = [
+        "| method | rho | held-out accuracy (noisy labels), last epoch | best epoch: accuracy | clean held-out "
+        "accuracy, last / at the best epoch | memorised at the end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for record in sorted(sweep, key=lambda r: (METHOD_ORDER.index(r["method"]), r["rho"])):
+        epoch = best_epoch(record)
+        clean_last, clean_best = (
+            record["metrics"].get("eval_clean_accuracy"),
+            at_epoch(record, epoch, "eval_clean_accuracy"),
+        )
+        clean = " / ".join("–" if v is None else f"{v:.3f}" for v in (clean_last, clean_best))
+        fraction = memorised(record)
+        lines.append(
+            f"| {record['method']} | {record['rho']:g} | {record['metrics']['eval_accuracy']:.3f} | "
+            f"{epoch}: {at_epoch(record, epoch):.3f} | {clean} | {'–' if fraction is None else f'{fraction:.3f}'} |"
+        )
+    return lines
+
+
+def _chosen_epochs(results: dict[str, dict]) -> dict[str, int]:
+    """Per method, the best epoch of its sweep run at its chosen rho (AdamW: its sweep run)."""
+    epochs = {}
+    for method, rho in [("AdamW", 0.0)] + [(m, rule(results)) for m, rule in NOISE_RHO.items()]:
+        record = None if rho is None else find(results, study=LABEL_NOISE_SWEEP.name, method=method, rho=rho)
+        if record is not None:
+            epochs[method] = best_epoch(record)
+    return epochs
+
+
+def _pairs(runs: dict[int, dict], baseline: dict[int, dict], value) -> list[tuple[float, float]]:
+    seeds = sorted(set(runs) & set(baseline))
+    pairs = [(value(baseline[s]), value(runs[s])) for s in seeds]
+    return [(a, b) for a, b in pairs if a is not None and b is not None]
+
+
+def _cpu_ratio(runs: dict[int, dict], baseline: dict[int, dict]) -> str:
+    ratios = [
+        runs[s]["cpu_s"] / baseline[s]["cpu_s"]
+        for s in sorted(set(runs) & set(baseline))
+        if whole_time_known(runs[s]) and whole_time_known(baseline[s]) and runs[s]["device"] == baseline[s]["device"]
+    ]
+    return f"{statistics.mean(ratios):.2f}x (n={len(ratios)})" if ratios else "–"
+
+
+def last(record: dict) -> float:
+    """The test accuracy at the last epoch."""
+    return record["metrics"]["eval_accuracy"]
+
+
+def _metric(record: dict, key: str) -> float | None:
+    return record["metrics"].get(key)
+
+
+def _nothing(record: dict) -> None:
+    return None
+
+
+def _grid_rows(grid: list[dict], epochs: dict[str, int]) -> list[str]:
+    by_method: dict[str, dict[int, dict]] = {}
+    for record in grid:
+        by_method.setdefault(record["method"], {})[record["seed"]] = record
+    adamw = by_method.get("AdamW", {})
+    accuracy = [
+        "| method | rho | test accuracy, last epoch | minus AdamW | epoch chosen on held-out | test accuracy there | "
+        "minus AdamW | memorised at the end | CPU time / AdamW |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    calibration = [
+        "| method | " + " | ".join(CALIBRATION) + " |",
+        "|---|" + "---|" * len(CALIBRATION),
+    ]
+    for method in sorted(by_method, key=METHOD_ORDER.index):
+        runs = by_method[method]
+        rho = next(iter(runs.values()))["rho"]
+        epoch = epochs.get(method)
+        there = partial(at_epoch, epoch=epoch) if epoch is not None else _nothing
+        values_there = [v for v in map(there, runs.values()) if v is not None]
+        fractions = [v for v in map(memorised, runs.values()) if v is not None]
+        is_base = method == "AdamW"
+        accuracy.append(
+            f"| {method} | {rho:g} | {mean_std([last(r) for r in runs.values()])} | "
+            f"{'–' if is_base else paired_difference(_pairs(runs, adamw, last))} | {'–' if epoch is None else epoch} | "
+            f"{mean_std(values_there)} | {'–' if is_base else paired_difference(_pairs(runs, adamw, there))} | "
+            f"{mean_std(fractions)} | {'1.00x' if is_base else _cpu_ratio(runs, adamw)} |"
+        )
+        cells = []
+        for key in CALIBRATION:
+            value = partial(_metric, key=f"eval_{key}")
+            cell = mean_std([v for v in map(value, runs.values()) if v is not None])
+            if not is_base:
+                cell += f"; {paired_difference(_pairs(runs, adamw, value))}"
+            cells.append(cell)
+        calibration.append(f"| {method} | " + " | ".join(cells) + " |")
+    return (
+        accuracy + ["", "Calibration on the test set at the last epoch (minus AdamW after the `;`):", ""] + calibration
+    )
+
+
+def label_noise_section(results: dict[str, dict]) -> list[str]:
+    """The section, or nothing while the study has no record."""
+    records = list(results.values())
+    sweep = [r for r in records if r["study"] == LABEL_NOISE_SWEEP.name]
+    grid = [r for r in records if r["study"] in (LABEL_NOISE.name, LABEL_NOISE_MORE.name)]
+    if not sweep and not grid:
+        return []
+    chosen = {method: rule(results) for method, rule in NOISE_RHO.items()}
+    lines = [
+        "",
+        "## Label noise (40% of the CIFAR-10 subset's training labels flipped to another class)",
+        "",
+        "The image set-up without augmentation, `--label_noise 0.4 --label_noise_seed <seed>` (a seed's methods share "
+        "their noisy labels; the held-out split is noisy too). rho is chosen on the noisy held-out accuracy at the "
+        "last epoch (seed 0), as a user would; the epoch column picks, per method, the epoch of its sweep run's best "
+        "noisy held-out accuracy, and reports the test accuracy of the grid's runs at that epoch (never chosen on "
+        "test). Memorised: the fraction of a fixed subset of up to 512 flipped training examples predicted as their "
+        "noisy label (`hf_sam.label_noise.MemorisationCallback`). Calibration: NLL, top-label ECE (15 equal-width "
+        "bins), multi-class Brier (summed over classes); `*_ts` after temperature scaling fitted by 2-fold "
+        "cross-fitting on the test set (`hf_sam.calibration`), `temperature` the one fitted on all of it.",
+        "",
+        "Sweep (held-out 10% of the noisy training set, seed 0): chosen rho "
+        + ", ".join(f"{m} {'not yet (sweep incomplete)' if rho is None else f'{rho:g}'}" for m, rho in chosen.items())
+        + ".",
+        "",
+    ]
+    lines += _sweep_rows(sweep) if sweep else ["No sweep run has finished yet."]
+    lines += [
+        "",
+        "Test set (clean labels, 2,000 images), mean ± sample std over seeds, minus AdamW paired by seed:",
+        "",
+    ]
+    lines += _grid_rows(grid, _chosen_epochs(results)) if grid else ["No test-set run has finished yet."]
+    return lines + [""]
+
+
+def plot_memorisation(results: dict[str, dict], path: str | Path) -> bool:
+    """
+    The figure of the study's runs on the test set: per method (mean over seeds, by epoch) the fraction of flipped
+    training labels memorised and the clean test accuracy. Written to `path`; False (nothing written) without runs.
+    """
+    grid = [r for r in results.values() if r["study"] in (LABEL_NOISE.name, LABEL_NOISE_MORE.name)]
+    if not grid:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in sorted({r["method"] for r in grid}, key=METHOD_ORDER.index):
+        runs = [r for r in grid if r["method"] == method]
+        for axis, key, history in (
+            (left, MEMORISED, "memorisation_history"),
+            (right, "eval_accuracy", "eval_history"),
+        ):
+            by_epoch: dict[int, list[float]] = {}
+            for run in runs:
+                for log in run.get(history) or []:
+                    if key in log:
+                        by_epoch.setdefault(round(log["epoch"]), []).append(log[key])
+            epochs = sorted(by_epoch)
+            axis.plot(epochs, [statistics.mean(by_epoch[e]) for e in epochs], label=f"{method} (n={len(runs)})")
+    left.set(xlabel="epoch", ylabel="flipped training labels memorised", title="Memorisation of the noisy labels")
+    right.set(xlabel="epoch", ylabel="test accuracy (clean labels)", title="Test accuracy")
+    left.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

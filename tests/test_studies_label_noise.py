@@ -1,0 +1,76 @@
+"""benchmarks/studies: the label-noise study's plan, its rho and epoch choices, and its report section and figure."""
+
+from benchmarks.studies import tables
+from benchmarks.studies.plan import plan
+from benchmarks.studies.records import make_record
+from benchmarks.studies.report_label_noise import best_epoch, label_noise_section, plot_memorisation
+
+
+ENVIRONMENT = {"machine": "test", "torch": "x", "git_commit": "abc"}
+
+
+def noisy_record(run, curve: list[float], memorised: list[float], cpu: float = 100.0, **metrics) -> dict:
+    """A finished run whose accuracy at epoch e (1-based) is curve[e - 1] and memorised fraction memorised[e - 1]."""
+    history = [{"epoch": float(e), "eval_accuracy": a, "eval_clean_accuracy": a + 0.1} for e, a in enumerate(curve, 1)]
+    memorisation = [{"epoch": float(e), "memorisation/flipped_noisy_accuracy": m} for e, m in enumerate(memorised, 1)]
+    final = {"eval_accuracy": curve[-1], "eval_clean_accuracy": curve[-1] + 0.1, **metrics}
+    return make_record(
+        run.parameters(), ENVIRONMENT, command="python recipes/run_image_classification.py", metrics=final,
+        eval_history=history, memorisation_history=memorisation, wall_s=cpu, cpu_s=cpu,
+    )  # fmt: skip
+
+
+def test_the_study_plans_noisy_runs_with_the_seed_as_noise_seed_and_waits_for_its_sweep():
+    (adamw,) = [run for run in plan(tables.LABEL_NOISE, [3], {})]  # SAM and F-SAM wait for the sweep
+    assert adamw.label_noise == 0.4 and adamw.method == "AdamW" and not adamw.held_out
+    flags = list(adamw.extra_flags)
+    assert flags[flags.index("--label_noise_seed") + 1] == "3" and flags[flags.index("--label_noise") + 1] == "0.4"
+    assert flags[flags.index("--random_crop_padding") + 1] == "0"
+    sweep = plan(tables.LABEL_NOISE_SWEEP, [5], {})
+    assert {run.seed for run in sweep} == {0} and all(run.held_out for run in sweep) and len(sweep) == 1 + 4 + 3
+
+
+def test_best_epoch_is_the_earliest_highest_noisy_held_out_accuracy():
+    (run,) = [r for r in plan(tables.LABEL_NOISE_SWEEP, [0], {}) if r.method == "AdamW"]
+    assert best_epoch(noisy_record(run, [0.2, 0.4, 0.3, 0.4], [0.1] * 4)) == 2
+
+
+def complete_sweep() -> dict[str, dict]:
+    """SAM's best held-out accuracy at the last epoch is at rho 0.1, F-SAM's at 0.05; AdamW peaks at epoch 2 of 3."""
+    results = {}
+    for run in plan(tables.LABEL_NOISE_SWEEP, [0], {}):
+        last = {("SAM", 0.1): 0.50, ("F-SAM", 0.05): 0.45}.get((run.method, run.rho), 0.30)
+        curve = [0.25, 0.40, 0.30] if run.method == "AdamW" else [0.2, 0.3, last]
+        results[run.id] = noisy_record(run, curve, [0.1, 0.2, 0.3])
+    return results
+
+
+def test_section_reports_the_chosen_rho_the_held_out_epoch_and_paired_differences(tmp_path):
+    results = complete_sweep()
+    assert {m: rule(results) for m, rule in tables.NOISE_RHO.items()} == {"SAM": 0.1, "F-SAM": 0.05}
+    test_accuracy = {"AdamW": (0.30, 0.32), "SAM": (0.36, 0.40), "F-SAM": (0.31, 0.35)}  # last epoch, seeds 0 and 1
+    for run in plan(tables.LABEL_NOISE, [0, 1], results):
+        final = test_accuracy[run.method][run.seed]
+        curve = [0.2, 0.5 + 0.1 * run.seed if run.method == "AdamW" else 0.45, final]  # AdamW's epoch 2 is its best
+        cpu = 200.0 if run.method != "AdamW" else 100.0
+        results[run.id] = noisy_record(run, curve, [0.1, 0.3, 0.6], cpu=cpu, eval_nll=2.0, eval_ece=0.1)
+    text = "\n".join(label_noise_section(results))
+    assert "chosen rho SAM 0.1, F-SAM 0.05." in text
+    test_rows = text.split("Test set (clean labels")[1].splitlines()
+    sam_row = next(line for line in test_rows if line.startswith("| SAM | 0.1 |"))
+    # last epoch: SAM 0.36 / 0.40 against AdamW 0.30 / 0.32: differences 0.06 and 0.08, mean +0.070, t-interval
+    # 0.07 +- 12.706 * 0.01414 / sqrt(2) = +-0.127. SAM's sweep run peaks at its last epoch (3): the same values there.
+    assert "| 0.380 ± 0.028 (n=2) | +0.070 [-0.057, +0.197] (n=2) | 3 | 0.380 ± 0.028 (n=2) |" in sam_row
+    assert sam_row.endswith("| 0.600 ± 0.000 (n=2) | 2.00x (n=2) |")
+    adamw_row = next(line for line in test_rows if line.startswith("| AdamW | 0 |"))
+    assert "| 2 | 0.550 ± 0.071 (n=2) |" in adamw_row  # AdamW's chosen epoch 2: test accuracy 0.5 and 0.6
+    assert "| SAM | 2.000 ± 0.000 (n=2); +0.000 [+0.000, +0.000] (n=2) | 0.100 ± 0.000 (n=2)" in text
+    assert plot_memorisation(results, tmp_path / "figure.png") and (tmp_path / "figure.png").stat().st_size > 0
+
+
+def test_section_is_absent_without_records_and_says_what_is_missing_while_incomplete():
+    assert label_noise_section({}) == [] and not plot_memorisation({}, "/nonexistent/figure.png")
+    results = complete_sweep()
+    del results["label-noise-sweep/cifar10/SAM/rho0.2/seed0"]
+    text = "\n".join(label_noise_section(results))
+    assert "SAM not yet (sweep incomplete), F-SAM 0.05" in text and "No test-set run has finished yet." in text
