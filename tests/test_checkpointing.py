@@ -328,7 +328,7 @@ def test_resume_restores_weights_saved_under_legacy_names(tmp_path, trainer_clas
 def test_tied_weights_saved_once_need_no_restore(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    from hf_sam.checkpointing import restore_renamed_weights
+    from hf_sam.compat import restore_renamed_weights
 
     config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
     model = BertForMaskedLM(config)  # the decoder is tied to the word embeddings: saved once

@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 
 from hf_sam.scripts.glue import glue_metrics, load_glue_tsv, split_off_validation, subset_indices
 from hf_sam.scripts.utils import SAMArgumentParser, checkpoint_to_resume, make_parser, sharpness_diagnostics
+from hf_sam.variants import METHODS
 from recipes import run_glue
 
 from .testing_utils import (
@@ -223,7 +224,7 @@ def test_yaml_values_are_converted_like_their_flags(tmp_path):
         "max_steps: null": "`max_steps` (TrainingArguments.max_steps) must be an int, got None (null)",
         "do_train: 1": "`do_train` (TrainingArguments.do_train) must be a bool (true or false), got 1 (an int)",
         "rho: '0.1x'": "`rho` (SAMConfig.rho) must be a float, got '0.1x' (a string)",
-        "method: SAM": "`method` (SAMConfig.method) must be one of ['sam', 'fsam', 'looksam'], got 'SAM'",
+        "method: SAM": f"`method` (SAMConfig.method) must be one of {list(METHODS)}, got 'SAM'",
         "lr_scheduler_type: cosin": "`lr_scheduler_type` (TrainingArguments.lr_scheduler_type) must be one of",
         "label_names: {a: b}": "`label_names` (TrainingArguments.label_names) must be a list (a string each) or null, "
         "got {'a': 'b'} (a mapping)",

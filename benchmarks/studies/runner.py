@@ -30,7 +30,8 @@ import time
 import traceback
 from pathlib import Path
 
-from hf_sam.checkpointing import last_complete_checkpoint, read_run_cost
+from hf_sam.checkpointing import last_complete_checkpoint
+from hf_sam.scripts.utils import read_run_cost
 
 from .plan import Run, plan
 from .records import append_record, make_record, read_records

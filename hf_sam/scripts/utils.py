@@ -41,12 +41,10 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from ..checkpointing import (
     CHECKPOINT_FOLDER_RE,
     LOCK_NAME,
-    RUN_COST_NAME,
     SAM_CONFIG_NAME,
     checkpoint_problems,
     describe_changes,
     last_complete_checkpoint,
-    read_run_cost,
     sam_config_changes,
 )
 from ..sam_config import SAMConfig
@@ -534,6 +532,26 @@ def add_sharpness_callback(trainer: Trainer, script_args: RecipeArguments, train
             trainer=trainer,
         )
     )
+
+
+# The time a recipe run has cost so far, in each checkpoint and at the end in `output_dir` (`RunCostCallback`).
+RUN_COST_NAME = "run_cost.json"
+
+
+def read_run_cost(folder: str | os.PathLike | None) -> dict | None:
+    """
+    The `run_cost.json` of a checkpoint or output folder: `{"wall_s", "cpu_s", "attempts"}` up to that save (an
+    output folder's also has `earlier_wall_s` / `earlier_cpu_s`); `None` when `folder` is `None`. A folder without it
+    (a checkpoint written before recipes kept their cost) gives `{"wall_s": None, "cpu_s": None, "attempts": None}`:
+    the time spent before it is unknown.
+    """
+    if folder is None:
+        return None
+    path = os.path.join(folder, RUN_COST_NAME)
+    if not os.path.isfile(path):
+        return {"wall_s": None, "cpu_s": None, "attempts": None}
+    with open(path, encoding="utf-8") as reader:
+        return json.load(reader)
 
 
 class RunCostCallback(TrainerCallback):
