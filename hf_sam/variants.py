@@ -104,6 +104,9 @@ class SAMVariant:
     state_description: ClassVar[str] = ""
     # `FEATURES` this method cannot do, each with the reason (refused when the config is built or training starts).
     unsupported: ClassVar[dict[str, str]] = {}
+    # FSDP2/HSDP: the process group over which the gradients' shards make up whole tensors (set by the trainer at
+    # the first step); norms and dot products of per-parameter tensors are summed over it. `None`: not sharded.
+    process_group = None
 
     def __init__(self, config) -> None:
         self.config = config

@@ -1,0 +1,61 @@
+"""
+Scale-out set-ups in real `torch.distributed.run` launches (CPU, gloo, 127.0.0.1 only), each equal to single-process
+SAM on the same global batch (fp32, 1e-6): FSDP2 with gradient accumulation (2 processes), HSDP on a 2 x 2
+replicate x shard mesh (4 processes), the registry's other methods under FSDP2, and a two-node launch (`torchrun
+--nnodes 2` twice, one process each, c10d rendezvous on 127.0.0.1) training DDP and FSDP2.
+"""
+
+import pytest
+
+from .test_distributed import FSDP_REFERENCES, STEPS, assert_params_close, launch
+from .test_sam_trainer import reference_sam_run
+from .testing_utils import TinyDataset, tiny_model
+
+
+GRAD_ACCUM = 2
+
+
+def expected_params(case: str, grad_accum: int) -> dict:
+    """The independent single-process reference (tests/test_sam_trainer.py): micro-batches of 8, in order."""
+    model = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=grad_accum, **FSDP_REFERENCES[case])
+    return dict(model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def fsdp2_accumulation_runs(tmp_path_factory):
+    """2 processes, 1-D mesh, accumulation 2 (micro-batches of 2 x 4): SAM, F-SAM and rho=0 in one launch."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2-accumulation")
+    options = dict(worker="fsdp_worker.py", cases="sam,fsam,rho0", grad_accum=GRAD_ACCUM)
+    return launch(tmp_path, "fsdp_accumulation", **options)["cases"]
+
+
+@pytest.mark.parametrize("case", ["sam", "fsam", "rho0"])
+def test_fsdp2_with_accumulation_equals_one_process(fsdp2_accumulation_runs, case):
+    """
+    One perturbation per optimizer step from the gradient of both micro-batches on both processes, pass 2 over the
+    kept micro-batches, the shards restored bitwise once: equal to one process x micro-batches of 8 x accumulation 2.
+    The Trainer's `no_sync` (FSDP2's gradient sync off) is in force before the last micro-batch, as under Accelerate.
+    """
+    result = fsdp2_accumulation_runs[case]
+    assert result["restored_bitwise"]
+    assert_params_close(result["params"], expected_params(case, GRAD_ACCUM))
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory):
+    """4 processes, HSDP on a 2 x 2 (replicate x shard) mesh, accumulation 2: SAM, F-SAM and rho=0 in one launch."""
+    tmp_path = tmp_path_factory.mktemp("hsdp")
+    options = dict(worker="fsdp_worker.py", processes=4, mesh="hsdp", cases="sam,fsam,rho0", grad_accum=GRAD_ACCUM)
+    return launch(tmp_path, "hsdp", timeout=300, **options)["cases"]
+
+
+@pytest.mark.parametrize("case", ["sam", "fsam", "rho0"])
+def test_hsdp_2x2_equals_one_process(hsdp_runs, case):
+    """
+    HSDP: the norms are summed over the shard group only (each replica holds the whole vector once), so `e` equals
+    single-process SAM's; the replicas (processes holding the same shards) end bitwise equal.
+    """
+    result = hsdp_runs[case]
+    assert result["restored_bitwise"]
+    assert result["replicas_bitwise_equal"]
+    assert_params_close(result["params"], expected_params(case, GRAD_ACCUM))
