@@ -12,6 +12,7 @@ from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.perturbation import sam_perturbation_
 from hf_sam.setup_checks import check_sharded_setup, check_trainer_setup
 from hf_sam.trainer_utils import protect_trainer_metrics
+from hf_sam.variants import METHODS, register_method
 
 from .testing_utils import (
     NONFINITE_CASES,
@@ -333,9 +334,6 @@ def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match)
     ("sam_config", "args", "match"),
     [
         (SAMConfig(perturbation_sync="local"), {}, "`perturbation_sync` must be 'global' under FSDP"),
-        (SAMConfig(method="looksam", looksam_k=2), {}, "looksam"),
-        (SAMConfig(method="gsam"), {}, "`method='gsam'` is not supported under FSDP"),
-        (SAMConfig(method="aesam"), {}, "`method='aesam'` is not supported under FSDP"),
     ],
 )
 def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
@@ -344,6 +342,24 @@ def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
     )
     with pytest.raises(ValueError, match=match):
         check_sharded_setup(trainer.sam_config)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_builtin_method_is_refused_under_fsdp2(method):
+    """No built-in method declares "fsdp" unsupported: tests/test_scale_out.py runs each one sharded."""
+    assert "fsdp" not in METHODS[method].unsupported
+    check_sharded_setup(SAMConfig(method=method))
+
+
+def test_a_method_that_declares_fsdp_unsupported_is_refused_with_its_reason():
+    from .test_methods import PreviousGradientSAM
+
+    register_method(PreviousGradientSAM)
+    try:
+        with pytest.raises(ValueError, match="`method='test-previous'` is not supported under FSDP: a test method"):
+            check_sharded_setup(SAMConfig(method="test-previous"))
+    finally:
+        METHODS.pop(PreviousGradientSAM.name)
 
 
 @pytest.mark.parametrize(("setting", "match"), [("cp_enabled", "context parallelism"), ("tp_enabled", "`tp_size`")])

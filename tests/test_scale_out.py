@@ -7,9 +7,12 @@ replicate x shard mesh (4 processes), the registry's other methods under FSDP2, 
 
 import pytest
 
+from hf_sam import SAMConfig
+
+from .fsdp_worker import CASES
 from .test_distributed import FSDP_REFERENCES, STEPS, assert_params_close, launch
 from .test_sam_trainer import reference_sam_run
-from .testing_utils import TinyDataset, tiny_model
+from .testing_utils import SequentialSAMTrainer, TinyDataset, params_of, tiny_args, tiny_model
 
 
 GRAD_ACCUM = 2
@@ -59,3 +62,36 @@ def test_hsdp_2x2_equals_one_process(hsdp_runs, case):
     assert result["restored_bitwise"]
     assert result["replicas_bitwise_equal"]
     assert_params_close(result["params"], expected_params(case, GRAD_ACCUM))
+
+
+def single_process_params(case: str, grad_accum: int, tmp_path) -> dict:
+    """`SequentialSAMTrainer` in this process on micro-batches of 8 (for the methods the written-out reference lacks)."""
+    model = tiny_model()
+    args = tiny_args(tmp_path / case, per_device_train_batch_size=8, gradient_accumulation_steps=grad_accum)
+    SequentialSAMTrainer(
+        model=model, args=args, train_dataset=TinyDataset(), sam_config=SAMConfig(**CASES[case])
+    ).train()
+    return params_of(model)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_method_runs(tmp_path_factory):
+    """2 processes, 1-D mesh, accumulation 2: the registry's other methods (VaSSO, ASAM, LookSAM, GSAM, AE-SAM)."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2-methods")
+    cases = "vasso,asam,looksam,gsam,aesam"
+    return launch(tmp_path, "fsdp_methods", worker="fsdp_worker.py", cases=cases, grad_accum=GRAD_ACCUM)["cases"]
+
+
+@pytest.mark.parametrize("case", ["vasso", "asam", "looksam", "gsam", "aesam"])
+def test_registry_methods_under_fsdp2_with_accumulation_equal_one_process(fsdp2_method_runs, case, tmp_path):
+    """
+    LookSAM's and GSAM's decompositions take their dot products and norms over the shards' process group; AE-SAM
+    decides from the norm over all shards; VaSSO's average is kept per shard. Each equals one process.
+    """
+    result = fsdp2_method_runs[case]
+    assert result["restored_bitwise"]
+    if case in FSDP_REFERENCES:
+        expected = expected_params(case, GRAD_ACCUM)
+    else:
+        expected = single_process_params(case, GRAD_ACCUM, tmp_path)
+    assert_params_close(result["params"], expected)
