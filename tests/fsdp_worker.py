@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from hf_sam import SAMConfig, SAMTrainer
-from tests.testing_utils import TinyDataset, tiny_args, tiny_model
+from tests.testing_utils import TinyDataset, launch_layout, tiny_args, tiny_model
 
 
 GLOBAL_MICRO_BATCH = 8
@@ -108,8 +108,9 @@ def main():
     results = {
         name: run_case(name, mesh, args.grad_accum, args.steps, args.output_dir) for name in args.cases.split(",")
     }
+    layout = launch_layout()
     if dist.get_rank() == 0:
-        torch.save({"cases": results, "world_size": world_size}, args.result)
+        torch.save({"cases": results, "world_size": world_size, "layout": layout}, args.result)
     dist.barrier()
     sys.stdout.flush()
     os._exit(0)  # skip the interpreter's gloo teardown, which can hang at exit on these machines

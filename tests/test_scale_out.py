@@ -5,14 +5,30 @@ replicate x shard mesh (4 processes), the registry's other methods under FSDP2, 
 --nnodes 2` twice, one process each, c10d rendezvous on 127.0.0.1) training DDP and FSDP2.
 """
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
+import torch
 
 from hf_sam import SAMConfig
 
 from .fsdp_worker import CASES
-from .test_distributed import FSDP_REFERENCES, STEPS, assert_params_close, launch
+from .test_distributed import FSDP_REFERENCES, REPO, STEPS, assert_params_close, launch, single_process
 from .test_sam_trainer import reference_sam_run
-from .testing_utils import SequentialSAMTrainer, TinyDataset, params_of, tiny_args, tiny_model
+from .testing_utils import (
+    SequentialSAMTrainer,
+    TinyDataset,
+    free_port,
+    params_of,
+    recipe_env,
+    tiny_args,
+    tiny_model,
+)
 
 
 GRAD_ACCUM = 2
@@ -95,3 +111,67 @@ def test_registry_methods_under_fsdp2_with_accumulation_equal_one_process(fsdp2_
     else:
         expected = single_process_params(case, GRAD_ACCUM, tmp_path)
     assert_params_close(result["params"], expected)
+
+
+def launch_two_nodes(tmp_path, name: str, worker: str, timeout: int = 240, **options) -> dict:
+    """
+    `torchrun --nnodes 2 --nproc_per_node 1` twice, as two nodes of one machine: a c10d rendezvous on 127.0.0.1
+    (node 0 hosts its store), each node's address 127.0.0.1, gloo on the loopback interface. Returns what rank 0
+    saved; each node's output is kept in `tmp_path/<name>-node<n>.log`.
+    """
+    port, result = free_port(), tmp_path / f"{name}.pt"
+    env = {**recipe_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    arguments = [str(REPO / "tests" / worker), "--output_dir", str(tmp_path / name), "--result", str(result)]
+    for key, value in options.items():
+        arguments += [f"--{key}", str(value)]
+    with contextlib.ExitStack() as stack:
+        nodes = []
+        for node in range(2):
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--max_restarts=0",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}-{port}",
+                f"--rdzv_conf=is_host={int(node == 0)}", "--local_addr=127.0.0.1", *arguments,
+            ]  # fmt: skip
+            log = stack.enter_context(open(tmp_path / f"{name}-node{node}.log", "w"))
+            # A session of its own: on a timeout the node's agent and worker end together, by the agent's pid.
+            nodes.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + timeout
+        try:
+            codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in nodes]
+        except subprocess.TimeoutExpired:
+            codes = None
+        finally:
+            for process in nodes:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    logs = "\n".join((tmp_path / f"{name}-node{n}.log").read_text()[-4000:] for n in range(2))
+    assert codes == [0, 0], f"two-node launch {name} failed or timed out ({codes}):\n{logs}"
+    return torch.load(result, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("two-nodes")
+    ddp = launch_two_nodes(tmp_path, "ddp", "ddp_worker.py", method="fsam", grad_accum=GRAD_ACCUM, batch_size=4)
+    fsdp = launch_two_nodes(tmp_path, "fsdp", "fsdp_worker.py", cases="sam,fsam,rho0", grad_accum=GRAD_ACCUM)
+    return tmp_path, ddp, fsdp
+
+
+@pytest.mark.slow  # about 30 s: two launches of two agents each
+def test_two_node_loopback_launch_trains_ddp_and_fsdp2_like_one_process(two_node_runs):
+    """
+    Two nodes of one process each (`torchrun --nnodes 2`, c10d rendezvous, 127.0.0.1): the real Trainer under DDP
+    (F-SAM, accumulation 2) and FSDP2 (SAM, F-SAM, rho=0, accumulation 2) end where one process ends on the same
+    global batches, and the processes really sat on two nodes.
+    """
+    tmp_path, ddp, fsdp = two_node_runs
+    for run in (ddp, fsdp):
+        assert sorted(run["layout"]) == [(0, 0, 1), (1, 0, 1)], run["layout"]
+    assert ddp["ranks_bitwise_equal"]
+    expected = single_process(tmp_path, method="fsam", grad_accum=GRAD_ACCUM, batch_size=8)
+    assert_params_close(ddp["params"], expected)
+    for case, result in fsdp["cases"].items():
+        assert result["restored_bitwise"], case
+        assert_params_close(result["params"], expected_params(case, GRAD_ACCUM))
