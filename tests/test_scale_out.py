@@ -175,3 +175,14 @@ def test_two_node_loopback_launch_trains_ddp_and_fsdp2_like_one_process(two_node
     for case, result in fsdp["cases"].items():
         assert result["restored_bitwise"], case
         assert_params_close(result["params"], expected_params(case, GRAD_ACCUM))
+
+
+def test_check_distributed_script_passes_on_fsdp2_with_accumulation(tmp_path):
+    """benchmarks/check_distributed.py, the check the README tells users to run on a new set-up, in 2 processes."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        str(REPO / "benchmarks" / "check_distributed.py"), "--mesh", "fsdp", "--grad_accum", "2", "--steps", "2",
+    ]  # fmt: skip
+    completed = subprocess.run(command, env=recipe_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "PASS" in completed.stdout and "reduce_scatter_single" in completed.stdout
