@@ -6,7 +6,8 @@ mesh) and the Trainer's accumulation loop is written out: each micro-batch of 8 
 `SAMTrainer.training_step` with `sync_gradients` set at the last one and, before it, FSDP2's gradient sync off (what
 Accelerate's `no_sync` does under FSDP2), then a plain SGD step (lr 0.1). Every case of `--cases` (see `CASES`) runs
 in the same launch; rank 0 saves, per case, the full final parameters, whether each process's shards were restored
-bitwise after every SAM step and whether the replicas (processes holding the same shards) ended bitwise equal.
+bitwise after every SAM step, whether the replicas (processes holding the same shards) ended bitwise equal and
+whether FSDP2 ever held an unsharded gradient between micro-batches.
 """
 
 import argparse
@@ -46,6 +47,20 @@ def fsdp2_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
+def holds_unsharded_gradient(model) -> bool:
+    """Whether FSDP2 keeps an unsharded gradient (what its `no_sync` accumulates) of some parameter of `model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [g for m in model.modules() if isinstance(m, FSDPModule) for g in m._get_fsdp_state()._fsdp_param_groups]
+    params = [param for group in groups for param in group.fsdp_params]
+    return any(
+        p.unsharded_accumulated_grad is not None
+        or getattr(p, "_unsharded_param", None) is not None
+        and p._unsharded_param.grad is not None
+        for p in params
+    )
+
+
 def run_case(name: str, mesh, grad_accum: int, steps: int, output_dir: str) -> dict:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = tiny_model()
@@ -62,7 +77,7 @@ def run_case(name: str, mesh, grad_accum: int, steps: int, output_dir: str) -> d
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     per_process = GLOBAL_MICRO_BATCH // world_size
     batches = TinyDataset().batches(GLOBAL_MICRO_BATCH)
-    restored = True
+    restored, unsharded_kept = True, False
     for step in range(steps):
         before = [p.to_local().clone() for p in model.parameters()]
         for micro in range(grad_accum):
@@ -72,6 +87,7 @@ def run_case(name: str, mesh, grad_accum: int, steps: int, output_dir: str) -> d
             trainer.accelerator.gradient_state._set_sync_gradients(last)
             with contextlib.nullcontext() if last else fsdp2_no_sync(model):
                 trainer.training_step(model, shard)
+            unsharded_kept |= holds_unsharded_gradient(model)
         restored &= all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -87,6 +103,7 @@ def run_case(name: str, mesh, grad_accum: int, steps: int, output_dir: str) -> d
         "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
         "restored_bitwise": restored,
         "replicas_bitwise_equal": replicas_equal,
+        "unsharded_gradient_kept": unsharded_kept,
     }
 
 

@@ -58,6 +58,9 @@ def test_fsdp2_with_accumulation_equals_one_process(fsdp2_accumulation_runs, cas
     result = fsdp2_accumulation_runs[case]
     assert result["restored_bitwise"]
     assert_params_close(result["params"], expected_params(case, GRAD_ACCUM))
+    # SAM's passes reduce-scatter every micro-batch: no unsharded gradient of the model is kept between them. Plain
+    # training (rho=0) is the Trainer's own step, where FSDP2's no_sync keeps one (the probe sees it).
+    assert result["unsharded_gradient_kept"] == (case == "rho0")
 
 
 @pytest.fixture(scope="module")
