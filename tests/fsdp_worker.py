@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from hf_sam import SAMConfig, SAMTrainer
 from tests.testing_utils import TinyDataset, launch_layout, tiny_args, tiny_model
@@ -31,6 +31,7 @@ CASES = {
     "vasso": dict(method="vasso", rho=0.1, vasso_theta=0.6),
     "asam": dict(method="sam", rho=0.5, adaptive=True, adaptive_eta=0.1),
     "rho0": dict(method="sam", rho=0.0),
+    "sam_bf16": dict(method="sam", rho=0.1),  # FSDP2's MixedPrecisionPolicy: bf16 compute, fp32 shards and reduction
     "looksam": dict(method="looksam", rho=0.1, looksam_k=2, looksam_alpha=0.7),
     "gsam": dict(method="gsam", rho=0.1, gsam_alpha=0.3, rho_min=0.05),
     "aesam": dict(method="aesam", rho=0.1, aesam_delta=0.5, aesam_lambda1=-0.5, aesam_lambda2=1.5),
@@ -64,8 +65,9 @@ def holds_unsharded_gradient(model) -> bool:
 def run_case(name: str, mesh, grad_accum: int, steps: int, output_dir: str) -> dict:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = tiny_model()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in (model.fc1, model.fc2, model):
-        fully_shard(module, mesh=mesh)
+        fully_shard(module, mesh=mesh, **({"mp_policy": policy} if name.endswith("_bf16") else {}))
     trainer = SAMTrainer(
         model=model,
         args=tiny_args(os.path.join(output_dir, name), gradient_accumulation_steps=grad_accum, max_steps=steps),
