@@ -55,8 +55,8 @@ class SAMMixin(SafeCheckpointsMixin, RenamedWeightsMixin):
     A perturbed optimizer step (with `perturbation_sync="global"`, the default) over the global batch :math:`B` (all
     micro-batches of gradient accumulation, on all processes):
 
-    1. pass 1 of every micro-batch at :math:`w`, as the wrapped trainer does it: :math:`g = \nabla L_B(w)` accumulates
-       (and is all-reduced) in `.grad`; the micro-batches are kept;
+    1. pass 1 of every micro-batch at :math:`w`, as the wrapped trainer does it (FSDP2: reduce-scattered each time):
+       :math:`g = \nabla L_B(w)` accumulates (all-reduced) in `.grad`; the micro-batches are kept;
     2. at the last micro-batch: unscale :math:`g` (fp16 loss scale), let the method (a registered class of
        `hf_sam.variants`) turn it into a direction, and that into the perturbation :math:`e` of radius
        :math:`\rho_t` (the method's `step_rho`);
