@@ -131,9 +131,9 @@ def test_registry_methods_under_fsdp2_with_accumulation_equal_one_process(fsdp2_
     assert_params_close(result["params"], expected)
 
 
-def launch_two_nodes(tmp_path, name: str, worker: str, timeout: int = 240, **options) -> dict:
+def launch_two_nodes(tmp_path, name: str, worker: str, timeout: int = 240, per_node: int = 1, **options) -> dict:
     """
-    `torchrun --nnodes 2 --nproc_per_node 1` twice, as two nodes of one machine: a c10d rendezvous on 127.0.0.1
+    `torchrun --nnodes 2 --nproc_per_node <per_node>` twice, as two nodes of one machine: a c10d rendezvous on 127.0.0.1
     (node 0 hosts its store), each node's address 127.0.0.1, gloo on the loopback interface. Returns what rank 0
     saved; each node's output is kept in `tmp_path/<name>-node<n>.log`.
     """
@@ -146,7 +146,8 @@ def launch_two_nodes(tmp_path, name: str, worker: str, timeout: int = 240, **opt
         nodes = []
         for node in range(2):
             command = [
-                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--max_restarts=0",
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={per_node}",
+                "--max_restarts=0",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}-{port}",
                 f"--rdzv_conf=is_host={int(node == 0)}", "--local_addr=127.0.0.1", *arguments,
             ]  # fmt: skip
@@ -174,7 +175,8 @@ def two_node_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("two-nodes")
     ddp = launch_two_nodes(tmp_path, "ddp", "ddp_worker.py", method="fsam", grad_accum=GRAD_ACCUM, batch_size=4)
     fsdp = launch_two_nodes(tmp_path, "fsdp", "fsdp_worker.py", cases="sam,fsam,rho0", grad_accum=GRAD_ACCUM)
-    return tmp_path, ddp, fsdp
+    hsdp = launch_two_nodes(tmp_path, "hsdp", "fsdp_worker.py", per_node=2, mesh="hsdp", cases="sam,fsam")
+    return tmp_path, ddp, fsdp, hsdp
 
 
 @pytest.mark.slow  # about 30 s: two launches of two agents each
@@ -184,7 +186,7 @@ def test_two_node_loopback_launch_trains_ddp_and_fsdp2_like_one_process(two_node
     (F-SAM, accumulation 2) and FSDP2 (SAM, F-SAM, rho=0, accumulation 2) end where one process ends on the same
     global batches, and the processes really sat on two nodes.
     """
-    tmp_path, ddp, fsdp = two_node_runs
+    tmp_path, ddp, fsdp, _ = two_node_runs
     for run in (ddp, fsdp):
         assert sorted(run["layout"]) == [(0, 0, 1), (1, 0, 1)], run["layout"]
     assert ddp["ranks_bitwise_equal"]
@@ -204,3 +206,17 @@ def test_check_distributed_script_passes_on_fsdp2_with_accumulation(tmp_path):
     completed = subprocess.run(command, env=recipe_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "PASS" in completed.stdout and "reduce_scatter_single" in completed.stdout
+
+
+@pytest.mark.slow  # shares the two-node launches above
+def test_hsdp_across_two_loopback_nodes_equals_one_process(two_node_runs):
+    """
+    HSDP as on a cluster: 2 nodes x 2 processes, sharded within a node, replicated across the nodes (rank r sits on
+    node r // 2, and the 2 x 2 mesh's rows are the nodes). SAM and F-SAM equal one process; the nodes' replicas end
+    bitwise equal.
+    """
+    _, _, _, hsdp = two_node_runs
+    assert hsdp["layout"] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)], hsdp["layout"]
+    for case, result in hsdp["cases"].items():
+        assert result["restored_bitwise"] and result["replicas_bitwise_equal"], case
+        assert_params_close(result["params"], expected_params(case, 1))
