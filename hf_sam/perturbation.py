@@ -60,6 +60,18 @@ def global_norm(tensors: list[torch.Tensor], process_group=None) -> torch.Tensor
     return squared.sqrt()
 
 
+def global_dot(a: list[torch.Tensor], b: list[torch.Tensor], process_group=None) -> torch.Tensor:
+    """
+    The dot product of `a` and `b`, each seen as one vector, in float32. With a `process_group` the tensors are this
+    process's shards (FSDP2, HSDP): the partial products are summed over the group.
+    """
+    dot = sum(torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b, strict=True))
+    dot = torch.as_tensor(dot, dtype=torch.float32)
+    if process_group is not None:
+        torch.distributed.all_reduce(dot, group=process_group)
+    return dot
+
+
 @torch.no_grad()
 def sam_perturbation_(
     direction: list[torch.Tensor],

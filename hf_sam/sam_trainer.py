@@ -13,7 +13,6 @@
 # limitations under the License.
 """`SAMMixin` and `SAMTrainer`: the two-pass SAM step as a `transformers.Trainer.training_step`."""
 
-import contextlib
 import copy
 import os
 
@@ -28,11 +27,12 @@ from .checkpointing import (
     save_trainer_sam_state,
 )
 from .compat import RenamedWeightsMixin
+from .distributed import micro_batch_sync, sharding_group
 from .model_card import add_model_card_section, model_card_tags
 from .perturbation import global_norm, perturb_, restore_, sam_perturbation_
 from .sam_config import SAMConfig
 from .sam_metrics import SAMMetrics
-from .setup_checks import check_sharded_setup, check_trainer_setup, sharding_group
+from .setup_checks import check_sharded_setup, check_trainer_setup
 from .trainer_utils import (
     copies,
     correct_loss_normalization,
@@ -55,8 +55,8 @@ class SAMMixin(SafeCheckpointsMixin, RenamedWeightsMixin):
     A perturbed optimizer step (with `perturbation_sync="global"`, the default) over the global batch :math:`B` (all
     micro-batches of gradient accumulation, on all processes):
 
-    1. pass 1 of every micro-batch at :math:`w`, as the wrapped trainer does it: :math:`g = \nabla L_B(w)` accumulates
-       (and is all-reduced) in `.grad`; the micro-batches are kept;
+    1. pass 1 of every micro-batch at :math:`w`, as the wrapped trainer does it (FSDP2: reduce-scattered each time):
+       :math:`g = \nabla L_B(w)` accumulates (all-reduced) in `.grad`; the micro-batches are kept;
     2. at the last micro-batch: unscale :math:`g` (fp16 loss scale), let the method (a registered class of
        `hf_sam.variants`) turn it into a direction, and that into the perturbation :math:`e` of radius
        :math:`\rho_t` (the method's `step_rho`);
@@ -106,9 +106,9 @@ class SAMMixin(SafeCheckpointsMixin, RenamedWeightsMixin):
     def _sharding_group(self, params: list[torch.Tensor]):
         """FSDP2's process group of the shards (`None` without sharding), checked once."""
         if not self._sam_sharding_checked:
-            self._sam_shard_group = sharding_group(params)
+            self._sam_shard_group = self.sam_variant.process_group = sharding_group(params)
             if self._sam_shard_group is not None:
-                check_sharded_setup(self.sam_config, self.args.gradient_accumulation_steps)
+                check_sharded_setup(self.sam_config)
             self._sam_sharding_checked = True
         return self._sam_shard_group
 
@@ -130,14 +130,15 @@ class SAMMixin(SafeCheckpointsMixin, RenamedWeightsMixin):
     def _batch_sam_step(self, model, inputs, num_items_in_batch) -> torch.Tensor:
         """`perturbation_sync="global"`: one perturbation per optimizer step, from the whole global batch's gradient."""
         # Pass 1 at w, accumulating (and, at the last micro-batch, all-reducing) the step's gradient in `.grad`.
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        params, last = self._trainable_params(), self.accelerator.sync_gradients
+        group = self._sharding_group(params)
+        with micro_batch_sync(self, model, group, last_micro_batch=last, first_pass=True):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._kept_micro_batches.append((copy.copy(inputs), num_items_in_batch, loss))
-        if not self.accelerator.sync_gradients:
+        if not last:
             return loss
         micro_batches, self._kept_micro_batches = self._kept_micro_batches, []
-        params = self._trainable_params()
-        grads = local_shards(grads_or_zeros(params))
-        scale, group = inverse_loss_scale(self.accelerator), self._sharding_group(params)
+        grads, scale = local_shards(grads_or_zeros(params)), inverse_loss_scale(self.accelerator)
         steps = (self.state.global_step, self.state.max_steps)
         if not self.sam_variant.perturbs(lambda: unscaled_norm(grads, scale, group), *steps):
             return loss  # the method chose a plain step: pass 1's gradient, in `.grad`, is applied
@@ -202,7 +203,7 @@ class SAMMixin(SafeCheckpointsMixin, RenamedWeightsMixin):
             with protect_trainer_metrics(self):  # TRL's per-step metrics count pass 1 only
                 for index, (kept_inputs, kept_num_items, _) in enumerate(micro_batches):
                     last = index == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    with micro_batch_sync(self, model, group, last_micro_batch=last, first_pass=False):
                         perturbed_loss += super().training_step(model, kept_inputs, kept_num_items).float()
         finally:
             restore_(shards, saved_params)

@@ -13,22 +13,20 @@
 # limitations under the License.
 """The training set-ups where a two-pass SAM step cannot be exact, refused before training starts."""
 
-import torch
-from torch.distributed.tensor import DTensor
-
 from .sam_config import SAMConfig
 from .variants import method_class
 
 
 def check_trainer_setup(trainer, config: SAMConfig) -> None:
-    """Refuse DeepSpeed, (Ada)LOMO and FSDP1; check FSDP2's limits. `trainer` is a `transformers.Trainer`."""
+    """Refuse DeepSpeed, (Ada)LOMO, FSDP1, context and tensor parallelism; check FSDP2's limits. `trainer` is a `transformers.Trainer`."""
     if config.rho == 0:
         return
     if getattr(trainer, "is_deepspeed_enabled", False):
         raise ValueError(
             "SAMTrainer does not support DeepSpeed: Accelerate's DeepSpeed engine steps the optimizer inside "
-            "`backward`, so the first SAM pass would already update the weights. Use DDP or FSDP via "
-            "`accelerate launch` instead, or set `rho=0`."
+            "`backward`, so the first SAM pass would already update the weights. For a model that needs ZeRO-3-like "
+            "sharding use FSDP2 (`fsdp_version: 2` in the Accelerate config; HSDP across nodes with "
+            "`parallelism_config_dp_replicate_size`), or DDP, or set `rho=0`."
         )
     if str(trainer.args.optim).lower().endswith("lomo"):
         raise ValueError(
@@ -42,6 +40,12 @@ def check_trainer_setup(trainer, config: SAMConfig) -> None:
             "SAMTrainer does not support context parallelism: the Trainer shards each batch's sequences in place "
             "before the first pass, so the second pass would see them sharded twice. Disable `cp_size` or set `rho=0`."
         )
+    if parallelism is not None and getattr(parallelism, "tp_enabled", False):
+        raise ValueError(
+            "SAMTrainer does not support tensor parallelism (`tp_size` > 1): a tensor-parallel model mixes sharded "
+            "and replicated parameters, whose norms would need a different group each. Use FSDP2 or HSDP "
+            "(`dp_shard_size`, `dp_replicate_size`) instead, or set `rho=0`."
+        )
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         if getattr(plugin, "fsdp_version", 1) != 2:
@@ -49,7 +53,7 @@ def check_trainer_setup(trainer, config: SAMConfig) -> None:
                 "SAMTrainer supports FSDP2 only (`fsdp_version: 2` in the Accelerate config, or `fsdp_config="
                 '{"fsdp_version": 2}`): FSDP1 flattens parameters, so the perturbation cannot be applied to them.'
             )
-        check_sharded_setup(config, trainer.args.gradient_accumulation_steps)
+        check_sharded_setup(config)
     method = method_class(config.method)
     if "accumulation" in method.unsupported and trainer.args.gradient_accumulation_steps > 1:
         raise ValueError(
@@ -58,40 +62,16 @@ def check_trainer_setup(trainer, config: SAMConfig) -> None:
         )
 
 
-def check_sharded_setup(config: SAMConfig, gradient_accumulation_steps: int) -> None:
-    """What a two-pass step under FSDP2 (parameters sharded over processes) cannot do."""
+def check_sharded_setup(config: SAMConfig) -> None:
+    """
+    What a two-pass step under FSDP2 or HSDP (parameters sharded over processes) cannot do. Gradient accumulation and
+    2-D (replicate x shard) meshes are supported: see `hf_sam.distributed.sharded_gradient_sync`.
+    """
     if config.perturbation_sync == "local":
         raise ValueError(
             "`perturbation_sync` must be 'global' under FSDP: the weights are sharded over the processes, so "
             "they cannot take a different perturbation on each one, got 'local'."
         )
-    if gradient_accumulation_steps > 1:
-        raise ValueError(
-            "SAMTrainer under FSDP needs `gradient_accumulation_steps=1` (got "
-            f"{gradient_accumulation_steps}): FSDP keeps unsynced micro-batch gradients unsharded and "
-            "outside `.grad`, where the first pass cannot be set apart. Raise the per-device batch size instead."
-        )
     method = method_class(config.method)
     if "fsdp" in method.unsupported:
         raise ValueError(f"`method={config.method!r}` is not supported under FSDP: {method.unsupported['fsdp']}.")
-
-
-def sharding_group(params: list[torch.Tensor]):
-    """
-    `None` for ordinary parameters; for FSDP2's (DTensors sharded over a 1-D mesh) the process group whose shards make
-    up each tensor. Other sharded layouts raise a `ValueError`.
-    """
-    sharded = [p for p in params if isinstance(p, DTensor)]
-    if not sharded:
-        return None
-    mesh = sharded[0].device_mesh
-    if (
-        len(sharded) != len(params)
-        or mesh.ndim != 1
-        or any(p.device_mesh != mesh or not all(pl.is_shard() for pl in p.placements) for p in sharded)
-    ):
-        raise ValueError(
-            "SAMTrainer supports sharded parameters as FSDP2's `fully_shard` makes them: every trainable "
-            "parameter sharded on one 1-D device mesh (HSDP, tensor parallelism and mixed set-ups are not)."
-        )
-    return mesh.get_group()

@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .perturbation import NORM_EPS, foreach_mul_by_scalar_tensor_, global_norm, zero_unless_
+from .perturbation import NORM_EPS, foreach_mul_by_scalar_tensor_, global_dot, global_norm, zero_unless_
 
 
 # What a method may be unable to do, as keys of `SAMVariant.unsupported`.
@@ -104,6 +104,9 @@ class SAMVariant:
     state_description: ClassVar[str] = ""
     # `FEATURES` this method cannot do, each with the reason (refused when the config is built or training starts).
     unsupported: ClassVar[dict[str, str]] = {}
+    # FSDP2/HSDP: the process group over which the gradients' shards make up whole tensors (set by the trainer at
+    # the first step); norms and dot products of per-parameter tensors are summed over it. `None`: not sharded.
+    process_group = None
 
     def __init__(self, config) -> None:
         self.config = config
@@ -375,7 +378,6 @@ class GSAM(SAMVariant):
     config_fields = {"gsam_alpha": NumberField(), "rho_min": NumberField()}
     unsupported = {
         "local_sync": "its decomposition needs the pass-1 gradient of the same (all-reduced) batch as pass 2's",
-        "fsdp": "its gradient decomposition is not written for sharded parameters yet",
     }
 
     def __init__(self, config) -> None:
@@ -410,8 +412,8 @@ class GSAM(SAMVariant):
     def after_second_pass(self, sam_grads, *, finite, inverse_loss_scale):
         g, self._first_pass = self._first_pass, None
         step_finite, self._step_finite = self._step_finite & finite, None
-        dot = sum(torch.dot(a.reshape(-1).float(), b.reshape(-1).float()) for a, b in zip(g, sam_grads, strict=True))
-        coefficient = dot / global_norm(sam_grads).clamp_min(NORM_EPS) ** 2
+        dot = global_dot(g, sam_grads, self.process_group)
+        coefficient = dot / global_norm(sam_grads, self.process_group).clamp_min(NORM_EPS) ** 2
         torch._foreach_sub_(g, _mul_by_tensor(sam_grads, coefficient))  # g_perp, in the unscaled g's place
         loss_scale = inverse_loss_scale.reciprocal() if inverse_loss_scale is not None else torch.ones(())
         factor = -self.config.gsam_alpha * loss_scale.to(coefficient.device) * step_finite.to(coefficient.device)
@@ -454,7 +456,6 @@ class AESAM(SAMVariant):
     state_description = "AE-SAM running mean and variance of the squared gradient norm"
     unsupported = {
         "local_sync": "its decision takes the whole step's gradient, which local mode never forms before pass 2",
-        "fsdp": "its decision is not tested under sharding yet",
     }
 
     def __init__(self, config) -> None:
@@ -525,7 +526,6 @@ class LookSAM(SAMVariant):
     state_description = "LookSAM orthogonal gradient component"
     unsupported = {
         "local_sync": "its gradient decomposition needs the all-reduced gradient",
-        "fsdp": "its gradient decomposition is not written for sharded parameters yet",
     }
 
     @classmethod
@@ -583,15 +583,16 @@ class LookSAM(SAMVariant):
     def after_second_pass(self, sam_grads, *, finite, inverse_loss_scale):
         g, self._first_pass_sum = self._first_pass_sum, None
         step_finite, self._step_finite = self._step_finite & finite, None
-        dot = sum(torch.dot(a.reshape(-1).float(), b.reshape(-1).float()) for a, b in zip(g, sam_grads, strict=True))
-        coefficient = dot / global_norm(g).clamp_min(NORM_EPS) ** 2
+        dot = global_dot(g, sam_grads, self.process_group)
+        coefficient = dot / global_norm(g, self.process_group).clamp_min(NORM_EPS) ** 2
         torch._foreach_mul_(g, coefficient.to(g[0].dtype))  # the projection of g_s on g
         new = torch._foreach_sub(sam_grads, g)
-        new_norm = global_norm(new)
+        new_norm = global_norm(new, self.process_group)
         keep = step_finite & torch.isfinite(new_norm)
         if self.orthogonal is None:
             self.orthogonal = [torch.zeros_like(v) for v in new]
-            self._orthogonal_norm = torch.zeros((), dtype=torch.float32, device=new_norm.device)
+        if self._orthogonal_norm is None:  # new (0), or loaded from a checkpoint: over every process's shards
+            self._orthogonal_norm = global_norm(self.orthogonal, self.process_group)
         for old, value in zip(self.orthogonal, new, strict=True):
             old.copy_(torch.where(keep, value, old))
         self._orthogonal_norm = torch.where(keep, new_norm, self._orthogonal_norm)
@@ -604,6 +605,8 @@ class LookSAM(SAMVariant):
     def plain_step(self, grads, grad_norm, *, finite, inverse_loss_scale):
         if self.orthogonal is None:
             return
+        if self._orthogonal_norm is None:  # loaded from a checkpoint: the norm spans every process's shards
+            self._orthogonal_norm = global_norm(self.orthogonal, self.process_group)
         # g_v = 0 (no finite SAM step yet) adds exactly 0: alpha ||g|| / eps * 0.
         scale = self.config.looksam_alpha * grad_norm / self._orthogonal_norm.clamp_min(NORM_EPS)
         torch._foreach_add_(grads, _mul_by_tensor(self.orthogonal, scale))
@@ -614,7 +617,7 @@ class LookSAM(SAMVariant):
     def load_state_dict(self, state):
         orthogonal = state.get("orthogonal")
         self.orthogonal = None if orthogonal is None else list(orthogonal)
-        self._orthogonal_norm = None if orthogonal is None else global_norm(self.orthogonal)
+        self._orthogonal_norm = None  # computed at the next plain step, over the shards' process group
         self._first_pass_sum, self._step_finite = None, None
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from hf_sam import SAMConfig
-from tests.testing_utils import PoisonedClassifier, SequentialSAMTrainer, TinyDataset, tiny_args
+from tests.testing_utils import PoisonedClassifier, SequentialSAMTrainer, TinyDataset, launch_layout, tiny_args
 
 
 def main():
@@ -61,12 +61,14 @@ def main():
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
+    layout = launch_layout()
     if dist.get_rank() == 0:
         torch.save(
             {
                 "params": {name: p.detach().clone() for name, p in model.named_parameters()},
                 "ranks_bitwise_equal": all(torch.equal(g, gathered[0]) for g in gathered),
                 "log_history": trainer.state.log_history,
+                "layout": layout,
             },
             args.result,
         )

@@ -28,11 +28,11 @@ STEPS = 4
 RHO, SIGMA, LAM, THETA, LR = 0.1, 0.7, 0.6, 0.6, 0.1
 
 
-def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, **options) -> dict:
-    """Run a worker script of tests/ in 2 processes; return what rank 0 saved, and the output as `log`."""
+def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, processes=WORLD_SIZE, **options) -> dict:
+    """Run a worker script of tests/ in `processes` processes; return what rank 0 saved, and the output as `log`."""
     result = tmp_path / f"{name}.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
         f"--master_port={free_port()}", str(REPO / "tests" / worker),
         "--output_dir", str(tmp_path / name), "--result", str(result),
     ]  # fmt: skip
@@ -44,7 +44,7 @@ def launch(tmp_path, name, worker="ddp_worker.py", timeout=180, **options) -> di
     try:
         completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{name}: 2-process run timed out\n{error.stdout}\n{error.stderr}")
+        pytest.fail(f"{name}: {processes}-process run timed out\n{error.stdout}\n{error.stderr}")
     if completed.returncode != 0:
         (tmp_path / f"{name}.log").write_text(completed.stdout + completed.stderr)
     assert completed.returncode == 0, completed.stderr[-6000:]
@@ -253,25 +253,32 @@ def test_nan_first_pass_on_one_rank_is_an_unperturbed_step_on_every_rank(nonfini
     assert [log.get("sam/nonfinite_micro_batches", 0) for log in logs] == [2, 0, 0, 0]
 
 
-@pytest.mark.parametrize(
-    ("options", "reference"),
-    [
-        ({"method": "sam"}, {"rho": 0.1}),
-        ({"method": "fsam"}, {"rho": 0.1, "fsam": True, "sigma": 0.7, "lam": 0.6}),
-        ({"method": "vasso"}, {"rho": 0.1, "vasso": True, "theta": 0.6}),
-        ({"method": "sam", "adaptive": True}, {"rho": 0.5, "adaptive": True, "eta": 0.1}),
-    ],
-    ids=["sam", "fsam", "vasso", "asam"],
-)
-def test_fsdp2_sharded_step_equals_one_process(tmp_path, options, reference):
+FSDP_REFERENCES = {
+    "sam": {"rho": 0.1},
+    "fsam": {"rho": 0.1, "fsam": True, "sigma": 0.7, "lam": 0.6},
+    "vasso": {"rho": 0.1, "vasso": True, "theta": 0.6},
+    "asam": {"rho": 0.5, "adaptive": True, "eta": 0.1},
+    "rho0": {"rho": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    """One 2-process launch of tests/fsdp_worker.py (1-D mesh, no accumulation): SAM, F-SAM, VaSSO and ASAM."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2")
+    return launch(tmp_path, "fsdp", worker="fsdp_worker.py", cases="sam,fsam,vasso,asam")["cases"]
+
+
+@pytest.mark.parametrize("case", ["sam", "fsam", "vasso", "asam"])
+def test_fsdp2_sharded_step_equals_one_process(fsdp2_runs, case):
     """
     FSDP2 (`fully_shard`, 2 processes x batch 4): the norms span all shards, so the step equals one process x batch
     8, and each process's shards are restored bitwise. (Accelerate does not shard on the CPU: the worker shards the
     model by hand and drives `SAMTrainer.training_step`; the Accelerate FSDP2 path itself needs GPUs.)
     """
-    result = launch(tmp_path, "fsdp", worker="fsdp_worker.py", **options)
+    result = fsdp2_runs[case]
     assert result["restored_bitwise"]
-    expected = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, **reference)
+    expected = reference_sam_run(tiny_model(), TinyDataset(), steps=STEPS, grad_accum=1, **FSDP_REFERENCES[case])
     assert_params_close(result["params"], dict(expected.named_parameters()))
 
 

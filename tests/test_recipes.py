@@ -248,11 +248,20 @@ def test_accelerate_configs_parse():
     accelerate_config = pytest.importorskip("accelerate.commands.config.config_args")
     folder = REPO / "recipes" / "accelerate_configs"
     names = sorted(path.name for path in folder.glob("*.yaml"))
-    assert names == ["bf16.yaml", "cpu_2proc.yaml", "fp16.yaml", "fsdp.yaml", "multi_gpu.yaml", "single_gpu.yaml"]
+    assert names == [
+        "bf16.yaml", "cpu_2proc.yaml", "fp16.yaml", "fsdp.yaml", "fsdp2_2nodes.yaml", "hsdp_2nodes.yaml",
+        "multi_gpu.yaml", "single_gpu.yaml",
+    ]  # fmt: skip
     configs = {name: accelerate_config.load_config_from_file(str(folder / name)) for name in names}
     assert configs["cpu_2proc.yaml"].use_cpu and configs["cpu_2proc.yaml"].num_processes == 2
     assert (configs["fp16.yaml"].mixed_precision, configs["bf16.yaml"].mixed_precision) == ("fp16", "bf16")
     assert str(configs["fsdp.yaml"].distributed_type).endswith("FSDP")
+    for name in ("fsdp2_2nodes.yaml", "hsdp_2nodes.yaml"):  # 2 nodes x 8 GPUs, FSDP2
+        config = configs[name]
+        assert (config.num_machines, config.num_processes, config.fsdp_config["fsdp_version"]) == (2, 16, 2), name
+    hsdp = configs["hsdp_2nodes.yaml"].parallelism_config
+    assert (hsdp["parallelism_config_dp_replicate_size"], hsdp["parallelism_config_dp_shard_size"]) == (2, 8)
+    assert configs["fsdp2_2nodes.yaml"].parallelism_config in (None, {})
 
 
 # ---------------------------------------------------------------------------------------------- data checks

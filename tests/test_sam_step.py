@@ -12,6 +12,7 @@ from hf_sam import SAMConfig, SAMTrainer
 from hf_sam.perturbation import sam_perturbation_
 from hf_sam.setup_checks import check_sharded_setup, check_trainer_setup
 from hf_sam.trainer_utils import protect_trainer_metrics
+from hf_sam.variants import METHODS, register_method
 
 from .testing_utils import (
     NONFINITE_CASES,
@@ -312,7 +313,9 @@ def test_lomo_is_refused_before_training(tmp_path, optim):
         )
 
 
-@pytest.mark.parametrize(("engine", "match"), [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")])
+@pytest.mark.parametrize(
+    ("engine", "match"), [("is_deepspeed_enabled", "DeepSpeed.*use FSDP2"), ("is_fsdp_enabled", "FSDP")]
+)
 def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match):
     """
     DeepSpeed and FSDP need several processes (and DeepSpeed its package) to switch on: the check that `__init__` runs
@@ -331,10 +334,6 @@ def test_engines_that_break_a_two_pass_step_are_refused(tmp_path, engine, match)
     ("sam_config", "args", "match"),
     [
         (SAMConfig(perturbation_sync="local"), {}, "`perturbation_sync` must be 'global' under FSDP"),
-        (SAMConfig(), {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
-        (SAMConfig(method="looksam", looksam_k=2), {}, "looksam"),
-        (SAMConfig(method="gsam"), {}, "`method='gsam'` is not supported under FSDP"),
-        (SAMConfig(method="aesam"), {}, "`method='aesam'` is not supported under FSDP"),
     ],
 )
 def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
@@ -342,16 +341,42 @@ def test_fsdp_limits_are_refused_clearly(tmp_path, sam_config, args, match):
         model=tiny_model(), args=tiny_args(tmp_path, **args), train_dataset=TinyDataset(), sam_config=sam_config
     )
     with pytest.raises(ValueError, match=match):
-        check_sharded_setup(trainer.sam_config, trainer.args.gradient_accumulation_steps)
+        check_sharded_setup(trainer.sam_config)
 
 
-def test_context_parallelism_is_refused(tmp_path):
-    """The Trainer shards sequences in place before pass 1 under context parallelism: pass 2 would shard them twice."""
-    accelerator = SimpleNamespace(parallelism_config=SimpleNamespace(cp_enabled=True))  # needs several GPUs to build
-    trainer = SimpleNamespace(accelerator=accelerator, args=tiny_args(tmp_path))
-    with pytest.raises(ValueError, match="context parallelism"):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_builtin_method_is_refused_under_fsdp2(method):
+    """No built-in method declares "fsdp" unsupported: tests/test_scale_out.py runs each one sharded."""
+    assert "fsdp" not in METHODS[method].unsupported
+    check_sharded_setup(SAMConfig(method=method))
+
+
+def test_a_method_that_declares_fsdp_unsupported_is_refused_with_its_reason():
+    from .test_methods import PreviousGradientSAM
+
+    register_method(PreviousGradientSAM)
+    try:
+        with pytest.raises(ValueError, match="`method='test-previous'` is not supported under FSDP: a test method"):
+            check_sharded_setup(SAMConfig(method="test-previous"))
+    finally:
+        METHODS.pop(PreviousGradientSAM.name)
+
+
+@pytest.mark.parametrize(("setting", "match"), [("cp_enabled", "context parallelism"), ("tp_enabled", "`tp_size`")])
+def test_context_and_tensor_parallelism_are_refused(tmp_path, setting, match):
+    """
+    Context parallelism shards sequences in place before pass 1 (pass 2 would shard them twice); tensor parallelism
+    mixes sharded and replicated parameters. Both are refused by name; HSDP (`dp_replicate_size`) is not.
+    """
+    parallelism = SimpleNamespace(**{"cp_enabled": False, "tp_enabled": False, setting: True})  # needs GPUs to build
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=parallelism), args=tiny_args(tmp_path))
+    with pytest.raises(ValueError, match=match):
         check_trainer_setup(trainer, SAMConfig())
     check_trainer_setup(trainer, SAMConfig(rho=0.0))
+    hsdp = SimpleNamespace(cp_enabled=False, tp_enabled=False, dp_replicate_enabled=True)
+    check_trainer_setup(
+        SimpleNamespace(accelerator=SimpleNamespace(parallelism_config=hsdp), args=trainer.args), SAMConfig()
+    )
 
 
 def test_second_pass_guard_keeps_every_metric_mode(tmp_path):

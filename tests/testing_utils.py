@@ -234,6 +234,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_layout() -> list[tuple[int, int, int]]:
+    """In a `torchrun` worker: every process's (node, local rank, processes on its node), from torchrun's variables."""
+    import torch.distributed as dist
+
+    mine = tuple(int(os.environ[name]) for name in ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+    layout = [None] * dist.get_world_size()
+    dist.all_gather_object(layout, mine)
+    return layout
+
+
 def recipe_command(recipe: str, argv: list[str], processes: int = 1) -> list[str]:
     """The command line of `recipes/<recipe>.py argv`: plain python, or torchrun with `processes` CPU processes."""
     script = [str(REPO / "recipes" / f"{recipe}.py"), *argv]
