@@ -28,6 +28,10 @@ The studies, as tables (`plan.Study`): AdamW vs SAM vs F-SAM (and the cheaper sc
   full-batch AdamW vs SAM (512 images, one batch at every step) tests Wen, Ma & Li (2023).
 - `label-noise-sweep`, `label-noise`, `label-noise-more`: the same ViT with 40% of the training labels flipped, rho
   chosen on the noisy held-out split; AdamW / SAM / F-SAM at 5 seeds, the cheaper schedules and the newer methods at 3.
+- `image-rho`: SAM vs USAM (`normalize=False`) over a 100x rho grid matched at the radius, on the held-out split, 2
+  seeds (`docs/normalization.md`, `report_rho.py`).
+- `image-flat`, `image-flat-adamw`: the image grid's seeds 1-2 (and AdamW's 0-2, measured along training) with seed 0's
+  sharpness measurement, for 3-seed paired intervals and a matched-loss comparison (`report_flatness.py`).
 """
 
 from .plan import Arm, Study, best_learning_rate, best_rho
