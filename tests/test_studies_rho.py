@@ -9,7 +9,7 @@ from benchmarks.studies.report_flatness import flatness_section, loss_before
 from benchmarks.studies.report_rho import diverged, rho_figure, rho_section, robust_range
 from benchmarks.studies.runner import command
 
-from .test_studies import record_at, record_of
+from .test_studies import H100, record_at, record_of
 
 
 def test_rho_study_matches_sam_and_usam_at_the_radius_over_two_orders_of_magnitude():
@@ -93,8 +93,8 @@ def test_flatness_studies_rerun_seeds_1_and_2_at_the_grids_rhos_with_seed_0s_mea
     assert 4740 % 395 == 0 and 4740 % grid_sam.sharpness.every_n_steps == 0  # both end on the last step (60 x 79)
 
 
-def _measured(study, method, rho, seed, history, losses):
-    record = record_at(study, "cifar10", method, rho, seed, 0.5)
+def _measured(study, method, rho, seed, history, losses, environment=None):
+    record = record_at(study, "cifar10", method, rho, seed, 0.5, environment=environment)
     record["sharpness_history"] = [{"step": step, **values} for step, values in history]
     record["train_history"] = [{"step": step, "loss": loss} for step, loss in losses]
     return record
@@ -112,14 +112,15 @@ def test_flatness_pairs_every_measure_over_3_seeds_and_at_a_matched_training_los
         records.append(_measured("image-flat-adamw", "AdamW", 0.0, seed, history, adamw_losses))
     for seed in (0, 1, 2):
         sam_history = [(790, measures(5.0 + 2 * seed, 150.0 + seed) | {"sharpness/alignment": 0.5})]
-        records.append(_measured("image" if seed == 0 else "image-flat", "SAM", 0.02, seed, sam_history, [(790, 0.9)]))
+        study, on = ("image", None) if seed == 0 else ("image-flat", H100)  # seeds 1-2 on a GPU, each device named
+        records.append(_measured(study, "SAM", 0.02, seed, sam_history, [(790, 0.9)], on))
     assert loss_before(records[1], 0) is None and loss_before(records[1], 395) == 1.0
     assert loss_before(records[1], 790) == 0.6
     lines = flatness_section(records)
     # End: top eigenvalue -5, -4, -3 (std 1, half-width 4.3027 / sqrt(3) = 2.484); trace +50, +51, +52; ascent 0.
     assert (
         "| stochastic (batch 64) | SAM | 0.02 | -4 [-6.48, -1.52] (n=3) | +51 [+48.5, +53.5] (n=3) | "
-        "+0 [+0, +0] (n=3) | – |" in lines
+        "+0 [+0, +0] (n=3) | – | SAM CPU: 0; H100: 1, 2; AdamW CPU: 0, 1, 2 |" in lines
     )
     # Matched: SAM's final loss 0.9 is closest to AdamW's 1.0 at step 395 (0.6 at 790): top 20, trace 200 there.
     (matched,) = [line for line in lines if line.startswith("| SAM |")]
@@ -138,5 +139,6 @@ def test_full_batch_differences_cover_every_measure_both_ways():
     # Top eigenvalue -4, -3, -2 (down); ascent +0.0004, +0.0005, +0.0006 (up): 0.0005 -+ 2.484e-4.
     assert (
         row
-        == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | – |"
+        == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | – | "
+        "SAM CPU: 0, 1, 2; AdamW CPU: 0, 1, 2 |"
     )

@@ -34,30 +34,38 @@ LOSS_WINDOW = 4  # logged training losses averaged (the logs every 20 steps: 80 
 
 
 def end_measurements(records: list[dict], studies: tuple[str, ...]) -> dict[tuple[str, float], dict[int, dict]]:
-    """The last sharpness measurement of each run of `studies`, by (method, rho) and seed, earlier studies first."""
+    """The runs of `studies` that measured sharpness, by (method, rho) and seed, the earlier study's for a seed run
+    twice."""
     measured = [r for r in records if r["study"] in studies and r.get("sharpness_history")]
     by_run: dict[tuple[str, float], dict[int, dict]] = {}
     for record in sorted(measured, key=lambda r: studies.index(r["study"])):
-        by_run.setdefault((record["method"], record["rho"]), {}).setdefault(
-            record["seed"], record["sharpness_history"][-1]
-        )
+        by_run.setdefault((record["method"], record["rho"]), {}).setdefault(record["seed"], record)
     return by_run
 
 
+def devices(runs: list[dict]) -> str:
+    """Where the runs ran, with their seeds: e.g. "CPU: 0; H100: 1, 2"."""
+    by_device: dict[str, list[int]] = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        by_device.setdefault(run["device"], []).append(run["seed"])
+    return "; ".join(f"{device}: {', '.join(map(str, seeds))}" for device, seeds in sorted(by_device.items()))
+
+
 def paired_rows(by_run: dict[tuple[str, float], dict[int, dict]]) -> list[tuple[str, float, list[str]]]:
-    """Each method minus AdamW, paired by seed, for every measure: (method, rho, cells)."""
+    """Each method minus AdamW at the end of training, paired by seed, for every measure, then where the pairs ran:
+    (method, rho, cells)."""
     adamw = next((seeds for (method, _), seeds in by_run.items() if method == "AdamW"), {})
     rows = []
     for (method, rho), seeds in sorted(by_run.items(), key=lambda item: (METHOD_ORDER.index(item[0][0]), item[0][1])):
         if method == "AdamW":
             continue
+        paired = [(adamw[seed], run) for seed, run in sorted(seeds.items()) if seed in adamw]
         cells = []
         for key, _, _ in SHARPNESS_KEYS:
-            pairs = [
-                (adamw[seed][key], log[key]) for seed, log in sorted(seeds.items())
-                if seed in adamw and key in adamw[seed] and key in log
-            ]  # fmt: skip
+            ends = [(a["sharpness_history"][-1], b["sharpness_history"][-1]) for a, b in paired]
+            pairs = [(a[key], b[key]) for a, b in ends if key in a and key in b]
             cells.append(paired_difference(pairs, "{:+.3g}"))
+        cells.append(f"{method} {devices([b for _, b in paired])}; AdamW {devices([a for a, _ in paired])}")
         rows.append((method, rho, cells))
     return rows
 
@@ -128,8 +136,8 @@ def flatness_section(records: list[dict]) -> list[str]:
         "seeds 1 and 2 rerun with the same measurement (`image-flat`; AdamW in `image-flat-adamw`); full batch: "
         "`image-full-batch`.",
         "",
-        f"| set-up | method minus AdamW | rho | {labels} |",
-        "|---|---|---|" + "---|" * len(SHARPNESS_KEYS),
+        f"| set-up | method minus AdamW | rho | {labels} | ran on (seeds) |",
+        "|---|---|---|" + "---|" * (len(SHARPNESS_KEYS) + 1),
     ]
     for setup, (method, rho, cells) in rows:
         lines.append(f"| {setup} | {method} | {rho:g} | " + " | ".join(cells) + " |")
