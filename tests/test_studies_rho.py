@@ -142,3 +142,26 @@ def test_full_batch_differences_cover_every_measure_both_ways():
         == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | – | "
         "SAM CPU: 0, 1, 2; AdamW CPU: 0, 1, 2 |"
     )
+
+
+def test_stsb_maps_usam_through_its_own_adamw_runs_first_epoch_and_waits_for_it():
+    waiting = plan(tables.STSB_RHO_ROBUSTNESS, [0, 1, 2], {})
+    assert len(waiting) == 2 * 8 and not any(run.method == "USAM" for run in waiting)  # AdamW and SAM only, 2 seeds
+    line = command(waiting[0], "/data", "")
+    assert "--logging_steps 5" in line and "--validation_split_percentage 10" in line  # the held-out 10%
+    (adamw,) = [run for run in waiting if run.id == tables.STSB_RHO_REFERENCE]
+    reference = record_of(adamw, 0.8)
+    # First epoch: 10, 30, 20 (median 20); the epoch-2 log is not in it. SAM's 0.02 -> USAM's 0.02 / 20 = 0.001.
+    epochs = [(0.5, 10.0), (1.0, 30.0), (1.0, 20.0), (2.0, 100.0)]
+    reference["train_history"] = [
+        {"epoch": e, "grad_norm": g, "loss": 1.0, "step": 5 * i} for i, (e, g) in enumerate(epochs)
+    ]
+    results = {reference["id"]: reference}
+    usam = sorted({run.rho for run in plan(tables.STSB_RHO_ROBUSTNESS, [0], results) if run.method == "USAM"})
+    assert usam == [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01]  # 0.002 ... 0.2 over 20
+    (usam_run,) = [run for run in plan(tables.STSB_RHO_ROBUSTNESS, [0], results) if run.id.endswith("rho0.001/seed0")]
+    records = [reference, record_of(usam_run, 0.85) | {"train_history": [{"step": 5, "loss": 3.0}]}]
+    lines = rho_section(records)
+    assert "| method | rho | radius | held-out score (mean of Pearson and Spearman) | diverged |" in lines
+    assert "| USAM | 0.001 | 0.02 | 0.850 (n=1) | 0 of 1 |" in lines and "AdamW: 0.800 (n=1)" in lines[3]
+    assert "- USAM: 0 of 1 finished runs (14 planned; a run that crashed has no record)." in lines

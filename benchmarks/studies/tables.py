@@ -32,9 +32,10 @@ The studies, as tables (`plan.Study`): AdamW vs SAM vs F-SAM (and the cheaper sc
   seeds (`docs/normalization.md`, `report_rho.py`).
 - `image-flat`, `image-flat-adamw`: the image grid's seeds 1-2 (and AdamW's 0-2, measured along training) with seed 0's
   sharpness measurement, for 3-seed paired intervals and a matched-loss comparison (`report_flatness.py`).
+- `glue-rho` (optional): `image-rho`'s question on STS-B with MiniLM, USAM's grid mapped by its own AdamW run.
 """
 
-from .plan import Arm, Study, best_learning_rate, best_rho
+from .plan import Arm, Study, best_learning_rate, best_rho, radius_matched
 from .setups import GLUE_LR, PEER_METHOD, Sharpness
 
 
@@ -161,11 +162,24 @@ IMAGE_FLAT_ADAMW = Study(
     sharpness=Sharpness(every_n_steps=395, batch_size=256),
 )  # fmt: skip
 
+# Optional (issue 28): the same question on STS-B with MiniLM, held-out 10% of its training set, 2 seeds, the training
+# loss logged every 5 steps. USAM's grid is mapped through the median gradient norm of the first epoch of this study's
+# own AdamW seed-0 run (`plan.radius_matched`), so USAM's runs wait for it.
+STSB_RHO_REFERENCE = "glue-rho/stsb/AdamW/rho0/seed0"
+STSB_RHO_ROBUSTNESS = Study(
+    "glue-rho", "run_glue", tasks=("stsb",), seeds=(0, 1), held_out=True, order=("seed", "arm", "task"),
+    extra_flags=("--logging_steps", "5"),
+    arms=(Arm("AdamW"),) + tuple(
+        Arm(method, value) for rho in (0.02, 0.05, 0.01, 0.1, 0.005, 0.2, 0.002)
+        for method, value in (("SAM", rho), ("USAM", radius_matched(STSB_RHO_REFERENCE, rho)))
+    ),
+)  # fmt: skip
+
 STUDIES = {
     study.name: study
     for study in (
         GLUE_SWEEP, GLUE_GRID, GLUE_CHEAP, GLUE_PEER, GLUE_RTE_LR, GLUE_RTE, IMAGE_SWEEP, IMAGE_GRID, IMAGE_FULL_BATCH,
         LABEL_NOISE_SWEEP, LABEL_NOISE, LABEL_NOISE_MORE, IMAGE_RHO_ROBUSTNESS,
-        IMAGE_FLAT, IMAGE_FLAT_ADAMW,
+        IMAGE_FLAT, IMAGE_FLAT_ADAMW, STSB_RHO_ROBUSTNESS,
     )
 }  # fmt: skip
