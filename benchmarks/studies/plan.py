@@ -18,6 +18,7 @@ so a study that depends on another is planned as soon as that one is complete.
 """
 
 import itertools
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -175,5 +176,24 @@ def best_learning_rate(sweep: Study, prefer: float | None = None, only_if_not: f
             return None
         chosen = best({run.learning_rate: task_score(run.task, results[run.id]["metrics"]) for run in runs}, prefer)
         return None if chosen == only_if_not else chosen
+
+    return choose
+
+
+def first_epoch_grad_norm(record: dict) -> float:
+    """The median of the gradient norms (before clipping) a run logged in its first epoch."""
+    return statistics.median(
+        log["grad_norm"] for log in record["train_history"] if "grad_norm" in log and log["epoch"] <= 1.0
+    )
+
+
+def radius_matched(reference: str, rho: float) -> Choice:
+    """
+    The rule "USAM's rho whose radius rho ||g|| is SAM's `rho` at the start": `rho` over the median gradient norm of
+    the first epoch of the run `reference` (an AdamW run's id), to 3 significant digits; `None` until it is done.
+    """
+
+    def choose(results: dict[str, dict]) -> float | None:
+        return None if reference not in results else float(f"{rho / first_epoch_grad_norm(results[reference]):.3g}")
 
     return choose

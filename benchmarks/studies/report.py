@@ -20,8 +20,10 @@ import re
 
 from .plan import sweep_rhos
 from .records import find
+from .report_flatness import flatness_section
 from .report_grid import dev_section
 from .report_label_noise import label_noise_section
+from .report_rho import rho_section
 from .report_sharpness import sharpness_section
 from .setups import GLUE_LR, GLUE_SETUP, GLUE_TASKS, IMAGE_SETUP, METHOD_ORDER, VIT_CONFIG, task_score
 from .tables import GLUE_RHO, GLUE_RTE_LR, GLUE_SWEEP, IMAGE_RHO, IMAGE_SWEEP, RTE_LR
@@ -197,5 +199,6 @@ def report(results: dict[str, dict], data_dir: str, results_path: str = DEFAULT_
     records = list(results.values())
     lines = header(records, results_path) + sweep_section(results) + rte_lr_section(results)
     lines += dev_section(records, data_dir, on_gpu=any(r["device"] != "CPU" for r in records))
-    lines += sharpness_section(records) + label_noise_section(results) + commands_section(records, results_path)
-    return "\n".join(lines)
+    lines += sharpness_section(records) + flatness_section(records) + rho_section(records)
+    lines += label_noise_section(results)
+    return "\n".join(lines + commands_section(records, results_path))

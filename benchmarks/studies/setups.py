@@ -61,6 +61,7 @@ RUN_FLAGS = [
 PEER_METHOD = "SAM-pytorch_optimizer"  # `recipes/peer_glue.py`: pytorch_optimizer's SAM in a plain loop
 METHOD_ORDER = (
     "AdamW", "SAM", "F-SAM", "LookSAM-k5", "LookSAM-k5-a0.1", "SAM-interval5", "GSAM", "VaSSO", "AE-SAM", PEER_METHOD,
+    "USAM",
 )  # fmt: skip
 
 # Sharpness (Wen, Ma & Li 2023) of the training loss: the trace by Hutch++ with the 5 largest directions deflated and
@@ -114,6 +115,7 @@ def method_flags(method: str, rho: float) -> list[str]:
         "VaSSO": ["--method", "vasso", "--rho", str(rho)],
         "AE-SAM": ["--method", "aesam", "--rho", str(rho)],
         PEER_METHOD: ["--rho", str(rho)],
+        "USAM": ["--method", "sam", "--normalize", "false", "--rho", str(rho)],  # e = rho * g (Dai, Ahn & Sra 2023)
     }[method]
 
 

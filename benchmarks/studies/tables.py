@@ -28,9 +28,14 @@ The studies, as tables (`plan.Study`): AdamW vs SAM vs F-SAM (and the cheaper sc
   full-batch AdamW vs SAM (512 images, one batch at every step) tests Wen, Ma & Li (2023).
 - `label-noise-sweep`, `label-noise`, `label-noise-more`: the same ViT with 40% of the training labels flipped, rho
   chosen on the noisy held-out split; AdamW / SAM / F-SAM at 5 seeds, the cheaper schedules and the newer methods at 3.
+- `image-rho`: SAM vs USAM (`normalize=False`) over a 100x rho grid matched at the radius, on the held-out split, 2
+  seeds (`docs/normalization.md`, `report_rho.py`).
+- `image-flat`, `image-flat-adamw`: the image grid's seeds 1-2 (and AdamW's 0-2, measured along training) with seed 0's
+  sharpness measurement, for 3-seed paired intervals and a matched-loss comparison (`report_flatness.py`).
+- `glue-rho` (optional): `image-rho`'s question on STS-B with MiniLM, USAM's grid mapped by its own AdamW run.
 """
 
-from .plan import Arm, Study, best_learning_rate, best_rho
+from .plan import Arm, Study, best_learning_rate, best_rho, radius_matched
 from .setups import GLUE_LR, PEER_METHOD, Sharpness
 
 
@@ -124,10 +129,57 @@ LABEL_NOISE_MORE = Study(
     arms=tuple(Arm(m, NOISE_RHO["SAM"]) for m in ("SAM-interval5", "LookSAM-k5-a0.1", "GSAM", "VaSSO", "AE-SAM")),
 )  # fmt: skip
 
+# rho robustness (issue 28): SAM and USAM (`normalize=False`, e = rho * g) over a rho grid of two orders of magnitude.
+# USAM's radius is rho * ||g||, so its grid is SAM's divided by the median gradient norm of AdamW's first epoch on this
+# set-up: 3.74, the median of the 142 logged `grad_norm` (before clipping) of `recipes/run_image_classification.py`
+# with the image-sweep AdamW flags (held-out split, 60-epoch cosine schedule) and `--logging_steps 1 --eval_strategy no
+# --save_strategy no`, seeds 0 and 1 (medians 3.642 and 3.907), each stopped at the end of epoch 1 (71 steps); measured
+# on CPU (torch 2.13, 1 thread). The image-sweep's own AdamW run logged 4.05, 2.62, 4.68 at steps 20, 40, 60 (H100).
+# The grid's 60 epochs, not fewer: AdamW's held-out accuracy in that run (`eval_history`, 500 images) still rose until
+# about epoch 45 (mean 0.485 over epochs 26-30, 0.506 over 36-40, 0.525 over 41-45, 0.530 over 41-60), so a shorter
+# cosine schedule would end while AdamW still learns.
+FIRST_EPOCH_GRAD_NORM = 3.74
+# SAM's grid, run in this order: the sweep's winner and its neighbours first.
+RHO_GRID_SAM = (0.02, 0.05, 0.01, 0.1, 0.005, 0.2, 0.5)
+IMAGE_RHO_ROBUSTNESS = Study(
+    "image-rho", "run_image_classification", tasks=("cifar10",), seeds=(0, 1), held_out=True, order=("seed", "arm", "task"),
+    arms=(Arm("AdamW"),) + tuple(
+        Arm(method, value) for rho in RHO_GRID_SAM
+        for method, value in (("SAM", rho), ("USAM", float(f"{rho / FIRST_EPOCH_GRAD_NORM:.3g}")))
+    ),
+)  # fmt: skip
+
+# Flatness at 3 seeds (issue 28): the image grid's seeds 1 and 2 of SAM and F-SAM again at the grid's rhos, with seed 0's
+# sharpness measurement (same images, settings and steps), and AdamW at seeds 0-2 measured every 395 steps (5 epochs,
+# ending at the same step 4,740), so that the report can also compare SAM's end with the AdamW measurement at the
+# closest training loss (`report_flatness.py`).
+IMAGE_FLAT = Study(
+    "image-flat", "run_image_classification", tasks=("cifar10",), seeds=(1, 2),
+    arms=(Arm("SAM", IMAGE_RHO["SAM"]), Arm("F-SAM", IMAGE_RHO["F-SAM"])), sharpness=IMAGE_GRID.sharpness,
+)  # fmt: skip
+IMAGE_FLAT_ADAMW = Study(
+    "image-flat-adamw", "run_image_classification", tasks=("cifar10",), seeds=(0, 1, 2), arms=(Arm("AdamW"),),
+    sharpness=Sharpness(every_n_steps=395, batch_size=256),
+)  # fmt: skip
+
+# Optional (issue 28): the same question on STS-B with MiniLM, held-out 10% of its training set, 2 seeds, the training
+# loss logged every 5 steps. USAM's grid is mapped through the median gradient norm of the first epoch of this study's
+# own AdamW seed-0 run (`plan.radius_matched`), so USAM's runs wait for it.
+STSB_RHO_REFERENCE = "glue-rho/stsb/AdamW/rho0/seed0"
+STSB_RHO_ROBUSTNESS = Study(
+    "glue-rho", "run_glue", tasks=("stsb",), seeds=(0, 1), held_out=True, order=("seed", "arm", "task"),
+    extra_flags=("--logging_steps", "5"),
+    arms=(Arm("AdamW"),) + tuple(
+        Arm(method, value) for rho in (0.02, 0.05, 0.01, 0.1, 0.005, 0.2, 0.002)
+        for method, value in (("SAM", rho), ("USAM", radius_matched(STSB_RHO_REFERENCE, rho)))
+    ),
+)  # fmt: skip
+
 STUDIES = {
     study.name: study
     for study in (
         GLUE_SWEEP, GLUE_GRID, GLUE_CHEAP, GLUE_PEER, GLUE_RTE_LR, GLUE_RTE, IMAGE_SWEEP, IMAGE_GRID, IMAGE_FULL_BATCH,
-        LABEL_NOISE_SWEEP, LABEL_NOISE, LABEL_NOISE_MORE,
+        LABEL_NOISE_SWEEP, LABEL_NOISE, LABEL_NOISE_MORE, IMAGE_RHO_ROBUSTNESS,
+        IMAGE_FLAT, IMAGE_FLAT_ADAMW, STSB_RHO_ROBUSTNESS,
     )
 }  # fmt: skip

@@ -1,0 +1,204 @@
+# Copyright 2026 The hf_sam contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+The rho-robustness studies (`image-rho`, and `glue-rho` on STS-B): the held-out score against rho for SAM and USAM,
+the width of the rho range within 1 point of each method's best, the divergences, and the figure.
+
+    python -m benchmarks.studies.report_rho --figure docs/rho_robustness.png   # the figure from the records
+    python -m benchmarks.studies.report_rho --study glue-rho --figure docs/rho_robustness_stsb.png
+"""
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+from .plan import Study, first_epoch_grad_norm, plan
+from .records import read_records
+from .setups import task_label, task_metrics, task_score
+from .stats import mean_std
+from .tables import FIRST_EPOCH_GRAD_NORM, IMAGE_RHO_ROBUSTNESS, STSB_RHO_REFERENCE, STSB_RHO_ROBUSTNESS
+
+
+METHODS = ("SAM", "USAM")
+WITHIN = 0.01  # "within 1 point of the best": a mean held-out score at least the best mean minus 0.01
+SETUPS = {IMAGE_RHO_ROBUSTNESS.name: "ViT from scratch", STSB_RHO_ROBUSTNESS.name: "all-MiniLM-L6-v2"}
+
+
+def diverged(record: dict) -> str | None:
+    """Why a run diverged, or None: a non-finite logged or final training loss, or a final training loss above the
+    first one logged (both from `train_history`, the Trainer's logged `loss`)."""
+    losses = [log["loss"] for log in record.get("train_history", []) if "loss" in log]
+    final = record.get("metrics", {}).get("train_loss")
+    if any(not math.isfinite(loss) for loss in losses) or (final is not None and not math.isfinite(final)):
+        return "non-finite loss"
+    if len(losses) >= 2 and losses[-1] > losses[0]:
+        return f"final training loss {losses[-1]:.3g} above the first {losses[0]:.3g}"
+    return None
+
+
+def score_by_rho(records: list[dict], method: str) -> dict[float, list[float]]:
+    """The held-out scores at the last epoch (`setups.task_score`) of `method`'s runs by rho (a seed per value), rho
+    in increasing order."""
+    by_rho: dict[float, list[float]] = {}
+    for record in sorted(records, key=lambda r: (r["rho"], r["seed"])):
+        if record["method"] == method:
+            by_rho.setdefault(record["rho"], []).append(task_score(record["task"], record["metrics"]))
+    return by_rho
+
+
+def grad_norm(study: Study, results: dict[str, dict]) -> float | None:
+    """The gradient norm USAM's grid was mapped by: the measured constant of `image-rho`, or the first epoch's median
+    of `glue-rho`'s own AdamW seed-0 run (None until it has run)."""
+    if study.name == IMAGE_RHO_ROBUSTNESS.name:
+        return FIRST_EPOCH_GRAD_NORM
+    return first_epoch_grad_norm(results[STSB_RHO_REFERENCE]) if STSB_RHO_REFERENCE in results else None
+
+
+def radius(method: str, rho: float, norm: float) -> float:
+    """The perturbation radius a rho means at the start: rho for SAM, rho times the gradient norm `norm` for USAM."""
+    return rho * norm if method == "USAM" else rho
+
+
+def robust_range(by_rho: dict[float, list[float]], within: float = WITHIN) -> tuple[float, float, list[float]] | None:
+    """
+    The smallest and largest rho whose mean score is within `within` of the best mean, and the rhos between them that
+    are not (a range with holes); `None` without runs. A non-finite score is never within.
+    """
+    means = {rho: statistics.mean(values) for rho, values in by_rho.items() if values}
+    finite = {rho: mean for rho, mean in means.items() if math.isfinite(mean)}
+    if not finite:
+        return None
+    best = max(finite.values())
+    inside = sorted(rho for rho, mean in finite.items() if mean >= best - within)
+    holes = [rho for rho in sorted(means) if inside[0] < rho < inside[-1] and rho not in inside]
+    return inside[0], inside[-1], holes
+
+
+def rho_section(records: list[dict]) -> list[str]:
+    """The markdown of the rho-robustness studies that have runs."""
+    results = {r["id"]: r for r in records}
+    return [line for study in (IMAGE_RHO_ROBUSTNESS, STSB_RHO_ROBUSTNESS) for line in study_section(study, results)]
+
+
+def study_section(study: Study, results: dict[str, dict]) -> list[str]:
+    """One rho-robustness study: the score per rho, the range within 1 point of the best, the divergences."""
+    runs = [r for r in results.values() if r["study"] == study.name]
+    if not runs:
+        return []
+    (task,) = study.tasks
+    norm = grad_norm(study, results)
+    metric = " and ".join(label for _, label in task_metrics(task))
+    metric = f"held-out {metric}" if len(task_metrics(task)) == 1 else f"held-out score (mean of {metric})"
+    adamw = [task_score(task, r["metrics"]) for r in runs if r["method"] == "AdamW"]
+    mapping = "not yet measured" if norm is None else f"{norm:.3g}"
+    lines = [
+        "",
+        f"## rho robustness: SAM vs USAM ({task_label(task)}, {SETUPS[study.name]}, held-out 10% of the training set)",
+        "",
+        "USAM (`SAMConfig(normalize=False)`, e = rho g) perturbs by rho ||g||, so its grid is SAM's divided by "
+        f"{mapping}, the median gradient norm of AdamW's first epoch on this set-up "
+        "(`benchmarks/studies/tables.py`); the radius column is rho for SAM and rho x "
+        f"{mapping} for USAM. The {metric} at the last epoch, mean ± sample std over seeds. "
+        f"AdamW: {mean_std(adamw)}. Figure: `python -m benchmarks.studies.report_rho --study {study.name} "
+        "--figure docs/<name>.png`.",
+        "",
+        f"| method | rho | radius | {metric} | diverged |",
+        "|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        for rho, values in score_by_rho(runs, method).items():
+            reasons = [diverged(r) for r in runs if r["method"] == method and r["rho"] == rho]
+            count = sum(reason is not None for reason in reasons)
+            at = "–" if norm is None else f"{radius(method, rho, norm):.3g}"
+            lines.append(f"| {method} | {rho:g} | {at} | {mean_std(values)} | {count} of {len(reasons)} |")
+    planned = plan(study, [], results)
+    lines += ["", f"Range of rho within {WITHIN * 100:g} point of the method's best mean score:", ""]
+    for method in METHODS:
+        by_rho = score_by_rho(runs, method)
+        found = robust_range(by_rho)
+        grid = sorted({run.rho for run in planned if run.method == method})
+        if found is None or not grid:
+            lines.append(f"- {method}: no runs yet.")
+            continue
+        low, high, holes = found
+        edge = [name for name, at in (("smallest", min(grid)), ("largest", max(grid))) if at in (low, high)]
+        lines.append(
+            f"- {method}: rho {low:g} to {high:g}, a factor of {high / low:.3g} ({math.log10(high / low):.2f} "
+            f"decades) of the grid's {max(grid) / min(grid):.3g}"
+            + (f"; with {', '.join(f'{rho:g}' for rho in holes)} below it inside" if holes else "")
+            + (f"; reaches the grid's {' and '.join(edge)} rho, so the range may be wider" if edge else "")
+            + "."
+        )
+    lines += ["", "Divergences (a non-finite training loss, or a final training loss above the first logged):", ""]
+    for method in ("AdamW",) + METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        bad = [(r["id"], diverged(r)) for r in mine if diverged(r) is not None]
+        expected = sum(run.method == method for run in planned)
+        detail = "; ".join(f"`{run_id}`: {reason}" for run_id, reason in bad)
+        lines.append(
+            f"- {method}: {len(bad)} of {len(mine)} finished runs ({expected} planned; a run that crashed has no "
+            "record)" + (f": {detail}" if detail else "") + "."
+        )
+    return lines
+
+
+def rho_figure(records: list[dict], path: str | Path, study: Study = IMAGE_RHO_ROBUSTNESS) -> Path:
+    """The held-out score against the perturbation radius (log scale) for SAM and USAM, each seed a dot and the mean a
+    line, AdamW's mean as a horizontal line; written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {r["id"]: r for r in records}
+    runs = [r for r in records if r["study"] == study.name]
+    norm = grad_norm(study, results)
+    (task,) = study.tasks
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for method, color in zip(METHODS, ("tab:blue", "tab:orange"), strict=True):
+        by_rho = score_by_rho(runs, method)
+        if not by_rho or norm is None:
+            continue
+        radii = [radius(method, rho, norm) for rho in by_rho]
+        axes.plot(radii, [statistics.mean(v) for v in by_rho.values()], "-o", color=color, label=method)
+        for at, values in zip(radii, by_rho.values(), strict=True):
+            axes.scatter([at] * len(values), values, color=color, alpha=0.4, s=12)
+    adamw = [task_score(task, r["metrics"]) for r in runs if r["method"] == "AdamW"]
+    if adamw:
+        axes.axhline(statistics.mean(adamw), color="gray", linestyle="--", label="AdamW")
+    axes.set_xscale("log")
+    axes.set_xlabel(f"perturbation radius at the start (SAM: rho; USAM: rho x {norm or float('nan'):.3g})")
+    axes.set_ylabel("held-out score (last epoch)")
+    axes.set_title(f"{task_label(task)}, {SETUPS[study.name]}")
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+if __name__ == "__main__":
+    here = Path(__file__).resolve().parent / "results"
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.report_rho", description=__doc__)
+    parser.add_argument(
+        "--results", nargs="+", default=[str(here / n) for n in ("study_cpu.jsonl", "study_gpu.jsonl")]
+    )
+    parser.add_argument("--study", default=IMAGE_RHO_ROBUSTNESS.name, choices=list(SETUPS))
+    parser.add_argument("--figure", default="docs/rho_robustness.png")
+    args = parser.parse_args()
+    study = next(s for s in (IMAGE_RHO_ROBUSTNESS, STSB_RHO_ROBUSTNESS) if s.name == args.study)
+    print(rho_figure(list(read_records(*args.results).values()), args.figure, study))

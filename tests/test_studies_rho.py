@@ -1,0 +1,167 @@
+"""benchmarks/studies, issue 28: the rho-robustness study (SAM vs USAM) and flatness at 3 seeds, on fake records."""
+
+import math
+
+from benchmarks.studies import tables
+from benchmarks.studies.plan import plan
+from benchmarks.studies.report import report
+from benchmarks.studies.report_flatness import flatness_section, loss_before
+from benchmarks.studies.report_rho import diverged, rho_figure, rho_section, robust_range
+from benchmarks.studies.runner import command
+
+from .test_studies import H100, record_at, record_of
+
+
+def test_rho_study_matches_sam_and_usam_at_the_radius_over_two_orders_of_magnitude():
+    runs = plan(tables.IMAGE_RHO_ROBUSTNESS, [0, 1, 2], {})
+    assert len(runs) == 2 * (1 + 7 + 7) and {run.seed for run in runs} == {0, 1}  # its own 2 seeds, not --seeds
+    sam = sorted(run.rho for run in runs if run.method == "SAM" and run.seed == 0)
+    usam = sorted(run.rho for run in runs if run.method == "USAM" and run.seed == 0)
+    assert sam == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5] and sam[-1] / sam[0] == 100
+    assert usam == [0.00134, 0.00267, 0.00535, 0.0134, 0.0267, 0.0535, 0.134]  # SAM's / 3.74, 3 significant digits
+    assert all(math.isclose(u * 3.74, s, rel_tol=3e-3) for u, s in zip(usam, sam, strict=True))
+    (usam_run,) = [run for run in runs if run.id == "image-rho/cifar10/USAM/rho0.00535/seed1"]
+    line = command(usam_run, "/data", "")
+    assert "--method sam --normalize false --rho 0.00535" in line and "--train_val_split 0.1" in line
+    assert "test.parquet" not in line and "--num_train_epochs 60" in line
+
+
+def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
+    accuracies = {
+        0.005: (0.53, 0.55),
+        0.01: (0.555, 0.555),
+        0.02: (0.56, 0.56),
+        0.05: (0.54, 0.55),
+        0.1: (0.552, 0.552),
+    }
+    records = [record_at("image-rho", "cifar10", "AdamW", 0.0, seed, 0.50 + 0.02 * seed) for seed in (0, 1)]
+    records += [
+        record_at("image-rho", "cifar10", "SAM", rho, seed, accuracy)
+        for rho, pair in accuracies.items()
+        for seed, accuracy in enumerate(pair)
+    ]
+    records += [
+        record_at("image-rho", "cifar10", "USAM", rho, 0, acc) for rho, acc in [(0.00267, 0.1), (0.00535, 0.5)]
+    ]
+    for record in records:
+        record["train_history"] = [{"step": 20, "loss": 2.3}, {"step": 40, "loss": 1.0}]
+    records[2]["train_history"][-1]["loss"] = 2.5  # SAM rho 0.005 seed 0: ends above where it started
+    records[-2]["train_history"][-1]["loss"] = float("nan")  # USAM rho 0.00267: non-finite
+    assert diverged(records[2]) == "final training loss 2.5 above the first 2.3" and diverged(records[3]) is None
+    assert diverged(records[-2]) == "non-finite loss"
+    # SAM means: 0.54, 0.555, 0.56 (best), 0.545, 0.552: within 0.01 of 0.56 are 0.01, 0.02 and 0.1, with 0.05 a hole.
+    by_rho = {rho: list(pair) for rho, pair in accuracies.items()}
+    assert robust_range(by_rho) == (0.01, 0.1, [0.05])
+    assert robust_range({0.1: [float("nan")], 0.2: [0.3]}) == (0.2, 0.2, []) and robust_range({}) is None
+
+    lines = rho_section(records)
+    assert "| SAM | 0.02 | 0.02 | 0.560 ± 0.000 (n=2) | 0 of 2 |" in lines
+    assert "| SAM | 0.005 | 0.005 | 0.540 ± 0.014 (n=2) | 1 of 2 |" in lines
+    assert "| USAM | 0.00535 | 0.02 | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00535 x 3.74 = 0.0200
+    assert (
+        "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside." in lines
+    )
+    assert "- USAM: rho 0.00535 to 0.00535, a factor of 1 (0.00 decades) of the grid's 100." in lines
+    best_at_edge = [r | {"metrics": {"eval_accuracy": 0.9}} if r["rho"] == 0.005 else r for r in records]
+    sam_range = next(line for line in rho_section(best_at_edge) if line.startswith("- SAM: rho"))
+    assert sam_range.endswith("; reaches the grid's smallest rho, so the range may be wider.")
+    assert "- AdamW: 0 of 2 finished runs (2 planned; a run that crashed has no record)." in lines
+    assert next(line for line in lines if line.startswith("- USAM: 1 of 2 finished runs (14 planned")).endswith(
+        ": `image-rho/cifar10/USAM/rho0.00267/seed0`: non-finite loss."
+    )
+    assert "AdamW: 0.510 ± 0.014 (n=2)" in lines[3]
+    assert "## rho robustness" in report({r["id"]: r for r in records}, "/nonexistent")
+
+    figure = rho_figure(records, tmp_path / "docs" / "rho.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flatness_studies_rerun_seeds_1_and_2_at_the_grids_rhos_with_seed_0s_measurement():
+    sweep = {
+        run.id: record_of(run, 0.9 if run.rho in (0.02, 0.05) else 0.5) for run in plan(tables.IMAGE_SWEEP, [0], {})
+    }
+    assert plan(tables.IMAGE_FLAT, [0], {}) == []  # waits for the sweep's choices
+    flat = plan(tables.IMAGE_FLAT, [0], sweep)
+    assert [run.id for run in flat] == [
+        "image-flat/cifar10/SAM/rho0.02/seed1", "image-flat/cifar10/F-SAM/rho0.02/seed1",
+        "image-flat/cifar10/SAM/rho0.02/seed2", "image-flat/cifar10/F-SAM/rho0.02/seed2",
+    ]  # fmt: skip
+    (grid_sam,) = [run for run in plan(tables.IMAGE_GRID, [0], sweep) if run.method == "SAM"]
+    assert flat[0].sharpness == grid_sam.sharpness and "--sharpness_every_n_steps" in " ".join(flat[0].extra_flags)
+    adamw = plan(tables.IMAGE_FLAT_ADAMW, [5], {})
+    assert [run.seed for run in adamw] == [0, 1, 2] and adamw[0].sharpness.every_n_steps == 395
+    assert 4740 % 395 == 0 and 4740 % grid_sam.sharpness.every_n_steps == 0  # both end on the last step (60 x 79)
+
+
+def _measured(study, method, rho, seed, history, losses, environment=None):
+    record = record_at(study, "cifar10", method, rho, seed, 0.5, environment=environment)
+    record["sharpness_history"] = [{"step": step, **values} for step, values in history]
+    record["train_history"] = [{"step": step, "loss": loss} for step, loss in losses]
+    return record
+
+
+def test_flatness_pairs_every_measure_over_3_seeds_and_at_a_matched_training_loss():
+    def measures(top, trace, ascent=0.1):
+        return {"sharpness/top_eigenvalue": top, "sharpness/trace": trace, "sharpness/ascent": ascent}
+
+    adamw_losses = [(s, 1.0) for s in (320, 340, 360, 380)] + [(s, 0.6) for s in (720, 740, 760, 780)]
+    records = [_measured("image", "AdamW", 0.0, 0, [(790, measures(10.0, 100.0))], adamw_losses)]
+    for seed in (0, 1, 2):  # seed 0 again along training: its end is `image`'s, its curve this one
+        end = 99.0 if seed == 0 else 10.0 + seed
+        history = [(0, measures(50.0, 500.0)), (395, measures(20.0, 200.0)), (790, measures(end, 100.0))]
+        records.append(_measured("image-flat-adamw", "AdamW", 0.0, seed, history, adamw_losses))
+    for seed in (0, 1, 2):
+        sam_history = [(790, measures(5.0 + 2 * seed, 150.0 + seed) | {"sharpness/alignment": 0.5})]
+        study, on = ("image", None) if seed == 0 else ("image-flat", H100)  # seeds 1-2 on a GPU, each device named
+        records.append(_measured(study, "SAM", 0.02, seed, sam_history, [(790, 0.9)], on))
+    assert loss_before(records[1], 0) is None and loss_before(records[1], 395) == 1.0
+    assert loss_before(records[1], 790) == 0.6
+    lines = flatness_section(records)
+    # End: top eigenvalue -5, -4, -3 (std 1, half-width 4.3027 / sqrt(3) = 2.484); trace +50, +51, +52; ascent 0.
+    assert (
+        "| stochastic (batch 64) | SAM | 0.02 | -4 [-6.48, -1.52] (n=3) | +51 [+48.5, +53.5] (n=3) | "
+        "+0 [+0, +0] (n=3) | – | SAM CPU: 0; H100: 1, 2; AdamW CPU: 0, 1, 2 |" in lines
+    )
+    # Matched: SAM's final loss 0.9 is closest to AdamW's 1.0 at step 395 (0.6 at 790): top 20, trace 200 there.
+    (matched,) = [line for line in lines if line.startswith("| SAM |")]
+    assert matched.startswith("| SAM | -13 [-18, -8.03] (n=3) | -49 [-51.5, -46.5] (n=3) | +0 [+0, +0] (n=3) | – |")
+    assert "seed 0: 0.9 vs AdamW 1 at step 395 (image-flat-adamw)" in matched
+
+
+def test_full_batch_differences_cover_every_measure_both_ways():
+    def full(method, rho, seed, top, ascent):
+        values = {"sharpness/top_eigenvalue": top, "sharpness/ascent": ascent}
+        return _measured("image-full-batch", method, rho, seed, [(300, values)], [(300, 0.01)])
+
+    records = [full("AdamW", 0.0, seed, 10.0, 0.001) for seed in range(3)]
+    records += [full("SAM", 0.02, seed, 6.0 + seed, 0.0014 + 0.0001 * seed) for seed in range(3)]
+    (row,) = [line for line in flatness_section(records) if line.startswith("| full batch")]
+    # Top eigenvalue -4, -3, -2 (down); ascent +0.0004, +0.0005, +0.0006 (up): 0.0005 -+ 2.484e-4.
+    assert (
+        row
+        == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | – | "
+        "SAM CPU: 0, 1, 2; AdamW CPU: 0, 1, 2 |"
+    )
+
+
+def test_stsb_maps_usam_through_its_own_adamw_runs_first_epoch_and_waits_for_it():
+    waiting = plan(tables.STSB_RHO_ROBUSTNESS, [0, 1, 2], {})
+    assert len(waiting) == 2 * 8 and not any(run.method == "USAM" for run in waiting)  # AdamW and SAM only, 2 seeds
+    line = command(waiting[0], "/data", "")
+    assert "--logging_steps 5" in line and "--validation_split_percentage 10" in line  # the held-out 10%
+    (adamw,) = [run for run in waiting if run.id == tables.STSB_RHO_REFERENCE]
+    reference = record_of(adamw, 0.8)
+    # First epoch: 10, 30, 20 (median 20); the epoch-2 log is not in it. SAM's 0.02 -> USAM's 0.02 / 20 = 0.001.
+    epochs = [(0.5, 10.0), (1.0, 30.0), (1.0, 20.0), (2.0, 100.0)]
+    reference["train_history"] = [
+        {"epoch": e, "grad_norm": g, "loss": 1.0, "step": 5 * i} for i, (e, g) in enumerate(epochs)
+    ]
+    results = {reference["id"]: reference}
+    usam = sorted({run.rho for run in plan(tables.STSB_RHO_ROBUSTNESS, [0], results) if run.method == "USAM"})
+    assert usam == [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01]  # 0.002 ... 0.2 over 20
+    (usam_run,) = [run for run in plan(tables.STSB_RHO_ROBUSTNESS, [0], results) if run.id.endswith("rho0.001/seed0")]
+    records = [reference, record_of(usam_run, 0.85) | {"train_history": [{"step": 5, "loss": 3.0}]}]
+    lines = rho_section(records)
+    assert "| method | rho | radius | held-out score (mean of Pearson and Spearman) | diverged |" in lines
+    assert "| USAM | 0.001 | 0.02 | 0.850 (n=1) | 0 of 1 |" in lines and "AdamW: 0.800 (n=1)" in lines[3]
+    assert "- USAM: 0 of 1 finished runs (14 planned; a run that crashed has no record)." in lines
