@@ -21,6 +21,7 @@ import re
 from .plan import sweep_rhos
 from .records import find
 from .report_grid import dev_section
+from .report_low_data import low_data_section
 from .report_sharpness import sharpness_section
 from .setups import GLUE_LR, GLUE_SETUP, GLUE_TASKS, IMAGE_SETUP, METHOD_ORDER, VIT_CONFIG, task_score
 from .tables import GLUE_RHO, GLUE_RTE_LR, GLUE_SWEEP, IMAGE_RHO, IMAGE_SWEEP, RTE_LR
@@ -192,9 +193,10 @@ def commands_section(records: list[dict], results_path: str) -> list[str]:
 
 
 def report(results: dict[str, dict], data_dir: str, results_path: str = DEFAULT_RESULTS) -> str:
-    """`results.md`: the sweeps, RTE's learning rate, the grid with paired differences and cost, sharpness, commands."""
+    """`results.md`: the sweeps, RTE's learning rate, the grid with paired differences and cost, sharpness, scarce data
+    and calibration, commands."""
     records = list(results.values())
     lines = header(records, results_path) + sweep_section(results) + rte_lr_section(results)
     lines += dev_section(records, data_dir, on_gpu=any(r["device"] != "CPU" for r in records))
-    lines += sharpness_section(records) + commands_section(records, results_path)
+    lines += sharpness_section(records) + low_data_section(results) + commands_section(records, results_path)
     return "\n".join(lines)
