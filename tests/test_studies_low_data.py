@@ -123,3 +123,10 @@ def test_report_low_data_sweep_shows_the_chosen_rho_and_whether_adamw_plateaus()
     # Gains: MRPC +0.005, RTE +0.005, CoLA 0, STS-B (0.5 + 0.51) / 2 - 0.5 = +0.005: mean +0.00375.
     assert "MRPC 0.600 -> 0.605; RTE 0.600 -> 0.605; CoLA 0.300 -> 0.300; STS-B 0.500 -> 0.505" in text
     assert "mean gain +0.004 over 4 tasks: plateaued (|gain| < 0.01)." in text
+    assert "| RTE | 3: 0.600, 6: 0.600, 9: 0.600, 12: 0.600, 15: 0.600, 18: 0.605 |" in text
+    for record in records[:4]:  # AdamW on every task: +0.03 at the last epoch
+        record["eval_history"][-1] = {key: value + 0.03 for key, value in record["eval_history"][-1].items()} | {
+            "epoch": 18.0
+        }
+    text = report({r["id"]: r for r in records}, "/nonexistent")
+    assert "mean gain +0.034 over 4 tasks: still rising: more epochs." in text

@@ -54,27 +54,34 @@ def _by_epoch(record: dict) -> dict[int, float]:
 
 
 def plateau(results: dict[str, dict]) -> list[str]:
-    """AdamW's held-out score at epoch 12 and 18 of the sweep per task, and the verdict of the epoch rule."""
-    gains, cells = [], []
+    """AdamW's held-out curve in the sweep per task (every 3rd epoch), its gain from epoch 12 to 18, and the verdict
+    of the epoch rule on the mean gain over the tasks."""
+    gains, cells, curves = [], [], []
     for task in LOW_DATA_SWEEP.tasks:
         record = find(results, study=LOW_DATA_SWEEP.name, task=task, method="AdamW", seed=0)
         scores = _by_epoch(record) if record else {}
+        if scores:
+            shown = [epoch for epoch in sorted(scores) if epoch % 3 == 0 or epoch == max(scores)]
+            curves.append(f"| {task_label(task)} | {', '.join(f'{e}: {scores[e]:.3f}' for e in shown)} |")
         if PLATEAU_FROM in scores and LOW_DATA_EPOCHS in scores:
             gains.append(scores[LOW_DATA_EPOCHS] - scores[PLATEAU_FROM])
             cells.append(f"{task_label(task)} {scores[PLATEAU_FROM]:.3f} -> {scores[LOW_DATA_EPOCHS]:.3f}")
-    if not gains:
+    if not curves:
         return []
+    lines = ["", "AdamW's held-out score after each epoch:", "", "| task | epoch: score |", "|---|---|", *curves]
+    if not gains:
+        return lines
     mean = sum(gains) / len(gains)
     if len(gains) < len(LOW_DATA_SWEEP.tasks):
         verdict = "not judged until every task's AdamW run is done"
     elif abs(mean) < PLATEAU_GAIN:
         verdict = f"plateaued (|gain| < {PLATEAU_GAIN:g})"
     else:
-        verdict = f"not plateaued (|gain| >= {PLATEAU_GAIN:g}): the epochs should change"
-    return [
+        verdict = "still rising: more epochs" if mean > 0 else "falling: fewer epochs"
+    return lines + [
         "",
-        f"AdamW's held-out score from epoch {PLATEAU_FROM} to {LOW_DATA_EPOCHS} (the last third of training): "
-        f"{'; '.join(cells)}; mean gain {mean:+.3f} over {len(gains)} tasks: {verdict}.",
+        f"Epoch rule: AdamW's held-out score from epoch {PLATEAU_FROM} to {LOW_DATA_EPOCHS} (the last third of "
+        f"training): {'; '.join(cells)}; mean gain {mean:+.3f} over {len(gains)} tasks: {verdict}.",
     ]
 
 
