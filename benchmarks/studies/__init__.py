@@ -30,7 +30,8 @@ runs; each record names the commit it ran.
 The modules, one responsibility each: `setups` (the recipe set-ups and the arguments of one run), `plan` (what a study
 is, the runs it plans, the choice rules), `tables` (the studies), `records` (the one record schema, read and
 written), `runner` (subprocesses, resume), `stats` (scipy.stats), `report`, `report_grid`, `report_sharpness`,
-`report_flatness` and `report_rho` (the markdown), `cli`. `device_bundle.py` and `study_on_gpu.sh` run the studies on a GPU machine without network.
+`report_flatness`, `report_rho`, `report_low_data` and `report_label_noise` (the markdown), `cli`. `device_bundle.py`
+and `study_on_gpu.sh` run the studies on a GPU machine without network.
 
 Adding a study is one entry in `tables.STUDIES`, plus at most a choice rule. For example, training with label noise,
 rho chosen on the held-out split of the CIFAR-10 subset, then three seeds on the test set at the chosen rho:

@@ -23,6 +23,7 @@ from .records import find
 from .report_flatness import flatness_section
 from .report_grid import dev_section
 from .report_label_noise import label_noise_section
+from .report_low_data import low_data_section
 from .report_rho import rho_section
 from .report_sharpness import sharpness_section
 from .setups import GLUE_LR, GLUE_SETUP, GLUE_TASKS, IMAGE_SETUP, METHOD_ORDER, VIT_CONFIG, task_score
@@ -195,10 +196,11 @@ def commands_section(records: list[dict], results_path: str) -> list[str]:
 
 
 def report(results: dict[str, dict], data_dir: str, results_path: str = DEFAULT_RESULTS) -> str:
-    """`results.md`: the sweeps, RTE's learning rate, the grid with paired differences and cost, sharpness, commands."""
+    """`results.md`: the sweeps, RTE's learning rate, the grid with paired differences and cost, sharpness, scarce data
+    and calibration, commands."""
     records = list(results.values())
     lines = header(records, results_path) + sweep_section(results) + rte_lr_section(results)
     lines += dev_section(records, data_dir, on_gpu=any(r["device"] != "CPU" for r in records))
     lines += sharpness_section(records) + flatness_section(records) + rho_section(records)
-    lines += label_noise_section(results)
+    lines += low_data_section(results) + label_noise_section(results)
     return "\n".join(lines + commands_section(records, results_path))

@@ -11,8 +11,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The statistics of the report: mean ± sample std over seeds, and paired differences with Student-t intervals."""
+"""The statistics of the report: mean ± sample std over seeds, paired differences with Student-t intervals, what a null
+result rules out (equivalence within a margin) and the seeds a paired t-test needs for a given power."""
 
+import math
 import statistics
 import warnings
 
@@ -46,3 +48,48 @@ def paired_difference(pairs: list[tuple[float, float]], form: str = "{:+.3f}") -
 def mean_ratios(ratios: list[tuple[float, float]]) -> str:
     """ "2.01x / 2.00x": the mean of each of the two ratios (wall time, CPU time) of a list of pairs."""
     return f"{statistics.mean(w for w, _ in ratios):.2f}x / {statistics.mean(c for _, c in ratios):.2f}x"
+
+
+def t_interval(differences: list[float]) -> tuple[float, float]:
+    """The two-sided 95% Student-t interval of the mean of `differences` (n - 1 degrees of freedom, n >= 2)."""
+    with warnings.catch_warnings():  # equal differences: the interval is [mean, mean]
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = stats.ttest_1samp(differences, 0.0).confidence_interval(0.95)
+    return float(low), float(high)
+
+
+def equivalence(differences: list[float], margin: float = 0.01) -> str:
+    """
+    What a null result rules out: where the 95% t-interval of the mean difference lies inside +-`margin` (metric
+    units; 0.01 is 1 point of a score in [0, 1]), "no difference larger than X points", X = the interval's larger
+    absolute end in points (x 100), rounded up to 0.01 point; otherwise "–" (the interval reaches past the margin).
+    """
+    if len(differences) < 2:
+        return "–"
+    low, high = t_interval(differences)
+    if not -margin < low <= high < margin:
+        return "–"
+    return f"no difference larger than {math.ceil(round(max(abs(low), abs(high)) * 100, 9) * 100) / 100:.2f} points"
+
+
+def power_paired_t(n: int, difference: float, sd: float, alpha: float = 0.05) -> float:
+    """
+    The power of a two-sided paired t-test at level `alpha` on `n` pairs when the true mean difference is
+    `difference` and the differences' standard deviation `sd`: P(|T| > t_{1 - alpha/2, n-1}) with T noncentral t
+    (`scipy.stats.nct`, n - 1 degrees of freedom, noncentrality difference * sqrt(n) / sd).
+    """
+    critical = stats.t.ppf(1 - alpha / 2, n - 1)
+    noncentrality = difference * math.sqrt(n) / sd
+    return float(stats.nct.sf(critical, n - 1, noncentrality) + stats.nct.cdf(-critical, n - 1, noncentrality))
+
+
+def seeds_for_power(
+    sd: float, difference: float = 0.01, power: float = 0.8, alpha: float = 0.05, most: int = 100_000
+) -> int | None:
+    """The fewest pairs (seeds, n >= 2) at which `power_paired_t` reaches `power`; `None` for sd 0 or past `most`."""
+    if not sd > 0:
+        return None
+    for n in range(2, most + 1):
+        if power_paired_t(n, difference, sd, alpha) >= power:
+            return n
+    return None

@@ -33,6 +33,11 @@ The studies, as tables (`plan.Study`): AdamW vs SAM vs F-SAM (and the cheaper sc
 - `image-flat`, `image-flat-adamw`: the image grid's seeds 1-2 (and AdamW's 0-2, measured along training) with seed 0's
   sharpness measurement, for 3-seed paired intervals and a matched-loss comparison (`report_flatness.py`).
 - `glue-rho` (optional): `image-rho`'s question on STS-B with MiniLM, USAM's grid mapped by its own AdamW run.
+- `low-data-sweep`, `low-data`, `low-data-fsam-sweep`, `low-data-fsam`: scarce GLUE data (issue 29), 1,000 training
+  examples drawn with the run's seed, rho chosen on 250 held-out training examples, then AdamW vs SAM at 10 seeds on
+  the dev sets; F-SAM's sweep and seeds apart, to run if the budget allows.
+- `glue-calibration`: full-size MRPC and CoLA again, AdamW vs SAM at the grid's rho, 3 seeds, for the calibration
+  metrics the grid's records predate.
 """
 
 from .plan import Arm, Study, best_learning_rate, best_rho, radius_matched
@@ -174,6 +179,47 @@ STSB_RHO_ROBUSTNESS = Study(
         for method, value in (("SAM", rho), ("USAM", radius_matched(STSB_RHO_REFERENCE, rho)))
     ),
 )  # fmt: skip
+# Scarce data (issue 29; Bahri, Mobahi & Tay 2022, https://huggingface.co/papers/2110.08529): 1,000 training
+# examples, a different random subset per seed (`--train_subset_seed {seed}`), the same for every method of a seed.
+# Epochs: the optimizer steps of the full-size MRPC grid (3,668 examples / batch 32 = 115 steps x 5 epochs = 575),
+# so that the runs have as many steps to converge: 1,000 / 32 = 32 steps an epoch (the last batch of 8), 18 epochs =
+# 576 steps, with the grid's warmup (10%) and linear decay. The rule to verify on the sweep: AdamW's held-out score
+# (averaged over the four tasks) gains less than 0.01 over the last third of training (epoch 12 to 18), shown by the
+# report; if it still rises, raise the epochs. rho is chosen on a held-out split carved BEFORE the 1,000 are drawn
+# (the recipe splits, then subsamples what is left), so the two never overlap: the grid's 10% split (seed 0), its
+# first 250 examples (RTE's 10% is 249). The seed runs evaluate on dev and draw their 1,000 from the whole training
+# set. SAM's and F-SAM's ranges reach 0.1: in the full-size sweep MRPC's score still rose at 0.05, the edge.
+LOW_DATA_TASKS = ("mrpc", "rte", "cola", "stsb")
+LOW_DATA_EPOCHS = 18
+LOW_DATA_FLAGS = ("--train_subset_seed", "{seed}", "--num_train_epochs", str(LOW_DATA_EPOCHS))
+LOW_DATA_RHOS = (0.005, 0.01, 0.02, 0.05, 0.1)
+LOW_DATA_SWEEP = Study(
+    "low-data-sweep", "run_glue", tasks=LOW_DATA_TASKS, seeds=(0,), held_out=True, train_samples=1000,
+    extra_flags=LOW_DATA_FLAGS + ("--max_eval_samples", "250"), order=("seed", "arm", "task"),
+    arms=sweep_arms((0.02, 0.05, 0.01, 0.1, 0.005), {"SAM": LOW_DATA_RHOS}),
+)  # fmt: skip
+LOW_DATA_FSAM_SWEEP = Study(
+    "low-data-fsam-sweep", "run_glue", tasks=LOW_DATA_TASKS, seeds=(0,), held_out=True, train_samples=1000,
+    extra_flags=LOW_DATA_SWEEP.extra_flags, order=("seed", "arm", "task"),
+    arms=tuple(Arm("F-SAM", rho) for rho in (0.02, 0.05, 0.01, 0.1, 0.005)),
+)  # fmt: skip
+LOW_DATA_RHO = {"SAM": best_rho(LOW_DATA_SWEEP, "SAM"), "F-SAM": best_rho(LOW_DATA_FSAM_SWEEP, "F-SAM")}
+# Ten seeds (seed s: subset s, initialisation s), paired by seed; F-SAM pairs with `low-data`'s AdamW runs.
+LOW_DATA = Study(
+    "low-data", "run_glue", tasks=LOW_DATA_TASKS, seeds=tuple(range(10)), train_samples=1000,
+    extra_flags=LOW_DATA_FLAGS, arms=(Arm("AdamW"), Arm("SAM", LOW_DATA_RHO["SAM"])),
+)  # fmt: skip
+LOW_DATA_FSAM = Study(
+    "low-data-fsam", "run_glue", tasks=LOW_DATA_TASKS, seeds=tuple(range(10)), train_samples=1000,
+    extra_flags=LOW_DATA_FLAGS, arms=(Arm("F-SAM", LOW_DATA_RHO["F-SAM"]),),
+    waits_for="until its rho sweep (low-data-fsam-sweep) is complete",
+)  # fmt: skip
+# Calibration on full-size GLUE: the grid's MRPC and CoLA rows again (same set-up, SAM at the grid's rho), now that
+# every classification evaluation records eval_nll / ece / brier and their cross-fitted temperature-scaled *_ts.
+GLUE_CALIBRATION = Study(
+    "glue-calibration", "run_glue", tasks=("mrpc", "cola"), seeds=(0, 1, 2),
+    arms=(Arm("AdamW"), Arm("SAM", GLUE_RHO["SAM"])),
+)  # fmt: skip
 
 STUDIES = {
     study.name: study
@@ -181,5 +227,6 @@ STUDIES = {
         GLUE_SWEEP, GLUE_GRID, GLUE_CHEAP, GLUE_PEER, GLUE_RTE_LR, GLUE_RTE, IMAGE_SWEEP, IMAGE_GRID, IMAGE_FULL_BATCH,
         LABEL_NOISE_SWEEP, LABEL_NOISE, LABEL_NOISE_MORE, IMAGE_RHO_ROBUSTNESS,
         IMAGE_FLAT, IMAGE_FLAT_ADAMW, STSB_RHO_ROBUSTNESS,
+        LOW_DATA_SWEEP, LOW_DATA, LOW_DATA_FSAM_SWEEP, LOW_DATA_FSAM, GLUE_CALIBRATION,
     )
 }  # fmt: skip
