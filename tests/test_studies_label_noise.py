@@ -21,7 +21,11 @@ def noisy_record(run, curve: list[float], memorised: list[float], cpu: float = 1
 
 
 def test_the_study_plans_noisy_runs_with_the_seed_as_noise_seed_and_waits_for_its_sweep():
-    (adamw,) = [run for run in plan(tables.LABEL_NOISE, [3], {})]  # SAM and F-SAM wait for the sweep
+    runs = plan(
+        tables.LABEL_NOISE, [7], {}
+    )  # its own 5 seeds, whatever --seeds says; SAM and F-SAM wait for the sweep
+    assert [(run.method, run.seed) for run in runs] == [("AdamW", seed) for seed in range(5)]
+    adamw = runs[3]
     assert adamw.label_noise == 0.4 and adamw.method == "AdamW" and not adamw.held_out
     flags = list(adamw.extra_flags)
     assert flags[flags.index("--label_noise_seed") + 1] == "3" and flags[flags.index("--label_noise") + 1] == "0.4"
@@ -49,7 +53,11 @@ def test_section_reports_the_chosen_rho_the_held_out_epoch_and_paired_difference
     results = complete_sweep()
     assert {m: rule(results) for m, rule in tables.NOISE_RHO.items()} == {"SAM": 0.1, "F-SAM": 0.05}
     test_accuracy = {"AdamW": (0.30, 0.32), "SAM": (0.36, 0.40), "F-SAM": (0.31, 0.35)}  # last epoch, seeds 0 and 1
-    for run in plan(tables.LABEL_NOISE, [0, 1], results):
+    assert (
+        len(plan(tables.LABEL_NOISE, [0], results)) == 3 * 5
+        and len(plan(tables.LABEL_NOISE_MORE, [0], results)) == 5 * 3
+    )
+    for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2]:
         final = test_accuracy[run.method][run.seed]
         curve = [0.2, 0.5 + 0.1 * run.seed if run.method == "AdamW" else 0.45, final]  # AdamW's epoch 2 is its best
         cpu = 200.0 if run.method != "AdamW" else 100.0

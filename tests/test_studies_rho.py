@@ -18,12 +18,13 @@ def test_rho_study_matches_sam_and_usam_at_the_radius_over_two_orders_of_magnitu
     sam = sorted(run.rho for run in runs if run.method == "SAM" and run.seed == 0)
     usam = sorted(run.rho for run in runs if run.method == "USAM" and run.seed == 0)
     assert sam == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5] and sam[-1] / sam[0] == 100
-    assert usam == [0.00134, 0.00267, 0.00535, 0.0134, 0.0267, 0.0535, 0.134]  # SAM's / 3.74, 3 significant digits
-    assert all(math.isclose(u * 3.74, s, rel_tol=3e-3) for u, s in zip(usam, sam, strict=True))
-    (usam_run,) = [run for run in runs if run.id == "image-rho/cifar10/USAM/rho0.00535/seed1"]
+    assert usam == [0.00147, 0.00294, 0.00588, 0.0147, 0.0294, 0.0588, 0.147]  # SAM's / 3.40, 3 significant digits
+    assert all(math.isclose(u * 3.40, s, rel_tol=3e-3) for u, s in zip(usam, sam, strict=True))
+    (usam_run,) = [run for run in runs if run.id == "image-rho/cifar10/USAM/rho0.00588/seed1"]
     line = command(usam_run, "/data", "")
-    assert "--method sam --normalize false --rho 0.00535" in line and "--train_val_split 0.1" in line
-    assert "test.parquet" not in line and "--num_train_epochs 60" in line
+    assert "--method sam --normalize false --rho 0.00588" in line and "--train_val_split 0.1" in line
+    # 30 epochs: the study's flag comes after the set-up's 60, and the recipe's parser keeps the last one.
+    assert "test.parquet" not in line and line.rindex("--num_train_epochs 30") > line.index("--num_train_epochs 60")
 
 
 def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
@@ -41,12 +42,12 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
         for seed, accuracy in enumerate(pair)
     ]
     records += [
-        record_at("image-rho", "cifar10", "USAM", rho, 0, acc) for rho, acc in [(0.00267, 0.1), (0.00535, 0.5)]
+        record_at("image-rho", "cifar10", "USAM", rho, 0, acc) for rho, acc in [(0.00294, 0.1), (0.00588, 0.5)]
     ]
     for record in records:
         record["train_history"] = [{"step": 20, "loss": 2.3}, {"step": 40, "loss": 1.0}]
     records[2]["train_history"][-1]["loss"] = 2.5  # SAM rho 0.005 seed 0: ends above where it started
-    records[-2]["train_history"][-1]["loss"] = float("nan")  # USAM rho 0.00267: non-finite
+    records[-2]["train_history"][-1]["loss"] = float("nan")  # USAM rho 0.00294: non-finite
     assert diverged(records[2]) == "final training loss 2.5 above the first 2.3" and diverged(records[3]) is None
     assert diverged(records[-2]) == "non-finite loss"
     # SAM means: 0.54, 0.555, 0.56 (best), 0.545, 0.552: within 0.01 of 0.56 are 0.01, 0.02 and 0.1, with 0.05 a hole.
@@ -57,19 +58,30 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     lines = rho_section(records)
     assert "| SAM | 0.02 | 0.02 | 0.560 ± 0.000 (n=2) | 0 of 2 |" in lines
     assert "| SAM | 0.005 | 0.005 | 0.540 ± 0.014 (n=2) | 1 of 2 |" in lines
-    assert "| USAM | 0.00535 | 0.02 | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00535 x 3.74 = 0.0200
+    assert "| USAM | 0.00588 | 0.02 | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00588 x 3.40 = 0.0200
     assert (
         "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside." in lines
     )
-    assert "- USAM: rho 0.00535 to 0.00535, a factor of 1 (0.00 decades) of the grid's 100." in lines
+    assert "- USAM: rho 0.00588 to 0.00588, a factor of 1 (0.00 decades) of the grid's 100." in lines
     best_at_edge = [r | {"metrics": {"eval_accuracy": 0.9}} if r["rho"] == 0.005 else r for r in records]
     sam_range = next(line for line in rho_section(best_at_edge) if line.startswith("- SAM: rho"))
     assert sam_range.endswith("; reaches the grid's smallest rho, so the range may be wider.")
     assert "- AdamW: 0 of 2 finished runs (2 planned; a run that crashed has no record)." in lines
     assert next(line for line in lines if line.startswith("- USAM: 1 of 2 finished runs (14 planned")).endswith(
-        ": `image-rho/cifar10/USAM/rho0.00267/seed0`: non-finite loss."
+        ": `image-rho/cifar10/USAM/rho0.00294/seed0`: non-finite loss."
     )
     assert "AdamW: 0.510 ± 0.014 (n=2)" in lines[3]
+    assert not any(line.startswith("Epoch rule") for line in lines)  # one evaluation each: nothing to judge
+    for seed, (at_20, at_30) in enumerate([(0.50, 0.512), (0.52, 0.536)]):
+        records[seed]["eval_history"] = [
+            {"epoch": float(epoch), "eval_accuracy": value} for epoch, value in [(10, 0.4), (20, at_20), (30, at_30)]
+        ]
+    assert (
+        "Epoch rule: AdamW's held-out score over the last third of training: seed 0 0.500 (epoch 20) -> 0.512 "
+        "(epoch 30); seed 1 0.520 (epoch 20) -> 0.536 (epoch 30); mean gain +0.014, still rising: more epochs needed."
+    ) in rho_section(records)
+    records[1]["eval_history"][-1]["eval_accuracy"] = 0.524  # mean gain (0.012 + 0.004) / 2 = 0.008
+    assert any(line.endswith("mean gain +0.008, under 0.01: long enough.") for line in rho_section(records))
     assert "## rho robustness" in report({r["id"]: r for r in records}, "/nonexistent")
 
     figure = rho_figure(records, tmp_path / "docs" / "rho.png")

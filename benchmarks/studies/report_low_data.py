@@ -22,7 +22,7 @@ import statistics
 
 from .plan import sweep_rhos
 from .records import find
-from .setups import METHOD_ORDER, task_label, task_metrics, task_score
+from .setups import METHOD_ORDER, score_by_epoch, task_label, task_metrics, task_score
 from .stats import equivalence, mean_std, paired_difference, seeds_for_power
 from .tables import (
     GLUE_CALIBRATION,
@@ -45,21 +45,13 @@ CALIBRATION = [
 ]  # fmt: skip
 
 
-def _by_epoch(record: dict) -> dict[int, float]:
-    """The held-out score after each epoch of a run (the task's metrics averaged)."""
-    scores = {}
-    for log in record["eval_history"]:
-        scores.setdefault(round(log["epoch"]), task_score(record["task"], log))
-    return scores
-
-
 def plateau(results: dict[str, dict]) -> list[str]:
     """AdamW's held-out curve in the sweep per task (every 3rd epoch), its gain from epoch 12 to 18, and the verdict
     of the epoch rule on the mean gain over the tasks."""
     gains, cells, curves = [], [], []
     for task in LOW_DATA_SWEEP.tasks:
         record = find(results, study=LOW_DATA_SWEEP.name, task=task, method="AdamW", seed=0)
-        scores = _by_epoch(record) if record else {}
+        scores = score_by_epoch(record) if record else {}
         if scores:
             shown = [epoch for epoch in sorted(scores) if epoch % 3 == 0 or epoch == max(scores)]
             curves.append(f"| {task_label(task)} | {', '.join(f'{e}: {scores[e]:.3f}' for e in shown)} |")

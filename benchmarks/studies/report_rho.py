@@ -26,13 +26,14 @@ from pathlib import Path
 
 from .plan import Study, first_epoch_grad_norm, plan
 from .records import read_records
-from .setups import task_label, task_metrics, task_score
+from .setups import score_by_epoch, task_label, task_metrics, task_score
 from .stats import mean_std
 from .tables import FIRST_EPOCH_GRAD_NORM, IMAGE_RHO_ROBUSTNESS, STSB_RHO_REFERENCE, STSB_RHO_ROBUSTNESS
 
 
 METHODS = ("SAM", "USAM")
 WITHIN = 0.01  # "within 1 point of the best": a mean held-out score at least the best mean minus 0.01
+PLATEAU_GAIN = 0.01  # AdamW's held-out gain over the last third of training below this: the schedule is long enough
 SETUPS = {IMAGE_RHO_ROBUSTNESS.name: "ViT from scratch", STSB_RHO_ROBUSTNESS.name: "all-MiniLM-L6-v2"}
 
 
@@ -46,6 +47,33 @@ def diverged(record: dict) -> str | None:
     if len(losses) >= 2 and losses[-1] > losses[0]:
         return f"final training loss {losses[-1]:.3g} above the first {losses[0]:.3g}"
     return None
+
+
+def epoch_rule(runs: list[dict]) -> list[str]:
+    """
+    Whether the schedule is long enough: AdamW's held-out score per seed at two thirds of training and at its end
+    (`eval_history`), and the mean gain over the seeds against `PLATEAU_GAIN`.
+    """
+    cells, gains = [], []
+    for record in sorted((r for r in runs if r["method"] == "AdamW"), key=lambda r: r["seed"]):
+        scores = score_by_epoch(record) if record.get("eval_history") else {}
+        if not scores:
+            continue
+        last = max(scores)
+        start = min(scores, key=lambda epoch: abs(epoch - 2 * last / 3))
+        if start == last:
+            continue
+        gains.append(scores[last] - scores[start])
+        cells.append(f"seed {record['seed']} {scores[start]:.3f} (epoch {start}) -> {scores[last]:.3f} (epoch {last})")
+    if not gains:
+        return []
+    mean = statistics.mean(gains)
+    verdict = f"under {PLATEAU_GAIN:g}: long enough" if mean < PLATEAU_GAIN else "still rising: more epochs needed"
+    return [
+        "",
+        f"Epoch rule: AdamW's held-out score over the last third of training: {'; '.join(cells)}; mean gain "
+        f"{mean:+.3f}, {verdict}.",
+    ]
 
 
 def score_by_rho(records: list[dict], method: str) -> dict[float, list[float]]:
@@ -123,6 +151,7 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
             count = sum(reason is not None for reason in reasons)
             at = "–" if norm is None else f"{radius(method, rho, norm):.3g}"
             lines.append(f"| {method} | {rho:g} | {at} | {mean_std(values)} | {count} of {len(reasons)} |")
+    lines += epoch_rule(runs)
     planned = plan(study, [], results)
     lines += ["", f"Range of rho within {WITHIN * 100:g} point of the method's best mean score:", ""]
     for method in METHODS:

@@ -169,3 +169,11 @@ def task_score(task: str, metrics: dict) -> float:
     """The mean of the task's metrics (`eval_<key>` in `metrics`): what a sweep ranks."""
     keys = [key for key, _ in task_metrics(task)]
     return sum(metrics[f"eval_{key}"] for key in keys) / len(keys)
+
+
+def score_by_epoch(record: dict) -> dict[int, float]:
+    """The held-out score after each epoch of a run (the task's metrics averaged)."""
+    scores = {}
+    for log in record["eval_history"]:
+        scores.setdefault(round(log["epoch"]), task_score(record["task"], log))
+    return scores

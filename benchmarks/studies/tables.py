@@ -124,31 +124,36 @@ LABEL_NOISE_SWEEP = Study(
     arms=sweep_arms((0.05, 0.1, 0.02, 0.2), {"SAM": (0.02, 0.05, 0.1, 0.2), "F-SAM": (0.05, 0.1, 0.2)}),
 )  # fmt: skip
 NOISE_RHO = {method: best_rho(LABEL_NOISE_SWEEP, method) for method in ("SAM", "F-SAM")}
-# The grid on the clean test set: AdamW, SAM and F-SAM at 5 seeds (`--seeds 0 1 2 3 4`); the cheaper schedules and
-# the methods added since (GSAM, VaSSO, AE-SAM, at SAM's rho) in `label-noise-more`, at 3 seeds (`--seeds 0 1 2`).
+# The grid on the clean test set: AdamW, SAM and F-SAM at 5 seeds; the cheaper schedules and the methods added since
+# (GSAM, VaSSO, AE-SAM, at SAM's rho) in `label-noise-more`, at 3 seeds (their own seeds, whatever `--seeds` says).
 LABEL_NOISE = Study(
-    "label-noise", "run_image_classification", tasks=("cifar10",), label_noise=0.4, extra_flags=NOISE_FLAGS,
+    "label-noise", "run_image_classification", tasks=("cifar10",), seeds=tuple(range(5)), label_noise=0.4,
+    extra_flags=NOISE_FLAGS,
     arms=(Arm("AdamW"), Arm("SAM", NOISE_RHO["SAM"]), Arm("F-SAM", NOISE_RHO["F-SAM"])),
 )  # fmt: skip
 LABEL_NOISE_MORE = Study(
-    "label-noise-more", "run_image_classification", tasks=("cifar10",), label_noise=0.4, extra_flags=NOISE_FLAGS,
+    "label-noise-more", "run_image_classification", tasks=("cifar10",), seeds=(0, 1, 2), label_noise=0.4,
+    extra_flags=NOISE_FLAGS,
     arms=tuple(Arm(m, NOISE_RHO["SAM"]) for m in ("SAM-interval5", "LookSAM-k5-a0.1", "GSAM", "VaSSO", "AE-SAM")),
 )  # fmt: skip
 
 # rho robustness (issue 28): SAM and USAM (`normalize=False`, e = rho * g) over a rho grid of two orders of magnitude.
 # USAM's radius is rho * ||g||, so its grid is SAM's divided by the median gradient norm of AdamW's first epoch on this
-# set-up: 3.74, the median of the 142 logged `grad_norm` (before clipping) of `recipes/run_image_classification.py`
-# with the image-sweep AdamW flags (held-out split, 60-epoch cosine schedule) and `--logging_steps 1 --eval_strategy no
-# --save_strategy no`, seeds 0 and 1 (medians 3.642 and 3.907), each stopped at the end of epoch 1 (71 steps); measured
-# on CPU (torch 2.13, 1 thread). The image-sweep's own AdamW run logged 4.05, 2.62, 4.68 at steps 20, 40, 60 (H100).
-# The grid's 60 epochs, not fewer: AdamW's held-out accuracy in that run (`eval_history`, 500 images) still rose until
-# about epoch 45 (mean 0.485 over epochs 26-30, 0.506 over 36-40, 0.525 over 41-45, 0.530 over 41-60), so a shorter
-# cosine schedule would end while AdamW still learns.
-FIRST_EPOCH_GRAD_NORM = 3.74
+# set-up: 3.40, the median of the 142 logged `grad_norm` (before clipping) of `recipes/run_image_classification.py`
+# with this study's AdamW flags (held-out split, 30-epoch cosine schedule) and `--logging_steps 1 --eval_strategy no
+# --save_strategy no`, seeds 0 and 1 (medians 3.369 and 3.476), each stopped at the end of epoch 1 (71 steps);
+# measured on CPU (torch 2.13, 1 thread), 2026-12-03. (With the 60-epoch schedule's slower warmup: 3.74.)
+# 30 epochs, half the grid's 60, to fit the issue's budget (about 12 CPU-hours; 60 epochs would take about 28): the
+# cosine schedule is annealed by its end, and the report shows AdamW's held-out gain over the last third of training
+# (epoch 20 to 30), which must stay under 1 point; if it does not, raise the epochs. The image sweep's 60-epoch AdamW
+# run reached 0.530 on average over epochs 41-60; the report prints the 30-epoch AdamW's level beside it.
+RHO_EPOCHS = 30
+FIRST_EPOCH_GRAD_NORM = 3.40
 # SAM's grid, run in this order: the sweep's winner and its neighbours first.
 RHO_GRID_SAM = (0.02, 0.05, 0.01, 0.1, 0.005, 0.2, 0.5)
 IMAGE_RHO_ROBUSTNESS = Study(
     "image-rho", "run_image_classification", tasks=("cifar10",), seeds=(0, 1), held_out=True, order=("seed", "arm", "task"),
+    extra_flags=("--num_train_epochs", str(RHO_EPOCHS)),
     arms=(Arm("AdamW"),) + tuple(
         Arm(method, value) for rho in RHO_GRID_SAM
         for method, value in (("SAM", rho), ("USAM", float(f"{rho / FIRST_EPOCH_GRAD_NORM:.3g}")))
