@@ -350,7 +350,37 @@ class VaSSO(_GradientAverage):
         return direction, None
 
 
-class GSAM(SAMVariant):
+class _DecomposesAgainstFirstPass(SAMVariant):
+    """
+    A method that, after pass 2, splits one of the step's two gradients against the other (GSAM, LookSAM): pass 1's
+    gradient :math:`g` is copied before it becomes :math:`e`, and kept with the step's finiteness until the end of
+    pass 2 (one gradient's memory). Called once per optimizer step: both methods refuse `perturbation_sync="local"`.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._first_pass: list[torch.Tensor] | None = None
+        self._step_finite: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def direction(self, grads, grad_norm, *, finite, weight=1.0, last_micro_batch=True):
+        self._first_pass = [torch.empty_like(g) for g in grads]
+        torch._foreach_copy_(self._first_pass, grads)  # copied: `grads` become e in place
+        self._step_finite = finite
+        return grads, grad_norm
+
+    @property
+    def needs_sam_grads(self) -> bool:
+        return True
+
+    def _take_first_pass(self, finite: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Pass 1's gradient (let go here) and whether both passes of the step were finite."""
+        first_pass, step_finite = self._first_pass, self._step_finite & finite
+        self._first_pass, self._step_finite = None, None
+        return first_pass, step_finite
+
+
+class GSAM(_DecomposesAgainstFirstPass):
     r"""
     GSAM, surrogate gap guided SAM (Zhuang et al., ICLR 2022, https://huggingface.co/papers/2203.08065), Algorithm 1
     with the authors' radius schedule. Step :math:`t` runs at learning rate :math:`\eta_t` (the peak :math:`\eta`
@@ -380,11 +410,6 @@ class GSAM(SAMVariant):
         "local_sync": "its decomposition needs the pass-1 gradient of the same (all-reduced) batch as pass 2's",
     }
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self._first_pass: list[torch.Tensor] | None = None
-        self._step_finite: torch.Tensor | None = None
-
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
@@ -398,20 +423,8 @@ class GSAM(SAMVariant):
         return config.rho_min + (config.rho - config.rho_min) * learning_rate / peak_learning_rate
 
     @torch.no_grad()
-    def direction(self, grads, grad_norm, *, finite, weight=1.0, last_micro_batch=True):
-        self._first_pass = [torch.empty_like(g) for g in grads]
-        torch._foreach_copy_(self._first_pass, grads)  # copied: `grads` become e in place
-        self._step_finite = finite
-        return grads, grad_norm
-
-    @property
-    def needs_sam_grads(self) -> bool:
-        return True
-
-    @torch.no_grad()
     def after_second_pass(self, sam_grads, *, finite, inverse_loss_scale):
-        g, self._first_pass = self._first_pass, None
-        step_finite, self._step_finite = self._step_finite & finite, None
+        g, step_finite = self._take_first_pass(finite)
         dot = global_dot(g, sam_grads, self.process_group)
         coefficient = dot / global_norm(sam_grads, self.process_group).clamp_min(NORM_EPS) ** 2
         torch._foreach_sub_(g, _mul_by_tensor(sam_grads, coefficient))  # g_perp, in the unscaled g's place
@@ -500,7 +513,7 @@ class AESAM(SAMVariant):
         self.mean, self.var = (None, None) if statistics is None else (statistics[0].clone(), statistics[1].clone())
 
 
-class LookSAM(SAMVariant):
+class LookSAM(_DecomposesAgainstFirstPass):
     r"""
     LookSAM (Liu et al., CVPR 2022, https://huggingface.co/papers/2203.02714), Algorithm 1 with global vectors.
 
@@ -562,27 +575,10 @@ class LookSAM(SAMVariant):
         super().__init__(config)
         self.orthogonal: list[torch.Tensor] | None = None
         self._orthogonal_norm: torch.Tensor | None = None
-        self._first_pass_sum: list[torch.Tensor] | None = None
-        self._step_finite: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def direction(self, grads, grad_norm, *, finite, weight=1.0, last_micro_batch=True):
-        self._step_finite = finite if self._step_finite is None else self._step_finite & finite
-        if self._first_pass_sum is None:
-            self._first_pass_sum = [torch.empty_like(g) for g in grads]
-            torch._foreach_copy_(self._first_pass_sum, grads)  # copied: `grads` become e in place
-        else:
-            torch._foreach_add_(self._first_pass_sum, grads)
-        return grads, grad_norm
-
-    @property
-    def needs_sam_grads(self) -> bool:
-        return True
 
     @torch.no_grad()
     def after_second_pass(self, sam_grads, *, finite, inverse_loss_scale):
-        g, self._first_pass_sum = self._first_pass_sum, None
-        step_finite, self._step_finite = self._step_finite & finite, None
+        g, step_finite = self._take_first_pass(finite)
         dot = global_dot(g, sam_grads, self.process_group)
         coefficient = dot / global_norm(g, self.process_group).clamp_min(NORM_EPS) ** 2
         torch._foreach_mul_(g, coefficient.to(g[0].dtype))  # the projection of g_s on g
@@ -618,7 +614,7 @@ class LookSAM(SAMVariant):
         orthogonal = state.get("orthogonal")
         self.orthogonal = None if orthogonal is None else list(orthogonal)
         self._orthogonal_norm = None  # computed at the next plain step, over the shards' process group
-        self._first_pass_sum, self._step_finite = None, None
+        self._first_pass, self._step_finite = None, None
 
 
 # The registry: `SAMConfig.method` -> method class. Filled by `register_method`, read by everything else.
