@@ -1,5 +1,7 @@
 """benchmarks/studies: the label-noise study's plan, its rho and epoch choices, and its report section and figure."""
 
+import pytest
+
 from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.records import make_record
@@ -82,3 +84,33 @@ def test_section_is_absent_without_records_and_says_what_is_missing_while_incomp
     del results["label-noise-sweep/cifar10/SAM/rho0.2/seed0"]
     text = "\n".join(label_noise_section(results))
     assert "SAM not yet (sweep incomplete), F-SAM 0.05" in text and "No test-set run has finished yet." in text
+
+
+def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
+    from benchmarks.studies.report import update_generated_blocks
+    from benchmarks.studies.report_label_noise import readme_block
+
+    results = complete_sweep()
+    for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2]:
+        results[run.id] = noisy_record(run, [0.2, 0.4, 0.3 + 0.05 * run.seed], [0.1, 0.3, 0.6])
+    block = readme_block(results)
+    assert block[0].startswith("rho chosen on the noisy held-out split: SAM 0.1, F-SAM 0.05 (8 of 8 sweep runs done).")
+    assert any(
+        line.startswith("| SAM | 0.1 | 0.325 ± 0.035 (n=2) | +0.000 [+0.000, +0.000] (n=2) |") for line in block
+    )
+
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\nprose kept\n", "\n## Next\nkept too\n"
+    marker = (
+        "<!-- begin generated: label-noise (do not edit by hand) -->\nold line\n<!-- end generated: label-noise -->"
+    )
+    readme.write_text(before + marker + after)
+    assert update_generated_blocks(readme, {"label-noise": ["new", "lines"], "absent": ["x"]}) == ["label-noise"]
+    text = readme.read_text()
+    assert text == before + marker.replace("old line", "new\nlines") + after
+    assert update_generated_blocks(readme, {"label-noise": ["new", "lines"]}) == ["label-noise"]
+    assert readme.read_text() == text  # idempotent
+    readme.write_text(before + "<!-- begin generated: label-noise -->\nno end marker\n")
+    with pytest.raises(ValueError, match="has no `<!-- end generated: label-noise -->`"):
+        update_generated_blocks(readme, {"label-noise": ["new"]})
+    assert readme.read_text().endswith("no end marker\n")  # nothing written

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from . import __doc__ as PACKAGE_DOC
 from .records import read_records
-from .report import report
-from .report_label_noise import plot_memorisation
+from .report import report, update_generated_blocks
+from .report_label_noise import plot_memorisation, readme_block
 from .runner import command, planned_runs, run_studies
 from .tables import STUDIES
 
@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true", help="Rewrite --markdown from --results; run nothing.")
     parser.add_argument("--markdown", default=str(RESULTS / "results.md"))
     parser.add_argument(
+        "--readme",
+        default=str(REPO / "README.md"),
+        help="With --report: the markdown file whose generated blocks (`<!-- begin generated: NAME -->`) are rewritten.",
+    )
+    parser.add_argument(
         "--export_states",
         default=None,
         help="Write each finished run's log history as DIR/<run id>/trainer_state.json (for `python -m hf_sam.plot`); "
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         results = read_records(*args.results)
         Path(args.markdown).write_text(report(results, args.data_dir, paths), encoding="utf-8")
         plot_memorisation(results, REPO / "docs" / "label_noise.png")  # once the label-noise study has runs
+        update_generated_blocks(args.readme, {"label-noise": readme_block(results)})
     elif args.export_states:
         export_states(read_records(*args.results), Path(args.export_states))
     elif args.dry_run:

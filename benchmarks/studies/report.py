@@ -17,6 +17,7 @@ paired differences to AdamW and their cost, the sharpness, and the commands that
 """
 
 import re
+from pathlib import Path
 
 from .plan import sweep_rhos
 from .records import find
@@ -193,6 +194,29 @@ def commands_section(records: list[dict], results_path: str) -> list[str]:
     ]
     lines += sorted({_portable_command(r["command"]) for r in records if r["seed"] == 0})[:3]
     return lines + ["```", ""]
+
+
+def update_generated_blocks(path: str | Path, blocks: dict[str, list[str]]) -> list[str]:
+    """
+    Replace, in the markdown file `path`, the lines between `<!-- begin generated: NAME ... -->` and
+    `<!-- end generated: NAME -->` with `blocks[NAME]`; the names of the blocks replaced. A begin marker without its end
+    marker is an error (nothing is written).
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    replaced = []
+    for name, lines in blocks.items():
+        begin = re.search(rf"^<!-- begin generated: {re.escape(name)}\b.*-->$", text, flags=re.MULTILINE)
+        if begin is None:
+            continue
+        end = text.find(f"<!-- end generated: {name} -->", begin.end())
+        if end < 0:
+            raise ValueError(f"{path}: `{begin.group(0)}` has no `<!-- end generated: {name} -->` after it.")
+        text = text[: begin.end()] + "\n" + "\n".join(lines) + "\n" + text[end:]
+        replaced.append(name)
+    if replaced:
+        path.write_text(text, encoding="utf-8")
+    return replaced
 
 
 def report(results: dict[str, dict], data_dir: str, results_path: str = DEFAULT_RESULTS) -> str:
