@@ -28,7 +28,7 @@ from .report_low_data import low_data_section
 from .report_rho import rho_section
 from .report_sharpness import sharpness_section
 from .setups import GLUE_LR, GLUE_SETUP, GLUE_TASKS, IMAGE_SETUP, METHOD_ORDER, VIT_CONFIG, task_score
-from .tables import GLUE_RHO, GLUE_RTE_LR, GLUE_SWEEP, IMAGE_RHO, IMAGE_SWEEP, RTE_LR
+from .tables import GLUE_RHO, GLUE_RTE_LR, GLUE_SWEEP, IMAGE_RHO, IMAGE_SWEEP, RTE_LR, STUDIES
 
 
 DEFAULT_RESULTS = "benchmarks/studies/results/study_cpu.jsonl benchmarks/studies/results/study_gpu.jsonl"
@@ -177,13 +177,15 @@ def rte_lr_section(results: dict[str, dict]) -> list[str]:
 
 
 def commands_section(records: list[dict], results_path: str) -> list[str]:
-    """How to run the studies and rewrite this report, and a few recorded commands as examples."""
+    """How to run the studies that have records (in `tables.STUDIES` order) and rewrite this report, and a few recorded
+    commands as examples."""
+    studies = " ".join(name for name in STUDIES if any(r["study"] == name for r in records)) or " ".join(STUDIES)
     lines = [
         "",
         "## Commands",
         "",
         "```bash",
-        "nohup nice -n 10 python -m benchmarks.studies --study glue-sweep glue glue-cheap --workers 2 > study.log 2>&1 &",
+        f"nohup nice -n 10 python -m benchmarks.studies --study {studies} --workers 2 > study.log 2>&1 &",
         "bash benchmarks/studies/study_on_gpu.sh OUT_DIR 560      # on a GPU machine: every study, see benchmarks/studies/README.md",
         f"python -m benchmarks.studies --report --results {results_path}",
         "```",
