@@ -71,6 +71,9 @@ def test_section_reports_the_chosen_rho_the_held_out_epoch_and_paired_difference
     # last epoch: SAM 0.36 / 0.40 against AdamW 0.30 / 0.32: differences 0.06 and 0.08, mean +0.070, t-interval
     # 0.07 +- 12.706 * 0.01414 / sqrt(2) = +-0.127. SAM's sweep run peaks at its last epoch (3): the same values there.
     assert "| 0.380 ± 0.028 (n=2) | +0.070 [-0.057, +0.197] (n=2) | 3 | 0.380 ± 0.028 (n=2) |" in sam_row
+    # At the chosen epochs, each method at its own: SAM at epoch 3 (0.36, 0.40) against AdamW at its epoch 2 (0.5,
+    # 0.6): differences -0.14 and -0.20, mean -0.170, half-width 12.706 * 0.04243 / sqrt(2) = 0.381.
+    assert "| 3 | 0.380 ± 0.028 (n=2) | -0.170 [-0.551, +0.211] (n=2) |" in sam_row
     assert sam_row.endswith("| 0.600 ± 0.000 (n=2) | 2.00x (n=2) |")
     adamw_row = next(line for line in test_rows if line.startswith("| AdamW | 0 |"))
     assert "| 2 | 0.550 ± 0.071 (n=2) |" in adamw_row  # AdamW's chosen epoch 2: test accuracy 0.5 and 0.6
@@ -114,3 +117,13 @@ def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
     with pytest.raises(ValueError, match="has no `<!-- end generated: label-noise -->`"):
         update_generated_blocks(readme, {"label-noise": ["new"]})
     assert readme.read_text().endswith("no end marker\n")  # nothing written
+
+
+def test_two_test_set_records_of_one_method_and_seed_are_refused():
+    results = complete_sweep()
+    (adamw,) = [run for run in plan(tables.LABEL_NOISE, [], results) if run.method == "AdamW" and run.seed == 0]
+    record = noisy_record(adamw, [0.2, 0.3], [0.1, 0.2])
+    results["copy"] = record | {"id": "copy"}
+    results[adamw.id] = record
+    with pytest.raises(ValueError, match="two test-set records of AdamW seed 0"):
+        label_noise_section(results)
