@@ -265,7 +265,11 @@ class SharpnessCallback(TrainerCallback):
         self._last_step = state.global_step
         logs = self.compute(model)
         if self.trainer is not None:
+            # `Trainer.log` clears `control.should_log` (`CallbackHandler.on_log`): from `on_step_end` at a logging
+            # step, that would cancel the Trainer's own loss log for the step, whose window then runs on to the next.
+            should_log = self.trainer.control.should_log
             self.trainer.log(logs)
+            self.trainer.control.should_log = self.trainer.control.should_log or should_log
             return
         if not self._warned_no_trainer:
             logger.warning(

@@ -740,6 +740,12 @@ def test_callback_does_not_change_training(tmp_path):
     for (name, p), q in zip(with_callback.model.named_parameters(), without.model.parameters()):
         assert torch.equal(p, q), name
 
+    # Nor what the Trainer logs: a measurement at a logging step (here every step) keeps the Trainer's own loss log.
+    def losses(trainer):
+        return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+    assert losses(with_callback) == losses(without) and len(losses(without)) >= 2
+
 
 def test_callback_from_dataset_without_trainer_and_on_evaluate(tmp_path):
     callback = SharpnessCallback(

@@ -23,6 +23,7 @@ def test_rho_study_matches_sam_and_usam_at_the_radius_over_two_orders_of_magnitu
     (usam_run,) = [run for run in runs if run.id == "image-rho/cifar10/USAM/rho0.00588/seed1"]
     line = command(usam_run, "/data", "")
     assert "--method sam --normalize false --rho 0.00588" in line and "--train_val_split 0.1" in line
+    assert "--logging_nan_inf_filter false" in line  # a non-finite loss is logged as it is
     # 30 epochs: the study's flag comes after the set-up's 60, and the recipe's parser keeps the last one.
     assert "test.parquet" not in line and line.rindex("--num_train_epochs 30") > line.index("--num_train_epochs 60")
 
@@ -50,6 +51,11 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     records[-2]["train_history"][-1]["loss"] = float("nan")  # USAM rho 0.00294: non-finite
     assert diverged(records[2]) == "final training loss 2.5 above the first 2.3" and diverged(records[3]) is None
     assert diverged(records[-2]) == "non-finite loss"
+    # What the Trainer's default `logging_nan_inf_filter` leaves visible: the gradient norm and the evaluation loss.
+    hidden = records[3] | {"train_history": [{"loss": 2.3, "grad_norm": 1.0}, {"loss": 1.0, "grad_norm": math.inf}]}
+    assert diverged(hidden) == "non-finite gradient norm"
+    hidden = records[3] | {"eval_history": [{"epoch": 1.0, "eval_loss": 2.0}, {"epoch": 2.0, "eval_loss": math.nan}]}
+    assert diverged(hidden) == "non-finite evaluation loss"
     # SAM means: 0.54, 0.555, 0.56 (best), 0.545, 0.552: within 0.01 of 0.56 are 0.01, 0.02 and 0.1, with 0.05 a hole.
     by_rho = {rho: list(pair) for rho, pair in accuracies.items()}
     assert robust_range(by_rho) == (0.01, 0.1, [0.05])
@@ -72,16 +78,30 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     )
     assert "AdamW: 0.510 ± 0.014 (n=2)" in lines[3]
     assert not any(line.startswith("Epoch rule") for line in lines)  # one evaluation each: nothing to judge
-    for seed, (at_20, at_30) in enumerate([(0.50, 0.512), (0.52, 0.536)]):
+    # Means of 3 evaluations: epochs 19-21 and 28-30 (of 30). Seed 0: 0.50 -> 0.512, seed 1: 0.52 -> 0.536.
+    for seed, (middle, end) in enumerate([(0.50, 0.512), (0.52, 0.536)]):
         records[seed]["eval_history"] = [
-            {"epoch": float(epoch), "eval_accuracy": value} for epoch, value in [(10, 0.4), (20, at_20), (30, at_30)]
+            {"epoch": float(e), "eval_accuracy": 0.4 if e < 19 else middle if e <= 21 else 0.45 if e < 28 else end}
+            for e in range(1, 31)
         ]
     assert (
-        "Epoch rule: AdamW's held-out score over the last third of training: seed 0 0.500 (epoch 20) -> 0.512 "
-        "(epoch 30); seed 1 0.520 (epoch 20) -> 0.536 (epoch 30); mean gain +0.014, still rising: more epochs needed."
+        "Epoch rule: AdamW's held-out score over the last third of training (means of 3 evaluations): seed 0 0.500 "
+        "(epochs 19-21) -> 0.512 (epochs 28-30); seed 1 0.520 (epochs 19-21) -> 0.536 (epochs 28-30); mean gain "
+        "+0.014, still rising: more epochs needed."
     ) in rho_section(records)
-    records[1]["eval_history"][-1]["eval_accuracy"] = 0.524  # mean gain (0.012 + 0.004) / 2 = 0.008
+    for log in records[1]["eval_history"][-3:]:
+        log["eval_accuracy"] = 0.524  # mean gain (0.012 + 0.004) / 2 = 0.008
     assert any(line.endswith("mean gain +0.008, under 0.01: long enough.") for line in rho_section(records))
+    records[0]["train_history"] = [
+        {"epoch": 0.3, "loss": 2.3, "grad_norm": 3.0},
+        {"epoch": 0.6, "loss": 2.2, "grad_norm": 4.0},
+        {"epoch": 0.9, "loss": 2.1, "grad_norm": 3.8},
+        {"epoch": 1.2, "loss": 2.0, "grad_norm": 9.0},  # epoch 2: not counted
+    ]
+    assert (
+        "Cross-check of the mapping (3.4): the first-epoch median of the gradient norms logged by the study's AdamW "
+        "runs: seed 0 3.8."
+    ) in rho_section(records)
     assert "## rho robustness" in report({r["id"]: r for r in records}, "/nonexistent")
 
     figure = rho_figure(records, tmp_path / "docs" / "rho.png")
@@ -138,6 +158,15 @@ def test_flatness_pairs_every_measure_over_3_seeds_and_at_a_matched_training_los
     (matched,) = [line for line in lines if line.startswith("| SAM |")]
     assert matched.startswith("| SAM | -13 [-18, -8.03] (n=3) | -49 [-51.5, -46.5] (n=3) | +0 [+0, +0] (n=3) | – |")
     assert "seed 0: 0.9 vs AdamW 1 at step 395 (image-flat-adamw)" in matched
+    assert not any(line.startswith("The reruns") for line in lines)  # no grid run of seeds 1-2 among the records
+    # The grid's own SAM runs of seeds 1 and 2 (unmeasured): seed 1 trained as its rerun did, seed 2 not.
+    sam_reruns = [r for r in records if r["study"] == "image-flat"]
+    grid_runs = [r | {"study": "image", "id": "image/" + r["id"], "sharpness_history": []} for r in sam_reruns]
+    grid_runs[1] = grid_runs[1] | {"eval_history": [{"epoch": 5.0, "eval_accuracy": 0.49}]}
+    assert flatness_section(records + grid_runs)[-1] == (
+        "The reruns against the grid's runs of the same seed (test accuracy at the end): SAM seed 1 0.500 (H100) vs "
+        "0.500 (H100), every epoch equal; SAM seed 2 0.500 (H100) vs 0.500 (H100), curves differ."
+    )
 
 
 def test_full_batch_differences_cover_every_measure_both_ways():

@@ -147,11 +147,37 @@ def flatness_section(records: list[dict]) -> list[str]:
             "",
             "At a matched training loss: the method at the end of training minus the AdamW measurement (along its "
             f"training) whose training loss is closest to the method's final one, both the mean of the last "
-            f"{LOSS_WINDOW} logged training losses (every 20 steps) at or before the measurement; the closest "
+            f"{LOSS_WINDOW} logged training losses (every 20 steps; the Trainer's minibatch loss at w, with the "
+            "crop and flip, not the loss on the 256 measured images) at or before the measurement; the closest "
             "measurement is picked, not interpolated (AdamW measured every 395 steps in `image-flat-adamw`, every "
             "1,580 in `image`).",
             "",
             f"| method minus AdamW | {labels} | final training loss vs AdamW's at the step matched |",
             "|---|" + "---|" * len(SHARPNESS_KEYS) + "---|",
         ] + matched
-    return lines
+    return lines + rerun_check(records)
+
+
+def rerun_check(records: list[dict]) -> list[str]:
+    """
+    Whether the flatness reruns trained as the grid's runs of the same seed did: the measurement forks the RNG and
+    must not change training, so on the same kind of device their test accuracy after every epoch should be equal.
+    """
+    grid = {(r["method"], r["rho"], r["seed"]): r for r in records if r["study"] == "image"}
+    cells = []
+    for rerun in sorted((r for r in records if r["study"] == "image-flat"), key=lambda r: (r["method"], r["seed"])):
+        original = grid.get((rerun["method"], rerun["rho"], rerun["seed"]))
+        if original is None:
+            continue
+        curves = [[log.get("eval_accuracy") for log in r["eval_history"]] for r in (rerun, original)]
+        same = "every epoch equal" if curves[0] == curves[1] else "curves differ"
+        cells.append(
+            f"{rerun['method']} seed {rerun['seed']} {rerun['metrics']['eval_accuracy']:.3f} ({rerun['device']}) vs "
+            f"{original['metrics']['eval_accuracy']:.3f} ({original['device']}), {same}"
+        )
+    if not cells:
+        return []
+    return [
+        "",
+        "The reruns against the grid's runs of the same seed (test accuracy at the end): " + "; ".join(cells) + ".",
+    ]

@@ -34,16 +34,24 @@ from .tables import FIRST_EPOCH_GRAD_NORM, IMAGE_RHO_ROBUSTNESS, STSB_RHO_REFERE
 METHODS = ("SAM", "USAM")
 WITHIN = 0.01  # "within 1 point of the best": a mean held-out score at least the best mean minus 0.01
 PLATEAU_GAIN = 0.01  # AdamW's held-out gain over the last third of training below this: the schedule is long enough
+RULE_SPAN = 3  # evaluations averaged at each end of that last third
 SETUPS = {IMAGE_RHO_ROBUSTNESS.name: "ViT from scratch", STSB_RHO_ROBUSTNESS.name: "all-MiniLM-L6-v2"}
 
 
 def diverged(record: dict) -> str | None:
-    """Why a run diverged, or None: a non-finite logged or final training loss, or a final training loss above the
-    first one logged (both from `train_history`, the Trainer's logged `loss`)."""
-    losses = [log["loss"] for log in record.get("train_history", []) if "loss" in log]
+    """Why a run diverged, or None: a non-finite logged or final training loss, logged gradient norm or evaluation
+    loss, or a final training loss above the first one logged (`train_history`, the Trainer's logged `loss`; the
+    Trainer hides a non-finite loss unless `--logging_nan_inf_filter false`, the norms and evaluations it never
+    hides)."""
+    train, evaluations = record.get("train_history", []), record.get("eval_history", [])
+    losses = [log["loss"] for log in train if "loss" in log]
     final = record.get("metrics", {}).get("train_loss")
     if any(not math.isfinite(loss) for loss in losses) or (final is not None and not math.isfinite(final)):
         return "non-finite loss"
+    if any(not math.isfinite(log["grad_norm"]) for log in train if "grad_norm" in log):
+        return "non-finite gradient norm"
+    if any(not math.isfinite(log["eval_loss"]) for log in evaluations if "eval_loss" in log):
+        return "non-finite evaluation loss"
     if len(losses) >= 2 and losses[-1] > losses[0]:
         return f"final training loss {losses[-1]:.3g} above the first {losses[0]:.3g}"
     return None
@@ -51,29 +59,49 @@ def diverged(record: dict) -> str | None:
 
 def epoch_rule(runs: list[dict]) -> list[str]:
     """
-    Whether the schedule is long enough: AdamW's held-out score per seed at two thirds of training and at its end
-    (`eval_history`), and the mean gain over the seeds against `PLATEAU_GAIN`.
+    Whether the schedule is long enough: AdamW's held-out score per seed, averaged over the `RULE_SPAN` evaluations
+    centred on two thirds of training and over the last `RULE_SPAN` (one evaluation on a few hundred examples is
+    noisy: 2 points of binomial sd on 500 images), and the mean gain over the seeds against `PLATEAU_GAIN`.
     """
     cells, gains = [], []
     for record in sorted((r for r in runs if r["method"] == "AdamW"), key=lambda r: r["seed"]):
         scores = score_by_epoch(record) if record.get("eval_history") else {}
-        if not scores:
+        epochs = sorted(scores)
+        if len(epochs) < 2 * RULE_SPAN:
             continue
-        last = max(scores)
-        start = min(scores, key=lambda epoch: abs(epoch - 2 * last / 3))
-        if start == last:
-            continue
-        gains.append(scores[last] - scores[start])
-        cells.append(f"seed {record['seed']} {scores[start]:.3f} (epoch {start}) -> {scores[last]:.3f} (epoch {last})")
+        middle = min(range(len(epochs)), key=lambda i: abs(epochs[i] - 2 * epochs[-1] / 3))
+        middle = min(max(middle - RULE_SPAN // 2, 0), len(epochs) - 2 * RULE_SPAN)
+        early, late = epochs[middle : middle + RULE_SPAN], epochs[-RULE_SPAN:]
+        before, after = (statistics.mean(scores[e] for e in span) for span in (early, late))
+        gains.append(after - before)
+        cells.append(
+            f"seed {record['seed']} {before:.3f} (epochs {early[0]}-{early[-1]}) -> {after:.3f} "
+            f"(epochs {late[0]}-{late[-1]})"
+        )
     if not gains:
         return []
     mean = statistics.mean(gains)
     verdict = f"under {PLATEAU_GAIN:g}: long enough" if mean < PLATEAU_GAIN else "still rising: more epochs needed"
     return [
         "",
-        f"Epoch rule: AdamW's held-out score over the last third of training: {'; '.join(cells)}; mean gain "
-        f"{mean:+.3f}, {verdict}.",
+        f"Epoch rule: AdamW's held-out score over the last third of training (means of {RULE_SPAN} evaluations): "
+        f"{'; '.join(cells)}; mean gain {mean:+.3f}, {verdict}.",
     ]
+
+
+def grad_norm_check(runs: list[dict], norm: float | None) -> list[str]:
+    """The first-epoch median gradient norm the study's own AdamW runs logged (every `logging_steps`), beside the
+    constant USAM's grid was mapped by: a cross-check of the measurement, from a few logged steps only."""
+    logged = {r["seed"]: first_epoch_grad_norm(r) for r in runs if r["method"] == "AdamW" and _logs_grad_norm(r)}
+    if not logged or norm is None:
+        return []
+    cells = ", ".join(f"seed {seed} {value:.3g}" for seed, value in sorted(logged.items()))
+    return ["", f"Cross-check of the mapping ({norm:.3g}): the first-epoch median of the gradient norms logged by "
+            f"the study's AdamW runs: {cells}."]  # fmt: skip
+
+
+def _logs_grad_norm(record: dict) -> bool:
+    return any("grad_norm" in log and log.get("epoch", 2.0) <= 1.0 for log in record.get("train_history", []))
 
 
 def score_by_rho(records: list[dict], method: str) -> dict[float, list[float]]:
@@ -151,7 +179,7 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
             count = sum(reason is not None for reason in reasons)
             at = "–" if norm is None else f"{radius(method, rho, norm):.3g}"
             lines.append(f"| {method} | {rho:g} | {at} | {mean_std(values)} | {count} of {len(reasons)} |")
-    lines += epoch_rule(runs)
+    lines += epoch_rule(runs) + grad_norm_check(runs, norm)
     planned = plan(study, [], results)
     lines += ["", f"Range of rho within {WITHIN * 100:g} point of the method's best mean score:", ""]
     for method in METHODS:

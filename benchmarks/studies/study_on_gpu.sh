@@ -16,10 +16,11 @@
 # one stopped.
 # OUT_DIR also gets study.log, gpu.txt, run_logs.tgz and, when the studies end early enough, the GPU check's report.
 # A CPU smoke test of the plumbing: STUDY_EXTRA_FLAGS="--max_train_samples 16 ..." STUDY_ARGS="--only rte --seeds 0".
-# STUDIES: which studies, in priority order (the finished ones are skipped). The default puts first what CPUs cannot
-# do (the scarce-data GLUE grid: about 90 CPU-hours, minutes here), then the image studies that the CPU runner also
-# works through: stop that runner (by its pid) before a GPU session that may run its studies, or a run done in both
-# places is in both records files, which the runner refuses to read.
+# STUDIES: which studies, in priority order (the finished ones are skipped). The default runs what CPUs cannot do (the
+# scarce-data GLUE studies and the full-size calibration reruns: about 90 CPU-hours, minutes here), then the
+# rho-robustness studies. Not by default: the label-noise and flatness studies, which the CPU runner works through
+# (their paired seeds and the flatness grid's CPU seed 0 stay on one kind of device). A study run here and by a CPU
+# runner at once would finish some runs in both places, in both records files, which the runner refuses to read.
 set -u
 out=${1:?usage: study_on_gpu.sh OUT_DIR BUDGET_S [WORKERS]}
 budget_s=${2:?usage: study_on_gpu.sh OUT_DIR BUDGET_S [WORKERS]}
@@ -42,7 +43,7 @@ copier=$!
 timeout -k 5 "$(left)" python3 -m benchmarks.studies \
     --study ${STUDIES:-image-sweep glue-sweep image-full-batch image glue glue-cheap glue-peer glue-rte-lr glue-rte \
         low-data-sweep low-data glue-calibration low-data-fsam-sweep low-data-fsam glue-rho \
-        image-rho image-flat image-flat-adamw label-noise-sweep label-noise label-noise-more} \
+        image-rho} \
     --workers "$workers" --data_dir .device/study/data --code_dir . --work_dir "$state/work" \
     --results "$state/study.jsonl" "$results/study_cpu.jsonl" \
     --extra_flags "${STUDY_EXTRA_FLAGS---tf32 true}" ${STUDY_ARGS:-} >>"$out/study.log" 2>&1
