@@ -25,7 +25,7 @@ def test_equivalence_names_the_largest_difference_an_interval_inside_one_point_l
     # half-width 3.1824 * 0.0025820 / 2 = 0.0041085: [-0.0011085, +0.0071085], inside +-0.01; 0.711 points, up: 0.72.
     low, high = t_interval([0.0, 0.004, 0.002, 0.006])
     assert math.isclose(low, -0.0011085, abs_tol=1e-7) and math.isclose(high, 0.0071085, abs_tol=1e-7)
-    assert equivalence([0.0, 0.004, 0.002, 0.006]) == "no difference larger than 0.72 points"
+    assert equivalence([0.0, 0.004, 0.002, 0.006]) == "95% CI excludes differences beyond ±0.72 points"
     # Mean 0.03, same spread: [0.0259, 0.0341] is past +1 point, so nothing is ruled out at that margin.
     assert equivalence([0.028, 0.032, 0.030, 0.034, 0.026]) == "–"
     assert equivalence([0.001]) == "–"
@@ -41,9 +41,15 @@ def test_low_data_sweep_holds_out_250_examples_before_drawing_the_1000_and_choos
     assert tables.LOW_DATA_EPOCHS * math.ceil(1000 / 32) == 576
     assert record_of(runs[0], 0.5)["train_samples"] == 1000
 
-    assert [run.method for run in plan(tables.LOW_DATA, [0], {})] == ["AdamW"] * 40  # 10 seeds x 4 tasks; SAM waits
+    assert plan(tables.LOW_DATA, [0], {}) == []  # everything waits for the sweep's AdamW runs (the epoch rule)
     scores = {0.005: 0.60, 0.01: 0.62, 0.02: 0.65, 0.05: 0.64, 0.1: 0.50}
     sweep = {run.id: record_of(run, scores.get(run.rho, 0.6)) for run in runs}
+    assert plan(tables.LOW_DATA, [0], sweep) == []  # one evaluation per AdamW run: the rule cannot be judged
+    for record in sweep.values():
+        if record["method"] == "AdamW":
+            record["eval_history"] = [record["eval_history"][0] | {"epoch": float(e)} for e in range(1, 19)]  # flat
+    adamw_sweep = {key: r for key, r in sweep.items() if r["method"] == "AdamW"}
+    assert [run.method for run in plan(tables.LOW_DATA, [0], adamw_sweep)] == ["AdamW"] * 40  # SAM waits for rho
     grid = plan(tables.LOW_DATA, [0], sweep)
     assert len(grid) == 80 and {run.rho for run in grid if run.method == "SAM"} == {0.02}
     sam = next(run for run in grid if run.method == "SAM" and run.seed == 7)
@@ -51,6 +57,9 @@ def test_low_data_sweep_holds_out_250_examples_before_drawing_the_1000_and_choos
     assert "--max_train_samples 1000 --train_subset_seed 7 --num_train_epochs 18 --method sam --rho 0.02" in argv
     assert "--validation_split_percentage" not in argv and "--max_eval_samples" not in argv  # the dev set as test
     assert plan(tables.LOW_DATA_FSAM, [0], sweep) == []  # F-SAM waits for its own sweep
+    rising = {key: r | {"eval_history": [log | {"eval_accuracy": 0.5 + 0.01 * log["epoch"]} for log in r["eval_history"]]}
+              for key, r in sweep.items()}  # fmt: skip
+    assert tables.low_data_plateau(rising)[0] is False and plan(tables.LOW_DATA, [0], rising) == []
 
 
 def test_calibration_study_reruns_mrpc_and_cola_at_the_grid_rho():
@@ -83,7 +92,7 @@ def test_report_low_data_sections_appear_only_with_their_records():
         ]  # fmt: skip
     text = report({r["id"]: r for r in records}, "/nonexistent")
     rows = [line for line in text.splitlines() if line.startswith("| MRPC |") and "| SAM | 0.02 |" in line]
-    assert rows[0].endswith("| +0.001 [-0.007, +0.009] (n=9) | no difference larger than 0.87 points | 10 |")
+    assert rows[0].endswith("| +0.001 [-0.007, +0.009] (n=9) | 95% CI excludes differences beyond ±0.87 points | 10 |")
     assert rows[1].endswith("| +0.005 [-0.010, +0.020] (n=9) | – | 34 |")
     assert "## Scarce data: dev results" in text and "Scarce data: rho sweep" not in text
     assert "Calibration on GLUE" not in text  # these records have no calibration metrics
@@ -120,13 +129,26 @@ def test_report_low_data_sweep_shows_the_chosen_rho_and_whether_adamw_plateaus()
     text = report({r["id"]: r for r in records}, "/nonexistent")
     assert "now: SAM None, F-SAM None" in text  # four of SAM's five rhos have not run
     assert "| MRPC | 0.700 | – | – | – | 0.700 | – | – | – | – | – | – |" in text
-    # Gains: MRPC +0.005, RTE +0.005, CoLA 0, STS-B (0.5 + 0.51) / 2 - 0.5 = +0.005: mean +0.00375.
-    assert "MRPC 0.600 -> 0.605; RTE 0.600 -> 0.605; CoLA 0.300 -> 0.300; STS-B 0.500 -> 0.505" in text
-    assert "mean gain +0.004 over 4 tasks: plateaued (|gain| < 0.01)." in text
+    # Means of epochs 11-13 and 16-18: MRPC, RTE and STS-B gain 0.005 / 3 = 0.00167, CoLA 0: mean +0.00125.
+    assert (
+        "MRPC 0.600 (epochs 11-13) -> 0.602 (16-18); RTE 0.600 (epochs 11-13) -> 0.602 (16-18); CoLA 0.300 "
+        "(epochs 11-13) -> 0.300 (16-18); STS-B 0.500 (epochs 11-13) -> 0.502 (16-18); mean gain +0.001 (must be < "
+        "0.01), each task's < 0.03: passed, the seed runs go ahead."
+    ) in text
     assert "| RTE | 3: 0.600, 6: 0.600, 9: 0.600, 12: 0.600, 15: 0.600, 18: 0.605 |" in text
     for record in records[:4]:  # AdamW on every task: +0.03 at the last epoch
         record["eval_history"][-1] = {key: value + 0.03 for key, value in record["eval_history"][-1].items()} | {
             "epoch": 18.0
         }
     text = report({r["id"]: r for r in records}, "/nonexistent")
-    assert "mean gain +0.034 over 4 tasks: still rising: more epochs." in text
+    # +0.03 at epoch 18: MRPC, RTE, STS-B gain 0.035 / 3 = 0.01167, CoLA 0.01: mean +0.01125, past 0.01.
+    assert "mean gain +0.011 (must be < 0.01), each task's < 0.03: failed: more epochs, the seed runs wait." in text
+    for record in records[:4]:  # flat on every task but MRPC, whose last 3 evaluations gain 0.036: mean 0.009
+        metrics = ("eval_accuracy", "eval_f1", "eval_matthews_correlation", "eval_pearson", "eval_spearmanr")
+        bump = 0.036 if record["task"] == "mrpc" else 0.0
+        record["eval_history"] = [
+            {"epoch": float(e)} | {key: 0.6 + bump * (e >= 16) for key in metrics} for e in range(1, 19)
+        ]
+    passed, gains = tables.low_data_plateau({r["id"]: r for r in records})
+    by_task = {task: after - before for task, (before, after, _, _) in gains.items()}
+    assert passed is False and math.isclose(by_task["mrpc"], 0.036) and math.isclose(sum(by_task.values()) / 4, 0.009)

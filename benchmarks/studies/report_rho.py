@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .plan import Study, first_epoch_grad_norm, plan
 from .records import read_records
-from .setups import score_by_epoch, task_label, task_metrics, task_score
+from .setups import last_third_gain, task_label, task_metrics, task_score
 from .stats import mean_std
 from .tables import FIRST_EPOCH_GRAD_NORM, IMAGE_RHO_ROBUSTNESS, STSB_RHO_REFERENCE, STSB_RHO_ROBUSTNESS
 
@@ -65,14 +65,10 @@ def epoch_rule(runs: list[dict]) -> list[str]:
     """
     cells, gains = [], []
     for record in sorted((r for r in runs if r["method"] == "AdamW"), key=lambda r: r["seed"]):
-        scores = score_by_epoch(record) if record.get("eval_history") else {}
-        epochs = sorted(scores)
-        if len(epochs) < 2 * RULE_SPAN:
+        found = last_third_gain(record, RULE_SPAN)
+        if found is None:
             continue
-        middle = min(range(len(epochs)), key=lambda i: abs(epochs[i] - 2 * epochs[-1] / 3))
-        middle = min(max(middle - RULE_SPAN // 2, 0), len(epochs) - 2 * RULE_SPAN)
-        early, late = epochs[middle : middle + RULE_SPAN], epochs[-RULE_SPAN:]
-        before, after = (statistics.mean(scores[e] for e in span) for span in (early, late))
+        before, after, early, late = found
         gains.append(after - before)
         cells.append(
             f"seed {record['seed']} {before:.3f} (epochs {early[0]}-{early[-1]}) -> {after:.3f} "

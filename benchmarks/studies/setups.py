@@ -177,3 +177,19 @@ def score_by_epoch(record: dict) -> dict[int, float]:
     for log in record["eval_history"]:
         scores.setdefault(round(log["epoch"]), task_score(record["task"], log))
     return scores
+
+
+def last_third_gain(record: dict, span: int = 3) -> tuple[float, float, list[int], list[int]] | None:
+    """
+    Whether a run still learned at its end: its held-out score (`score_by_epoch`) averaged over the `span`
+    evaluations centred on two thirds of training and over its last `span` (one evaluation on a few hundred examples
+    is noisy): (mean there, mean at the end, those epochs, these epochs); None with fewer than 2 * `span` evaluations.
+    """
+    scores = score_by_epoch(record) if record.get("eval_history") else {}
+    epochs = sorted(scores)
+    if len(epochs) < 2 * span:
+        return None
+    middle = min(range(len(epochs)), key=lambda i: abs(epochs[i] - 2 * epochs[-1] / 3))
+    start = min(max(middle - span // 2, 0), len(epochs) - 2 * span)
+    early, late = epochs[start : start + span], epochs[-span:]
+    return sum(scores[e] for e in early) / span, sum(scores[e] for e in late) / span, early, late

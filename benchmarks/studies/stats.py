@@ -61,7 +61,7 @@ def t_interval(differences: list[float]) -> tuple[float, float]:
 def equivalence(differences: list[float], margin: float = 0.01) -> str:
     """
     What a null result rules out: where the 95% t-interval of the mean difference lies inside +-`margin` (metric
-    units; 0.01 is 1 point of a score in [0, 1]), "no difference larger than X points", X = the interval's larger
+    units; 0.01 is 1 point of a score in [0, 1]), "95% CI excludes differences beyond ±X points", X = the interval's larger
     absolute end in points (x 100), rounded up to 0.01 point; otherwise "–" (the interval reaches past the margin).
     """
     if len(differences) < 2:
@@ -69,7 +69,7 @@ def equivalence(differences: list[float], margin: float = 0.01) -> str:
     low, high = t_interval(differences)
     if not -margin < low <= high < margin:
         return "–"
-    return f"no difference larger than {math.ceil(round(max(abs(low), abs(high)) * 100, 9) * 100) / 100:.2f} points"
+    return f"95% CI excludes differences beyond ±{math.ceil(round(max(abs(low), abs(high)) * 100, 9) * 100) / 100:.2f} points"
 
 
 def power_paired_t(n: int, difference: float, sd: float, alpha: float = 0.05) -> float:
