@@ -153,6 +153,33 @@ def test_glue_recipe_refuses_regression_and_one_class_before_loading_a_model(tmp
         run_glue.main(*parse_glue(["--train_file", str(one), "--label_noise", "0.5"] + flags))
 
 
+def test_image_held_out_accuracies_recomputed_from_the_saved_model(tmp_path):
+    """`eval_accuracy` is against the held-out split's noisy labels, `eval_clean_accuracy` against its true ones, each
+    equal to a recomputation from the saved model on the same un-augmented images, split as the recipe splits."""
+    from datasets import load_dataset
+    from transformers import AutoModelForImageClassification
+
+    from hf_sam.scripts.image import build_image_processor, collate_fn, make_transforms
+
+    train = make_parquet(tmp_path / "train.parquet", 40)
+    argv = ["--train_file", str(train), "--train_val_split", "0.5", "--label_noise", "0.5", "--label_noise_seed", "1"]
+    metrics = run_image.main(*parse_image(argv + ["--do_train", "--do_eval"] + _tiny_flags(tmp_path / "out")))
+    raw = load_dataset("parquet", data_files={"train": str(train)})["train"]
+    true = np.array(raw["label"])
+    noisy, _ = flip_labels(true.tolist(), len(CLASSES), 0.5, 1)
+    held_out = raw.add_column("noisy", noisy.tolist()).train_test_split(test_size=0.5, seed=0)["test"]
+    _, transform = make_transforms(build_image_processor(16), "img", int, padding=4, flip=True)  # eval: no crop, flip
+    pixels = transform({"img": held_out["img"], "__label__": held_out["noisy"]})["pixel_values"]
+    batch = collate_fn([{"pixel_values": p, "labels": 0} for p in pixels])
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(-1).numpy()
+    assert metrics["eval_samples"] == 20 and np.array(held_out["noisy"]).tolist() != held_out["label"]
+    assert metrics["eval_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["noisy"])), abs=1e-12)
+    assert metrics["eval_accuracy"] != metrics["eval_clean_accuracy"]  # the two label sets tell apart here
+    assert metrics["eval_clean_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["label"])))
+
+
 @pytest.fixture(scope="module")
 def tiny_text_model(tmp_path_factory):
     return str(save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert")))
@@ -185,6 +212,7 @@ def test_glue_held_out_clean_accuracy_is_against_the_true_labels(tmp_path, tiny_
     with torch.no_grad():
         predictions = model(**inputs.convert_to_tensors("pt")).logits.argmax(-1).numpy()
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["noisy"])), abs=1e-12)
+    assert metrics["eval_accuracy"] != metrics["eval_clean_accuracy"]  # the two label sets tell apart here
     assert metrics["eval_clean_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["label"])))
     assert np.array(held_out["noisy"]).tolist() != held_out["label"]  # the split does hold flipped labels
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
