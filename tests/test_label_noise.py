@@ -176,7 +176,6 @@ def test_image_held_out_accuracies_recomputed_from_the_saved_model(tmp_path):
         predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(-1).numpy()
     assert metrics["eval_samples"] == 20 and np.array(held_out["noisy"]).tolist() != held_out["label"]
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["noisy"])), abs=1e-12)
-    assert metrics["eval_accuracy"] != metrics["eval_clean_accuracy"]  # the two label sets tell apart here
     assert metrics["eval_clean_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["label"])))
 
 
@@ -212,7 +211,6 @@ def test_glue_held_out_clean_accuracy_is_against_the_true_labels(tmp_path, tiny_
     with torch.no_grad():
         predictions = model(**inputs.convert_to_tensors("pt")).logits.argmax(-1).numpy()
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["noisy"])), abs=1e-12)
-    assert metrics["eval_accuracy"] != metrics["eval_clean_accuracy"]  # the two label sets tell apart here
     assert metrics["eval_clean_accuracy"] == pytest.approx(np.mean(predictions == np.array(held_out["label"])))
     assert np.array(held_out["noisy"]).tolist() != held_out["label"]  # the split does hold flipped labels
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
