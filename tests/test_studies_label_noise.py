@@ -33,7 +33,7 @@ def test_the_study_plans_noisy_runs_with_the_seed_as_noise_seed_and_waits_for_it
     assert flags[flags.index("--label_noise_seed") + 1] == "3" and flags[flags.index("--label_noise") + 1] == "0.4"
     assert flags[flags.index("--random_crop_padding") + 1] == "0"
     sweep = plan(tables.LABEL_NOISE_SWEEP, [5], {})
-    assert {run.seed for run in sweep} == {0} and all(run.held_out for run in sweep) and len(sweep) == 1 + 5 + 3
+    assert {run.seed for run in sweep} == {0} and all(run.held_out for run in sweep) and len(sweep) == 1 + 5 + 4
 
 
 def test_best_epoch_is_the_earliest_highest_noisy_held_out_accuracy():
@@ -97,7 +97,9 @@ def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
     for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2]:
         results[run.id] = noisy_record(run, [0.2, 0.4, 0.3 + 0.05 * run.seed], [0.1, 0.3, 0.6])
     block = readme_block(results)
-    assert block[0].startswith("rho chosen on the noisy held-out split: SAM 0.1, F-SAM 0.05 (9 of 9 sweep runs done).")
+    assert block[0].startswith(
+        "rho chosen on the noisy held-out split: SAM 0.1, F-SAM 0.05 (10 of 10 sweep runs done)."
+    )
     assert any(
         line.startswith("| SAM | 0.1 | 0.325 ± 0.035 (n=2) | +0.000 [+0.000, +0.000] (n=2) |") for line in block
     )
