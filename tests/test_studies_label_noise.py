@@ -81,6 +81,30 @@ def test_section_reports_the_chosen_rho_the_held_out_epoch_and_paired_difference
     assert plot_memorisation(results, tmp_path / "figure.png") and (tmp_path / "figure.png").stat().st_size > 0
 
 
+def test_cheaper_schedules_are_compared_with_full_sam_paired_by_seed():
+    results = complete_sweep()
+    runs = plan(tables.LABEL_NOISE, [], results) + plan(tables.LABEL_NOISE_MORE, [], results)
+    values = {  # (test accuracy at the last epoch, memorised at the end, CPU seconds) for seeds 0 and 1
+        "AdamW": ((0.30, 0.32), (0.9, 0.9), 100.0),
+        "SAM": ((0.36, 0.40), (0.6, 0.6), 200.0),
+        "SAM-interval5": ((0.34, 0.41), (0.8, 0.7), 110.0),
+    }
+    for run in [run for run in runs if run.seed < 2 and run.method in values]:
+        accuracy, fraction, cpu = values[run.method]
+        results[run.id] = noisy_record(
+            run, [0.2, 0.3, accuracy[run.seed]], [0.1, 0.2, fraction[run.seed]], cpu=cpu
+        )  # fmt: skip
+    text = "\n".join(label_noise_section(results))
+    row = next(line for line in text.split("Against full SAM")[1].splitlines() if line.startswith("| SAM-interval5 |"))
+    # accuracy: -0.02 and +0.01, mean -0.005, half-width 12.706 * 0.02121 / sqrt(2) = 0.1906; memorised: +0.2 and
+    # +0.1, mean +0.150, half-width 12.706 * 0.07071 / sqrt(2) = 0.6353; CPU time 110 / 200 in both seeds.
+    assert row == "| SAM-interval5 | -0.005 [-0.196, +0.186] (n=2) | +0.150 [-0.485, +0.785] (n=2) | 0.55x (n=2) |"
+    assert "| SAM | " not in text.split("Against full SAM")[1]  # SAM is the baseline, F-SAM is in the 5-seed grid
+    del results[next(run.id for run in runs if run.method == "SAM-interval5" and run.seed == 0)]
+    del results[next(run.id for run in runs if run.method == "SAM-interval5" and run.seed == 1)]
+    assert "Against full SAM" not in "\n".join(label_noise_section(results))
+
+
 def test_section_is_absent_without_records_and_says_what_is_missing_while_incomplete():
     assert label_noise_section({}) == [] and not plot_memorisation({}, "/nonexistent/figure.png")
     results = complete_sweep()

@@ -92,6 +92,7 @@ def _pairs(runs: dict[int, dict], baseline: dict[int, dict], value, baseline_val
 
 
 def _cpu_ratio(runs: dict[int, dict], baseline: dict[int, dict]) -> str:
+    """Mean over the seeds both have (whole CPU time known, same device) of the per-seed CPU-time ratio."""
     ratios = [
         runs[s]["cpu_s"] / baseline[s]["cpu_s"]
         for s in sorted(set(runs) & set(baseline))
@@ -155,9 +156,35 @@ def _grid_rows(grid: list[dict], epochs: dict[str, int]) -> list[str]:
                 cell += f"; {paired_difference(_pairs(runs, adamw, value))}"
             cells.append(cell)
         calibration.append(f"| {method} | " + " | ".join(cells) + " |")
-    return (
-        accuracy + ["", "Calibration on the test set at the last epoch (minus AdamW after the `;`):", ""] + calibration
-    )
+    lines = accuracy + ["", "Calibration on the test set at the last epoch (minus AdamW after the `;`):", ""]
+    return lines + calibration + _against_sam_rows(by_method)
+
+
+def _against_sam_rows(by_method: dict[str, dict[int, dict]]) -> list[str]:
+    """
+    The cheaper schedules and the later methods (`LABEL_NOISE_MORE`, at SAM's rho) against full SAM, paired by seed at
+    the last epoch: whether a schedule keeps SAM's gain at a fraction of its cost is a comparison with SAM, not with
+    AdamW. Nothing while none of them or no SAM run has finished.
+    """
+    sam = by_method.get("SAM", {})
+    others = [m for m in sorted(by_method, key=METHOD_ORDER.index) if m not in ("AdamW", "SAM", "F-SAM")]
+    if not sam or not others:
+        return []
+    lines = [
+        "",
+        "Against full SAM (seeds in common, paired by seed, at the last epoch; these methods have no sweep run, so "
+        "no held-out-chosen epoch):",
+        "",
+        "| method | test accuracy minus SAM | memorised minus SAM | CPU time / SAM |",
+        "|---|---|---|---|",
+    ]
+    for method in others:
+        runs = by_method[method]
+        lines.append(
+            f"| {method} | {paired_difference(_pairs(runs, sam, last))} | "
+            f"{paired_difference(_pairs(runs, sam, memorised))} | {_cpu_ratio(runs, sam)} |"
+        )
+    return lines
 
 
 def label_noise_section(results: dict[str, dict]) -> list[str]:
