@@ -94,12 +94,34 @@ def test_cheaper_schedules_are_compared_with_full_sam_paired_by_seed():
         results[run.id] = noisy_record(
             run, [0.2, 0.3, accuracy[run.seed]], [0.1, 0.2, fraction[run.seed]], cpu=cpu
         )  # fmt: skip
+    assert plan(tables.LABEL_NOISE_MORE_SWEEP, [7], {}) == []  # waits for SAM's rho
+    more_sweep = plan(tables.LABEL_NOISE_MORE_SWEEP, [7], results)
+    assert [(r.method, r.rho, r.seed, r.held_out) for r in more_sweep] == [
+        (arm.method, 0.1, 0, True) for arm in tables.LABEL_NOISE_MORE.arms
+    ]
+    interval5_held_out = next(run for run in more_sweep if run.method == "SAM-interval5")
+    results[interval5_held_out.id] = noisy_record(interval5_held_out, [0.25, 0.40, 0.30], [0.1, 0.2, 0.3])
     text = "\n".join(label_noise_section(results))
+    # Its epoch is chosen on its own held-out run (epoch 2), where it scored 0.3 in both seeds, as AdamW did at its
+    # own epoch 2.
+    grid_row = next(
+        line for line in text.split("Test set (clean")[1].splitlines() if line.startswith("| SAM-interval5")
+    )
+    assert "| 2 | 0.300 ± 0.000 (n=2) | +0.000 [+0.000, +0.000] (n=2) |" in grid_row
+    assert (
+        "| SAM-interval5 | 0.1 | 0.300 | 2: 0.400 | 0.400 / 0.500 | 0.300 |" in text.split("Test set (clean")[0]
+    )  # in the sweep table
     row = next(line for line in text.split("Against full SAM")[1].splitlines() if line.startswith("| SAM-interval5 |"))
     # accuracy: -0.02 and +0.01, mean -0.005, half-width 12.706 * 0.02121 / sqrt(2) = 0.1906; memorised: +0.2 and
     # +0.1, mean +0.150, half-width 12.706 * 0.07071 / sqrt(2) = 0.6353; CPU time 110 / 200 in both seeds.
     assert row == "| SAM-interval5 | -0.005 [-0.196, +0.186] (n=2) | +0.150 [-0.485, +0.785] (n=2) | 0.55x (n=2) |"
     assert "| SAM | " not in text.split("Against full SAM")[1]  # SAM is the baseline, F-SAM is in the 5-seed grid
+    del results[interval5_held_out.id]
+    # Without it: no chosen epoch. At the last epoch 0.34 and 0.41 against AdamW's 0.30 and 0.32: +0.04 and +0.09,
+    # mean +0.065, half-width 12.706 * 0.03536 / sqrt(2) = 0.318.
+    assert "| SAM-interval5 | 0.1 | 0.375 ± 0.049 (n=2) | +0.065 [-0.253, +0.383] (n=2) | – |" in "\n".join(
+        label_noise_section(results)
+    )
     del results[next(run.id for run in runs if run.method == "SAM-interval5" and run.seed == 0)]
     del results[next(run.id for run in runs if run.method == "SAM-interval5" and run.seed == 1)]
     assert "Against full SAM" not in "\n".join(label_noise_section(results))
