@@ -6,6 +6,7 @@ from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.records import make_record
 from benchmarks.studies.report_label_noise import best_epoch, label_noise_section, plot_memorisation
+from benchmarks.studies.runner import waiting
 
 
 ENVIRONMENT = {"machine": "test", "torch": "x", "git_commit": "abc"}
@@ -81,49 +82,59 @@ def test_section_reports_the_chosen_rho_the_held_out_epoch_and_paired_difference
     assert plot_memorisation(results, tmp_path / "figure.png") and (tmp_path / "figure.png").stat().st_size > 0
 
 
-def test_cheaper_schedules_are_compared_with_full_sam_paired_by_seed():
-    results = complete_sweep()
+def test_cheaper_schedules_are_stopped_at_their_own_held_out_epoch_and_compared_with_full_sam():
+    results = complete_sweep()  # AdamW's chosen epoch is 2, SAM's (rho 0.1) 3
     runs = plan(tables.LABEL_NOISE, [], results) + plan(tables.LABEL_NOISE_MORE, [], results)
-    values = {  # (test accuracy at the last epoch, memorised at the end, CPU seconds) for seeds 0 and 1
-        "AdamW": ((0.30, 0.32), (0.9, 0.9), 100.0),
-        "SAM": ((0.36, 0.40), (0.6, 0.6), 200.0),
-        "SAM-interval5": ((0.34, 0.41), (0.8, 0.7), 110.0),
+    grid = {  # test accuracy by epoch for seeds 0 and 1, memorised at the end, CPU seconds
+        "AdamW": (([0.2, 0.3, 0.30], [0.2, 0.3, 0.32]), (0.9, 0.9), 100.0),
+        "SAM": (([0.2, 0.3, 0.36], [0.2, 0.3, 0.40]), (0.6, 0.6), 200.0),
+        "SAM-interval5": (([0.33, 0.3, 0.34], [0.35, 0.3, 0.41]), (0.8, 0.7), 110.0),
+        "GSAM": (([0.2, 0.25, 0.33], [0.2, 0.25, 0.37]), (0.5, 0.5), 220.0),
     }
-    for run in [run for run in runs if run.seed < 2 and run.method in values]:
-        accuracy, fraction, cpu = values[run.method]
-        results[run.id] = noisy_record(
-            run, [0.2, 0.3, accuracy[run.seed]], [0.1, 0.2, fraction[run.seed]], cpu=cpu
-        )  # fmt: skip
+    for run in [run for run in runs if run.seed < 2 and run.method in grid]:
+        curves, fraction, cpu = grid[run.method]
+        results[run.id] = noisy_record(run, curves[run.seed], [0.1, 0.2, fraction[run.seed]], cpu=cpu)
     assert plan(tables.LABEL_NOISE_MORE_SWEEP, [7], {}) == []  # waits for SAM's rho
+    assert waiting(["label-noise-more-sweep"], [7], {}) == [
+        "label-noise-more-sweep: nothing to plan until SAM's rho sweep (label-noise-sweep) is complete"
+    ]
     more_sweep = plan(tables.LABEL_NOISE_MORE_SWEEP, [7], results)
     assert [(r.method, r.rho, r.seed, r.held_out) for r in more_sweep] == [
         (arm.method, 0.1, 0, True) for arm in tables.LABEL_NOISE_MORE.arms
     ]
-    interval5_held_out = next(run for run in more_sweep if run.method == "SAM-interval5")
-    results[interval5_held_out.id] = noisy_record(interval5_held_out, [0.25, 0.40, 0.30], [0.1, 0.2, 0.3])
+    assert waiting(["label-noise-more-sweep"], [7], results) == []
+    held_out = {"SAM-interval5": [0.45, 0.40, 0.30], "GSAM": [0.2, 0.3, 0.45]}  # best epochs 1 and 3
+    for run in [run for run in more_sweep if run.method in held_out]:
+        results[run.id] = noisy_record(run, held_out[run.method], [0.1, 0.2, 0.3])
     text = "\n".join(label_noise_section(results))
-    # Its epoch is chosen on its own held-out run (epoch 2), where it scored 0.3 in both seeds, as AdamW did at its
-    # own epoch 2.
-    grid_row = next(
-        line for line in text.split("Test set (clean")[1].splitlines() if line.startswith("| SAM-interval5")
+    sweep_table, test_tables = text.split("Test set (clean")
+    assert "| SAM-interval5 | 0.1 | 0.300 | 1: 0.450 | 0.400 / 0.550 | 0.300 |" in sweep_table
+    rows = {
+        line.split(" | ")[0][2:]: line for line in test_tables.split("Calibration on the test set")[0].splitlines()[4:]
+    }
+    # SAM-interval5 at its epoch 1: 0.33 and 0.35, against AdamW at its epoch 2 (0.3 and 0.3): +0.03 and +0.05,
+    # mean +0.040, half-width 12.706 * 0.01414 / sqrt(2) = 0.127. GSAM at its epoch 3: 0.33 and 0.37, +0.03 and +0.07.
+    assert "| 1 | 0.340 ± 0.014 (n=2) | +0.040 [-0.087, +0.167] (n=2) |" in rows["SAM-interval5"]
+    assert "| 3 | 0.350 ± 0.028 (n=2) | +0.050 [-0.204, +0.304] (n=2) |" in rows["GSAM"]
+    against_sam = {line.split(" | ")[0][2:]: line for line in test_tables.split("Against full SAM")[1].splitlines()}
+    # Last epoch: -0.02 and +0.01 (mean -0.005, half-width 12.706 * 0.02121 / sqrt(2) = 0.1906). Each at its own
+    # epoch, against SAM at its epoch 3 (0.36, 0.40): -0.03 and -0.05 (mean -0.040, half-width 0.127). Memorised:
+    # +0.2 and +0.1 (mean +0.150, half-width 12.706 * 0.07071 / sqrt(2) = 0.6353). CPU time 110 / 200.
+    assert against_sam["SAM-interval5"] == (
+        "| SAM-interval5 | -0.005 [-0.196, +0.186] (n=2) | -0.040 [-0.167, +0.087] (n=2) | "
+        "+0.150 [-0.485, +0.785] (n=2) | 0.55x (n=2) |"
     )
-    assert "| 2 | 0.300 ± 0.000 (n=2) | +0.000 [+0.000, +0.000] (n=2) |" in grid_row
-    assert (
-        "| SAM-interval5 | 0.1 | 0.300 | 2: 0.400 | 0.400 / 0.500 | 0.300 |" in text.split("Test set (clean")[0]
-    )  # in the sweep table
-    row = next(line for line in text.split("Against full SAM")[1].splitlines() if line.startswith("| SAM-interval5 |"))
-    # accuracy: -0.02 and +0.01, mean -0.005, half-width 12.706 * 0.02121 / sqrt(2) = 0.1906; memorised: +0.2 and
-    # +0.1, mean +0.150, half-width 12.706 * 0.07071 / sqrt(2) = 0.6353; CPU time 110 / 200 in both seeds.
-    assert row == "| SAM-interval5 | -0.005 [-0.196, +0.186] (n=2) | +0.150 [-0.485, +0.785] (n=2) | 0.55x (n=2) |"
-    assert "| SAM | " not in text.split("Against full SAM")[1]  # SAM is the baseline, F-SAM is in the 5-seed grid
-    del results[interval5_held_out.id]
-    # Without it: no chosen epoch. At the last epoch 0.34 and 0.41 against AdamW's 0.30 and 0.32: +0.04 and +0.09,
-    # mean +0.065, half-width 12.706 * 0.03536 / sqrt(2) = 0.318.
-    assert "| SAM-interval5 | 0.1 | 0.375 ± 0.049 (n=2) | +0.065 [-0.253, +0.383] (n=2) | – |" in "\n".join(
-        label_noise_section(results)
-    )
-    del results[next(run.id for run in runs if run.method == "SAM-interval5" and run.seed == 0)]
-    del results[next(run.id for run in runs if run.method == "SAM-interval5" and run.seed == 1)]
+    assert against_sam["GSAM"].startswith("| GSAM | -0.030 [-0.030, -0.030] (n=2) | -0.030 [-0.030, -0.030] (n=2) |")
+    assert "SAM" not in against_sam and "F-SAM" not in against_sam  # the baseline; F-SAM is in the 5-seed grid
+    for run in [run for run in more_sweep if run.method in held_out]:
+        del results[run.id]
+    # Without its held-out run, no chosen epoch. At the last epoch 0.34 and 0.41 against AdamW's 0.30 and 0.32: +0.04
+    # and +0.09, mean +0.065, half-width 12.706 * 0.03536 / sqrt(2) = 0.318.
+    text = "\n".join(label_noise_section(results))
+    assert "| SAM-interval5 | 0.1 | 0.375 ± 0.049 (n=2) | +0.065 [-0.253, +0.383] (n=2) | – |" in text
+    assert "| SAM-interval5 | -0.005 [-0.196, +0.186] (n=2) | – |" in text
+    for run in [run for run in runs if run.method in ("SAM-interval5", "GSAM")]:
+        results.pop(run.id, None)
     assert "Against full SAM" not in "\n".join(label_noise_section(results))
 
 
@@ -144,7 +155,7 @@ def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
         results[run.id] = noisy_record(run, [0.2, 0.4, 0.3 + 0.05 * run.seed], [0.1, 0.3, 0.6])
     block = readme_block(results)
     assert block[0].startswith(
-        "rho chosen on the noisy held-out split: SAM 0.1, F-SAM 0.05 (10 of 10 sweep runs done)."
+        "rho chosen on the noisy held-out split: SAM 0.1, F-SAM 0.05 (10 of 15 held-out runs done)."
     )
     assert any(
         line.startswith("| SAM | 0.1 | 0.325 ± 0.035 (n=2) | +0.000 [+0.000, +0.000] (n=2) |") for line in block

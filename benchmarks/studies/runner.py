@@ -145,6 +145,12 @@ def planned_runs(args: argparse.Namespace, results: dict) -> list[Run]:
     return [run for run in runs if re.search(args.only, run.id)]
 
 
+def waiting(names: list[str], seeds: list[int], results: dict) -> list[str]:
+    """A line for each study of `names` that plans nothing yet, saying what it waits for (a sweep of fixed rhos
+    always plans; one whose rho is another study's choice, like `label-noise-more-sweep`, may not)."""
+    return [f"{n}: nothing to plan {STUDIES[n].waits_for}" for n in names if not plan(STUDIES[n], seeds, results)]
+
+
 def _execute_or_report(run: Run, args: argparse.Namespace, env_info: dict) -> dict | None:
     print(f"start {run.id}: {command(run, args.data_dir, args.extra_flags)}", flush=True)
     try:
@@ -166,9 +172,8 @@ def run_studies(args: argparse.Namespace) -> None:
     started, failed = set(), set()
     planned = planned_runs(args, results)
     print(f"{len(planned)} runs planned now, {sum(r.id in results for r in planned)} done", flush=True)
-    for name in args.study:
-        if not plan(STUDIES[name], args.seeds, results) and not name.endswith("sweep"):
-            print(f"{name}: nothing to plan {STUDIES[name].waits_for}", flush=True)
+    for line in waiting(args.study, args.seeds, results):
+        print(line, flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
         running = {}
         while True:

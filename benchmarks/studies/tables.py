@@ -147,6 +147,7 @@ LABEL_NOISE_MORE = Study(
 LABEL_NOISE_MORE_SWEEP = Study(
     "label-noise-more-sweep", "run_image_classification", tasks=("cifar10",), seeds=(0,), held_out=True,
     label_noise=0.4, extra_flags=NOISE_FLAGS, arms=NOISE_MORE_ARMS,
+    waits_for="until SAM's rho sweep (label-noise-sweep) is complete",
 )  # fmt: skip
 
 # rho robustness (issue 28): SAM and USAM (`normalize=False`, e = rho * g) over a rho grid of two orders of magnitude.
