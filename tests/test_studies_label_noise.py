@@ -12,9 +12,15 @@ from benchmarks.studies.runner import waiting
 ENVIRONMENT = {"machine": "test", "torch": "x", "git_commit": "abc"}
 
 
-def noisy_record(run, curve: list[float], memorised: list[float], cpu: float = 100.0, **metrics) -> dict:
-    """A finished run whose accuracy at epoch e (1-based) is curve[e - 1] and memorised fraction memorised[e - 1]."""
+def noisy_record(
+    run, curve: list[float], memorised: list[float], cpu: float = 100.0, by_epoch: dict | None = None, **metrics
+) -> dict:
+    """A finished run whose accuracy at epoch e (1-based) is curve[e - 1] and memorised fraction memorised[e - 1]
+    (and each `by_epoch` key's value there its list's [e - 1])."""
     history = [{"epoch": float(e), "eval_accuracy": a, "eval_clean_accuracy": a + 0.1} for e, a in enumerate(curve, 1)]
+    for key, values in (by_epoch or {}).items():
+        for log, value in zip(history, values, strict=True):
+            log[key] = value
     memorisation = [{"epoch": float(e), "memorisation/flipped_noisy_accuracy": m} for e, m in enumerate(memorised, 1)]
     final = {"eval_accuracy": curve[-1], "eval_clean_accuracy": curve[-1] + 0.1, **metrics}
     return make_record(
@@ -186,3 +192,21 @@ def test_two_test_set_records_of_one_method_and_seed_are_refused():
     results[adamw.id] = record
     with pytest.raises(ValueError, match="two test-set records of AdamW seed 0"):
         label_noise_section(results)
+
+
+def test_calibration_is_also_compared_with_each_method_stopped_at_its_own_chosen_epoch():
+    results = complete_sweep()  # AdamW's chosen epoch is 2, SAM's (rho 0.1) 3
+    ece = {"AdamW": ([0.3, 0.05, 0.5], [0.3, 0.06, 0.6]), "SAM": ([0.3, 0.2, 0.04], [0.3, 0.2, 0.08])}
+    for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2 and run.method in ece]:
+        curve = ece[run.method][run.seed]
+        results[run.id] = noisy_record(
+            run, [0.2, 0.3, 0.3], [0.1] * 3, by_epoch={"eval_ece": curve}, eval_ece=curve[2]
+        )
+    text = "\n".join(label_noise_section(results))
+    last, chosen = text.split("Calibration on the test set")[1:3]
+    # Last epoch: SAM 0.04 / 0.08 against AdamW 0.5 / 0.6: -0.46 and -0.52, mean -0.490, half-width
+    # 12.706 * 0.04243 / sqrt(2) = 0.381. Stopped: SAM at epoch 3 (the same values) against AdamW at its epoch 2
+    # (0.05 / 0.06): -0.01 and +0.02, mean +0.005, half-width 12.706 * 0.02121 / sqrt(2) = 0.191.
+    assert "| SAM | – | 0.060 ± 0.028 (n=2); -0.490 [-0.871, -0.109] (n=2) |" in last
+    assert "| AdamW | – | 0.055 ± 0.007 (n=2) |" in chosen
+    assert "| SAM | – | 0.060 ± 0.028 (n=2); +0.005 [-0.186, +0.196] (n=2) |" in chosen
