@@ -210,3 +210,41 @@ def test_calibration_is_also_compared_with_each_method_stopped_at_its_own_chosen
     assert "| SAM | – | 0.060 ± 0.028 (n=2); -0.490 [-0.871, -0.109] (n=2) |" in last
     assert "| AdamW | – | 0.055 ± 0.007 (n=2) |" in chosen
     assert "| SAM | – | 0.060 ± 0.028 (n=2); +0.005 [-0.186, +0.196] (n=2) |" in chosen
+
+
+def test_sam_at_the_rho_chosen_with_the_stopping_epoch_is_compared_stopped_there():
+    results = complete_sweep()  # SAM's best rho at the last epoch: 0.1 (0.50, which is also its peak)
+    assert tables.NOISE_EARLY_RHO(results) == 0.1 and plan(tables.LABEL_NOISE_EARLY, [], results) == []
+    (peaky,) = [r for r in plan(tables.LABEL_NOISE_SWEEP, [0], {}) if (r.method, r.rho) == ("SAM", 0.02)]
+    results[peaky.id] = noisy_record(peaky, [0.2, 0.6, 0.3], [0.1] * 3)  # peaks highest, at epoch 2; 0.3 at the end
+    assert tables.NOISE_RHO["SAM"](results) == 0.1
+    early = plan(tables.LABEL_NOISE_EARLY, [7], results)
+    assert [(r.method, r.rho, r.seed) for r in early] == [("SAM", 0.02, seed) for seed in range(5)]
+    assert "Early stopping with a rho" not in "\n".join(label_noise_section(results))
+    grid = {  # test accuracy by epoch for seeds 0 and 1, ECE at epoch 2, memorised at the end, CPU seconds
+        "AdamW": (([0.2, 0.30, 0.25], [0.2, 0.32, 0.26]), (0.05, 0.06), (0.9, 0.9), 100.0),
+        "SAM": (([0.2, 0.3, 0.33], [0.2, 0.3, 0.35]), (0.1, 0.1), (0.3, 0.3), 200.0),
+    }
+    for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2 and run.method in grid]:
+        curves, ece, fraction, cpu = grid[run.method]
+        results[run.id] = noisy_record(
+            run, curves[run.seed], [0.1, 0.2, fraction[run.seed]], cpu=cpu,
+            by_epoch={"eval_ece": [0.3, ece[run.seed], 0.3]},
+        )  # fmt: skip
+    early_curves, early_ece, early_memorised = ([0.2, 0.34, 0.30], [0.2, 0.33, 0.31]), (0.04, 0.08), (0.4, 0.5)
+    for run in early[:2]:
+        results[run.id] = noisy_record(
+            run, early_curves[run.seed], [0.1, 0.2, early_memorised[run.seed]], cpu=180.0,
+            by_epoch={"eval_ece": [0.3, early_ece[run.seed], 0.3]},
+        )  # fmt: skip
+    text = "\n".join(label_noise_section(results))
+    assert "SAM at rho 0.02, the rho whose held-out run peaked highest (at epoch 2)" in text
+    (row,) = [line for line in text.split("Early stopping with a rho")[1].splitlines() if line.startswith("| SAM |")]
+    # At epoch 2: 0.34 and 0.33; minus AdamW at its epoch 2 (0.30, 0.32): +0.04 and +0.01, mean +0.025, half-width
+    # 12.706 * 0.02121 / sqrt(2) = 0.191. Minus SAM (rho 0.1) at its epoch 3 (0.33, 0.35): +0.01 and -0.02. ECE at
+    # epoch 2: 0.04 and 0.08 against AdamW's 0.05 and 0.06. Last epoch 0.30 and 0.31 against AdamW's 0.25 and 0.26.
+    assert row == (
+        "| SAM | 0.02 | 2 | 0.335 ± 0.007 (n=2); +0.025 [-0.166, +0.216] (n=2) | -0.005 [-0.196, +0.186] (n=2) | "
+        "0.060 ± 0.028 (n=2); +0.005 [-0.186, +0.196] (n=2) | – | 0.305 ± 0.007 (n=2); +0.050 [+0.050, +0.050] (n=2) | "
+        "0.450 ± 0.071 (n=2) | 1.80x (n=2) |"
+    )

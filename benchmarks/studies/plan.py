@@ -146,10 +146,16 @@ def best(scores: dict[float, float], prefer: float | None = None) -> float:
     return max(sorted(scores), key=lambda value: (scores[value], value == prefer))
 
 
-def best_rho(sweep: Study, method: str) -> Choice:
+def last_epoch_score(task: str, record: dict) -> float:
+    """A run's score for choosing: the mean of its task's metrics at the last epoch (`setups.task_score`)."""
+    return task_score(task, record["metrics"])
+
+
+def best_rho(sweep: Study, method: str, score: Callable[[str, dict], float] = last_epoch_score) -> Choice:
     """
     The rule "the rho of `method` with the best score on `sweep` (seed 0, its held-out split), averaged over its
-    tasks" (a task's score is the mean of its metrics at the last epoch); `None` until the method's sweep is complete.
+    tasks", a run's score being `score(task, record)` (default: at the last epoch); `None` until the method's sweep
+    is complete.
     """
 
     def choose(results: dict[str, dict]) -> float | None:
@@ -158,7 +164,7 @@ def best_rho(sweep: Study, method: str) -> Choice:
             return None
         per_rho: dict[float, list[float]] = {}
         for run in runs:
-            per_rho.setdefault(run.rho, []).append(task_score(run.task, results[run.id]["metrics"]))
+            per_rho.setdefault(run.rho, []).append(score(run.task, results[run.id]))
         return best({rho: sum(scores) / len(scores) for rho, scores in per_rho.items()})
 
     return choose

@@ -22,10 +22,18 @@ import statistics
 from functools import partial
 from pathlib import Path
 
-from .records import find, whole_time_known
+from .records import at_epoch, best_epoch, find, whole_time_known
 from .setups import METHOD_ORDER
 from .stats import mean_std, paired_difference
-from .tables import LABEL_NOISE, LABEL_NOISE_MORE, LABEL_NOISE_MORE_SWEEP, LABEL_NOISE_SWEEP, NOISE_RHO
+from .tables import (
+    LABEL_NOISE,
+    LABEL_NOISE_EARLY,
+    LABEL_NOISE_MORE,
+    LABEL_NOISE_MORE_SWEEP,
+    LABEL_NOISE_SWEEP,
+    NOISE_EARLY_RHO,
+    NOISE_RHO,
+)
 
 
 SWEEPS = (LABEL_NOISE_SWEEP.name, LABEL_NOISE_MORE_SWEEP.name)  # the held-out runs
@@ -35,20 +43,6 @@ MORE_METHODS = {arm.method for arm in LABEL_NOISE_MORE.arms}  # compared with fu
 
 CALIBRATION = ("nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "temperature")
 MEMORISED = "memorisation/flipped_noisy_accuracy"
-
-
-def best_epoch(record: dict) -> int:
-    """The epoch of the highest noisy held-out accuracy (`eval_accuracy`) of a sweep run; a tie: the earliest."""
-    history = [
-        (log["eval_accuracy"], -round(log["epoch"])) for log in record["eval_history"] if "eval_accuracy" in log
-    ]
-    return -max(history)[1]
-
-
-def at_epoch(record: dict, epoch: int, key: str = "eval_accuracy") -> float | None:
-    """`key` of the evaluation at the end of `epoch`, or None when the run did not log it."""
-    values = [log[key] for log in record["eval_history"] if round(log["epoch"]) == epoch and key in log]
-    return values[-1] if values else None
 
 
 def memorised(record: dict) -> float | None:
@@ -226,6 +220,52 @@ def _against_sam_rows(by_method: dict[str, dict[int, dict]], epochs: dict[str, i
     return lines
 
 
+def _early_stopping_rows(results: dict[str, dict]) -> list[str]:
+    """
+    SAM at the rho chosen together with the stopping epoch (`tables.LABEL_NOISE_EARLY`), stopped at that epoch,
+    against AdamW at AdamW's chosen epoch and against SAM at the last-epoch rho at its own, paired by seed: whether a
+    rho chosen for early stopping gives SAM a gain over early-stopped AdamW. Nothing until such a run has finished.
+    """
+    runs = {r["seed"]: r for r in results.values() if r["study"] == LABEL_NOISE_EARLY.name}
+    if not runs:
+        return []
+    rho = NOISE_EARLY_RHO(results)
+    epochs = _chosen_epochs(results)
+    sweep_run = find(results, study=LABEL_NOISE_SWEEP.name, method="SAM", rho=rho)
+    epoch = best_epoch(sweep_run)
+    grid = {(r["method"], r["seed"]): r for r in results.values() if r["study"] == LABEL_NOISE.name}
+    adamw = {seed: r for (method, seed), r in grid.items() if method == "AdamW"}
+    sam = {seed: r for (method, seed), r in grid.items() if method == "SAM"}
+
+    def stopped(at: int | None, key: str = "eval_accuracy"):
+        return partial(at_epoch, epoch=at, key=key) if at is not None else _nothing
+
+    def there(key: str) -> str:
+        """`key` at the chosen epoch, mean ± std; minus AdamW at AdamW's chosen epoch."""
+        values = [v for v in map(stopped(epoch, key), runs.values()) if v is not None]
+        if not values:
+            return "–"
+        pairs = _pairs(runs, adamw, stopped(epoch, key), stopped(epochs.get("AdamW"), key))
+        return f"{mean_std(values)}; {paired_difference(pairs)}"
+
+    return [
+        "",
+        f"Early stopping with a rho chosen for it: SAM at rho {rho:g}, the rho whose held-out run peaked highest (at "
+        f"epoch {epoch}), stopped at that epoch; against AdamW at its chosen epoch and SAM at rho "
+        f"{NOISE_RHO['SAM'](results):g} at its own, paired by seed (minus AdamW after the `;`):",
+        "",
+        "| method | rho | epoch chosen on held-out | test accuracy there | minus SAM at the last-epoch rho, each at "
+        "its chosen epoch | ece there | ece_ts there | test accuracy, last epoch | memorised at the end | CPU time / "
+        "AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| SAM | {rho:g} | {epoch} | {there('eval_accuracy')} | "
+        f"{paired_difference(_pairs(runs, sam, stopped(epoch), stopped(epochs.get('SAM'))))} | {there('eval_ece')} | "
+        f"{there('eval_ece_ts')} | {mean_std([last(r) for r in runs.values()])}; "
+        f"{paired_difference(_pairs(runs, adamw, last))} | "
+        f"{mean_std([v for v in map(memorised, runs.values()) if v is not None])} | {_cpu_ratio(runs, adamw)} |",
+    ]
+
+
 def label_noise_section(results: dict[str, dict]) -> list[str]:
     """The section, or nothing while the study has no record."""
     records = list(results.values())
@@ -260,6 +300,7 @@ def label_noise_section(results: dict[str, dict]) -> list[str]:
         "",
     ]
     lines += _grid_rows(grid, _chosen_epochs(results)) if grid else ["No test-set run has finished yet."]
+    lines += _early_stopping_rows(results)
     return lines + [""]
 
 
@@ -283,7 +324,8 @@ def readme_block(results: dict[str, dict]) -> list[str]:
         "labels, 2,000 images), mean ± sample std over seeds, minus AdamW paired by seed with 95% t-intervals:",
         "",
     ]
-    return lines + (_grid_rows(grid, _chosen_epochs(results)) if grid else ["No test-set run has finished yet."])
+    lines += _grid_rows(grid, _chosen_epochs(results)) if grid else ["No test-set run has finished yet."]
+    return lines + _early_stopping_rows(results)
 
 
 def plot_memorisation(results: dict[str, dict], path: str | Path) -> bool:
