@@ -5,8 +5,9 @@ import pytest
 from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.records import make_record
-from benchmarks.studies.report_label_noise import best_epoch, label_noise_section, plot_memorisation
+from benchmarks.studies.report_label_noise import label_noise_section, plot_memorisation
 from benchmarks.studies.runner import waiting
+from benchmarks.studies.setups import best_epoch
 
 
 ENVIRONMENT = {"machine": "test", "torch": "x", "git_commit": "abc"}
@@ -194,57 +195,100 @@ def test_two_test_set_records_of_one_method_and_seed_are_refused():
         label_noise_section(results)
 
 
-def test_calibration_is_also_compared_with_each_method_stopped_at_its_own_chosen_epoch():
-    results = complete_sweep()  # AdamW's chosen epoch is 2, SAM's (rho 0.1) 3
-    ece = {"AdamW": ([0.3, 0.05, 0.5], [0.3, 0.06, 0.6]), "SAM": ([0.3, 0.2, 0.04], [0.3, 0.2, 0.08])}
-    for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2 and run.method in ece]:
-        curve = ece[run.method][run.seed]
+def four_epoch_sweep() -> dict[str, dict]:
+    """
+    A sweep whose chosen epochs all differ, none the last of 4: AdamW peaks at epoch 2; SAM's best rho at the last
+    epoch is 0.1 (0.50), which peaks at epoch 3; SAM at 0.02 peaks highest of all (0.6, epoch 1), so the rho chosen
+    with the stopping epoch is 0.02. F-SAM's best is 0.05.
+    """
+    curves = {("AdamW", 0.0): [0.25, 0.40, 0.30, 0.28], ("SAM", 0.1): [0.2, 0.3, 0.55, 0.50]}
+    curves |= {("SAM", 0.02): [0.6, 0.3, 0.3, 0.3], ("F-SAM", 0.05): [0.2, 0.3, 0.45, 0.45]}
+    results = {}
+    for run in plan(tables.LABEL_NOISE_SWEEP, [0], {}):
+        results[run.id] = noisy_record(run, curves.get((run.method, run.rho), [0.2, 0.3, 0.3, 0.3]), [0.1] * 4)
+    return results
+
+
+def add_grid_runs(results: dict, study, rho: float | None, table: dict) -> list:
+    """Seeds 0 and 1 of `study`'s methods in `table` (at `rho` if given): method -> (accuracy by epoch per seed, ECE
+    by epoch per seed, memorised at the end per seed, CPU seconds)."""
+    runs = [r for r in plan(study, [], results) if r.seed < 2 and r.method in table and rho in (None, r.rho)]
+    for run in runs:
+        curves, ece, fraction, cpu = table[run.method]
         results[run.id] = noisy_record(
-            run, [0.2, 0.3, 0.3], [0.1] * 3, by_epoch={"eval_ece": curve}, eval_ece=curve[2]
-        )
+            run, curves[run.seed], [0.1, 0.2, 0.3, fraction[run.seed]], cpu=cpu,
+            by_epoch={"eval_ece": ece[run.seed]}, eval_ece=ece[run.seed][-1],
+        )  # fmt: skip
+    return runs
+
+
+def test_calibration_is_also_compared_with_each_method_stopped_at_its_own_chosen_epoch():
+    results = four_epoch_sweep()  # chosen epochs: AdamW 2, SAM 3, of 4
+    add_grid_runs(results, tables.LABEL_NOISE, None, {
+        "AdamW": (([0.2] * 4,) * 2, ([0.3, 0.05, 0.4, 0.5], [0.3, 0.06, 0.4, 0.6]), (0.9, 0.9), 100.0),
+        "SAM": (([0.2] * 4,) * 2, ([0.3, 0.2, 0.04, 0.10], [0.3, 0.2, 0.08, 0.12]), (0.3, 0.3), 200.0),
+    })  # fmt: skip
     text = "\n".join(label_noise_section(results))
     last, chosen = text.split("Calibration on the test set")[1:3]
-    # Last epoch: SAM 0.04 / 0.08 against AdamW 0.5 / 0.6: -0.46 and -0.52, mean -0.490, half-width
-    # 12.706 * 0.04243 / sqrt(2) = 0.381. Stopped: SAM at epoch 3 (the same values) against AdamW at its epoch 2
+    # Last epoch: SAM 0.10 / 0.12 against AdamW 0.5 / 0.6: -0.40 and -0.48, mean -0.440, half-width
+    # 12.706 * 0.05657 / sqrt(2) = 0.508. Stopped: SAM at its epoch 3 (0.04 / 0.08) against AdamW at its epoch 2
     # (0.05 / 0.06): -0.01 and +0.02, mean +0.005, half-width 12.706 * 0.02121 / sqrt(2) = 0.191.
-    assert "| SAM | – | 0.060 ± 0.028 (n=2); -0.490 [-0.871, -0.109] (n=2) |" in last
+    assert "| SAM | – | 0.110 ± 0.014 (n=2); -0.440 [-0.948, +0.068] (n=2) |" in last
     assert "| AdamW | – | 0.055 ± 0.007 (n=2) |" in chosen
     assert "| SAM | – | 0.060 ± 0.028 (n=2); +0.005 [-0.186, +0.196] (n=2) |" in chosen
 
 
+EARLY_GRID = {  # accuracy by epoch, ECE by epoch, memorised at the end (seeds 0 and 1), CPU seconds
+    "AdamW": (([0.2, 0.30, 0.26, 0.25], [0.2, 0.32, 0.27, 0.26]), ([0.3, 0.05, 0.3, 0.3], [0.3, 0.06, 0.3, 0.3]),
+              (0.9, 0.9), 100.0),
+    "SAM": (([0.2, 0.3, 0.33, 0.31], [0.2, 0.3, 0.35, 0.30]), ([0.3] * 4,) * 2, (0.3, 0.3), 200.0),
+}  # fmt: skip
+EARLY_RUNS = {  # SAM at the rho chosen with the stopping epoch
+    "SAM": (([0.34, 0.3, 0.3, 0.30], [0.33, 0.3, 0.3, 0.31]), ([0.04, 0.3, 0.3, 0.3], [0.08, 0.3, 0.3, 0.3]),
+            (0.4, 0.5), 180.0),
+}  # fmt: skip
+
+
 def test_sam_at_the_rho_chosen_with_the_stopping_epoch_is_compared_stopped_there():
-    results = complete_sweep()  # SAM's best rho at the last epoch: 0.1 (0.50, which is also its peak)
+    results = complete_sweep()  # SAM's best rho at the last epoch, 0.1, also peaks highest: nothing to run
     assert tables.NOISE_EARLY_RHO(results) == 0.1 and plan(tables.LABEL_NOISE_EARLY, [], results) == []
-    (peaky,) = [r for r in plan(tables.LABEL_NOISE_SWEEP, [0], {}) if (r.method, r.rho) == ("SAM", 0.02)]
-    results[peaky.id] = noisy_record(peaky, [0.2, 0.6, 0.3], [0.1] * 3)  # peaks highest, at epoch 2; 0.3 at the end
-    assert tables.NOISE_RHO["SAM"](results) == 0.1
+    assert "the grid's SAM row above is that comparison" in "\n".join(label_noise_section(results))
+    results = four_epoch_sweep()
+    assert (tables.NOISE_RHO["SAM"](results), tables.NOISE_EARLY_RHO(results)) == (0.1, 0.02)
     early = plan(tables.LABEL_NOISE_EARLY, [7], results)
     assert [(r.method, r.rho, r.seed) for r in early] == [("SAM", 0.02, seed) for seed in range(5)]
     assert "Early stopping with a rho" not in "\n".join(label_noise_section(results))
-    grid = {  # test accuracy by epoch for seeds 0 and 1, ECE at epoch 2, memorised at the end, CPU seconds
-        "AdamW": (([0.2, 0.30, 0.25], [0.2, 0.32, 0.26]), (0.05, 0.06), (0.9, 0.9), 100.0),
-        "SAM": (([0.2, 0.3, 0.33], [0.2, 0.3, 0.35]), (0.1, 0.1), (0.3, 0.3), 200.0),
-    }
-    for run in [run for run in plan(tables.LABEL_NOISE, [], results) if run.seed < 2 and run.method in grid]:
-        curves, ece, fraction, cpu = grid[run.method]
-        results[run.id] = noisy_record(
-            run, curves[run.seed], [0.1, 0.2, fraction[run.seed]], cpu=cpu,
-            by_epoch={"eval_ece": [0.3, ece[run.seed], 0.3]},
-        )  # fmt: skip
-    early_curves, early_ece, early_memorised = ([0.2, 0.34, 0.30], [0.2, 0.33, 0.31]), (0.04, 0.08), (0.4, 0.5)
-    for run in early[:2]:
-        results[run.id] = noisy_record(
-            run, early_curves[run.seed], [0.1, 0.2, early_memorised[run.seed]], cpu=180.0,
-            by_epoch={"eval_ece": [0.3, early_ece[run.seed], 0.3]},
-        )  # fmt: skip
+    add_grid_runs(results, tables.LABEL_NOISE, None, EARLY_GRID)
+    add_grid_runs(results, tables.LABEL_NOISE_EARLY, 0.02, EARLY_RUNS)
     text = "\n".join(label_noise_section(results))
-    assert "SAM at rho 0.02, the rho whose held-out run peaked highest (at epoch 2)" in text
     (row,) = [line for line in text.split("Early stopping with a rho")[1].splitlines() if line.startswith("| SAM |")]
-    # At epoch 2: 0.34 and 0.33; minus AdamW at its epoch 2 (0.30, 0.32): +0.04 and +0.01, mean +0.025, half-width
-    # 12.706 * 0.02121 / sqrt(2) = 0.191. Minus SAM (rho 0.1) at its epoch 3 (0.33, 0.35): +0.01 and -0.02. ECE at
-    # epoch 2: 0.04 and 0.08 against AdamW's 0.05 and 0.06. Last epoch 0.30 and 0.31 against AdamW's 0.25 and 0.26.
+    # At its epoch 1: 0.34 and 0.33; minus AdamW at its epoch 2 (0.30, 0.32): +0.04 and +0.01, mean +0.025,
+    # half-width 12.706 * 0.02121 / sqrt(2) = 0.191. Minus the grid's SAM (rho 0.1) at its epoch 3 (0.33, 0.35):
+    # +0.01 and -0.02. ECE at epoch 1: 0.04 and 0.08 against AdamW's 0.05 and 0.06 at its epoch 2. Last epoch 0.30
+    # and 0.31 against AdamW's 0.25 and 0.26. No ECE after scaling was logged.
     assert row == (
-        "| SAM | 0.02 | 2 | 0.335 ± 0.007 (n=2); +0.025 [-0.166, +0.216] (n=2) | -0.005 [-0.196, +0.186] (n=2) | "
+        "| SAM | 0.02 | 1 | 0.335 ± 0.007 (n=2); +0.025 [-0.166, +0.216] (n=2) | -0.005 [-0.196, +0.186] (n=2) | "
         "0.060 ± 0.028 (n=2); +0.005 [-0.186, +0.196] (n=2) | – | 0.305 ± 0.007 (n=2); +0.050 [+0.050, +0.050] (n=2) | "
         "0.450 ± 0.071 (n=2) | 1.80x (n=2) |"
     )
+
+
+def test_early_stopping_rows_read_their_rho_from_the_records_and_survive_a_changed_sweep():
+    results = four_epoch_sweep()
+    add_grid_runs(results, tables.LABEL_NOISE, None, EARLY_GRID)
+    early = add_grid_runs(results, tables.LABEL_NOISE_EARLY, 0.02, EARLY_RUNS)
+    (peaky,) = [r for r in plan(tables.LABEL_NOISE_SWEEP, [0], {}) if (r.method, r.rho) == ("SAM", 0.02)]
+    del results[peaky.id]  # a sweep in progress again (a rho added, say): the rule cannot choose, the report stands
+    assert tables.NOISE_EARLY_RHO(results) is None
+    rows = [line for line in "\n".join(label_noise_section(results)).splitlines() if line.startswith("| SAM | 0.02 |")]
+    assert len(rows) == 1 and rows[0].startswith("| SAM | 0.02 | – | – | – | – | – | 0.305 ± 0.007 (n=2);")
+    results[peaky.id] = noisy_record(peaky, [0.6, 0.3, 0.3, 0.3], [0.1] * 4)
+    (other,) = [r for r in plan(tables.LABEL_NOISE_SWEEP, [0], {}) if (r.method, r.rho) == ("SAM", 0.05)]
+    results[other.id] = noisy_record(other, [0.2, 0.65, 0.3, 0.3], [0.1] * 4)  # the rule now says 0.05, epoch 2
+    add_grid_runs(results, tables.LABEL_NOISE_EARLY, 0.05, EARLY_RUNS)  # a second set, planned at the new rho
+    text = "\n".join(label_noise_section(results))
+    assert "| SAM | 0.02 | 1 | 0.335 ± 0.007 (n=2);" in text and "| SAM | 0.05 | 2 | 0.300 ± 0.000 (n=2);" in text
+    duplicate = dict(results[early[0].id], id="a rerun")
+    results["a rerun"] = duplicate
+    with pytest.raises(ValueError, match="two label-noise-early records of seed 0"):
+        label_noise_section(results)

@@ -180,7 +180,7 @@ def best_learning_rate(sweep: Study, prefer: float | None = None, only_if_not: f
         runs = plan(sweep, [0], results)
         if any(run.id not in results for run in runs):
             return None
-        chosen = best({run.learning_rate: task_score(run.task, results[run.id]["metrics"]) for run in runs}, prefer)
+        chosen = best({run.learning_rate: last_epoch_score(run.task, results[run.id]) for run in runs}, prefer)
         return None if chosen == only_if_not else chosen
 
     return choose

@@ -128,17 +128,3 @@ def whole_time_known(record: dict) -> bool:
     if record.get("wall_s") is None:
         return False
     return not record.get("resumed_from") or record.get("attempts") is not None
-
-
-def best_epoch(record: dict) -> int:
-    """The epoch of a run's highest `eval_accuracy` (a sweep run's: on its held-out split); a tie: the earliest."""
-    history = [
-        (log["eval_accuracy"], -round(log["epoch"])) for log in record["eval_history"] if "eval_accuracy" in log
-    ]
-    return -max(history)[1]
-
-
-def at_epoch(record: dict, epoch: int, key: str = "eval_accuracy") -> float | None:
-    """`key` of the evaluation at the end of `epoch`, or None when the run did not log it."""
-    values = [log[key] for log in record["eval_history"] if round(log["epoch"]) == epoch and key in log]
-    return values[-1] if values else None

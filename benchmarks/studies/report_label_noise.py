@@ -22,8 +22,8 @@ import statistics
 from functools import partial
 from pathlib import Path
 
-from .records import at_epoch, best_epoch, find, whole_time_known
-from .setups import METHOD_ORDER
+from .records import find, whole_time_known
+from .setups import METHOD_ORDER, at_epoch, best_epoch
 from .stats import mean_std, paired_difference
 from .tables import (
     LABEL_NOISE,
@@ -117,6 +117,11 @@ def _nothing(record: dict) -> None:
     return None
 
 
+def stopped(epoch: int | None, key: str = "eval_accuracy"):
+    """The reader of `key` at the end of `epoch` (a run's chosen epoch); one that reads nothing while it is None."""
+    return _nothing if epoch is None else partial(at_epoch, epoch=epoch, key=key)
+
+
 def _grid_rows(grid: list[dict], epochs: dict[str, int]) -> list[str]:
     by_method: dict[str, dict[int, dict]] = {}
     for record in grid:
@@ -127,7 +132,7 @@ def _grid_rows(grid: list[dict], epochs: dict[str, int]) -> list[str]:
     adamw = by_method.get("AdamW", {})
     # Each method stopped at its own chosen epoch: the baseline of the difference there is AdamW at AdamW's.
     adamw_epoch = epochs.get("AdamW")
-    adamw_there = partial(at_epoch, epoch=adamw_epoch) if adamw_epoch is not None else _nothing
+    adamw_there = stopped(adamw_epoch)
     accuracy = [
         "| method | rho | test accuracy, last epoch | minus AdamW | epoch chosen on held-out | test accuracy there | "
         "minus AdamW at its own chosen epoch | memorised at the end | CPU time / AdamW |",
@@ -137,7 +142,7 @@ def _grid_rows(grid: list[dict], epochs: dict[str, int]) -> list[str]:
         runs = by_method[method]
         rho = next(iter(runs.values()))["rho"]
         epoch = epochs.get(method)
-        there = partial(at_epoch, epoch=epoch) if epoch is not None else _nothing
+        there = stopped(epoch)
         values_there = [v for v in map(there, runs.values()) if v is not None]
         fractions = [v for v in map(memorised, runs.values()) if v is not None]
         is_base = method == "AdamW"
@@ -150,9 +155,7 @@ def _grid_rows(grid: list[dict], epochs: dict[str, int]) -> list[str]:
     at_last = _calibration_rows(by_method, lambda method, key: partial(_metric, key=f"eval_{key}"))
     at_chosen = _calibration_rows(
         by_method,
-        lambda method, key: (
-            partial(at_epoch, epoch=epochs[method], key=f"eval_{key}") if method in epochs else _nothing
-        ),
+        lambda method, key: stopped(epochs.get(method), f"eval_{key}"),
     )
     return (
         accuracy
@@ -200,7 +203,7 @@ def _against_sam_rows(by_method: dict[str, dict[int, dict]], epochs: dict[str, i
     others = [m for m in sorted(by_method, key=METHOD_ORDER.index) if m in MORE_METHODS]
     if not sam or not others:
         return []
-    sam_there = partial(at_epoch, epoch=epochs["SAM"]) if "SAM" in epochs else _nothing
+    sam_there = stopped(epochs.get("SAM"))
     lines = [
         "",
         "Against full SAM (seeds in common, paired by seed):",
@@ -211,7 +214,7 @@ def _against_sam_rows(by_method: dict[str, dict[int, dict]], epochs: dict[str, i
     ]
     for method in others:
         runs = by_method[method]
-        there = partial(at_epoch, epoch=epochs[method]) if method in epochs else _nothing
+        there = stopped(epochs.get(method))
         lines.append(
             f"| {method} | {paired_difference(_pairs(runs, sam, last))} | "
             f"{paired_difference(_pairs(runs, sam, there, sam_there))} | "
@@ -220,50 +223,77 @@ def _against_sam_rows(by_method: dict[str, dict[int, dict]], epochs: dict[str, i
     return lines
 
 
+def _stopped_against(
+    runs: dict[int, dict],
+    epoch: int | None,
+    baseline: dict[int, dict],
+    baseline_epoch: int | None,
+    key: str = "eval_accuracy",
+) -> str:
+    """`key` of `runs` at `epoch`, mean ± std over seeds; minus `baseline`'s at `baseline_epoch`, paired by seed."""
+    values = [v for v in map(stopped(epoch, key), runs.values()) if v is not None]
+    if not values:
+        return "–"
+    pairs = _pairs(runs, baseline, stopped(epoch, key), stopped(baseline_epoch, key))
+    return f"{mean_std(values)}; {paired_difference(pairs)}"
+
+
 def _early_stopping_rows(results: dict[str, dict]) -> list[str]:
     """
-    SAM at the rho chosen together with the stopping epoch (`tables.LABEL_NOISE_EARLY`), stopped at that epoch,
-    against AdamW at AdamW's chosen epoch and against SAM at the last-epoch rho at its own, paired by seed: whether a
-    rho chosen for early stopping gives SAM a gain over early-stopped AdamW. Nothing until such a run has finished.
+    SAM at the rho chosen together with the stopping epoch (`tables.LABEL_NOISE_EARLY`), stopped at the best epoch of
+    its held-out run at that rho, against AdamW at AdamW's chosen epoch and the grid's SAM at its own, paired by seed:
+    whether a rho chosen for early stopping gives SAM a gain over early-stopped AdamW. A row per rho the records hold
+    (read from them, not from today's rule). Nothing before such a run has finished, except a line when the two rules
+    agree (nothing to run: the grid's SAM row is this comparison).
     """
-    runs = {r["seed"]: r for r in results.values() if r["study"] == LABEL_NOISE_EARLY.name}
-    if not runs:
-        return []
-    rho = NOISE_EARLY_RHO(results)
+    records = [r for r in results.values() if r["study"] == LABEL_NOISE_EARLY.name]
+    if not records:
+        early, at_last = NOISE_EARLY_RHO(results), NOISE_RHO["SAM"](results)
+        if early is None or early != at_last:
+            return []
+        return [
+            "",
+            f"Early stopping with a rho chosen for it: chosen together with the stopping epoch, SAM's rho is {early:g}, "
+            "the one chosen at the last epoch, so the grid's SAM row above is that comparison.",
+        ]
     epochs = _chosen_epochs(results)
-    sweep_run = find(results, study=LABEL_NOISE_SWEEP.name, method="SAM", rho=rho)
-    epoch = best_epoch(sweep_run)
-    grid = {(r["method"], r["seed"]): r for r in results.values() if r["study"] == LABEL_NOISE.name}
-    adamw = {seed: r for (method, seed), r in grid.items() if method == "AdamW"}
-    sam = {seed: r for (method, seed), r in grid.items() if method == "SAM"}
-
-    def stopped(at: int | None, key: str = "eval_accuracy"):
-        return partial(at_epoch, epoch=at, key=key) if at is not None else _nothing
-
-    def there(key: str) -> str:
-        """`key` at the chosen epoch, mean ± std; minus AdamW at AdamW's chosen epoch."""
-        values = [v for v in map(stopped(epoch, key), runs.values()) if v is not None]
-        if not values:
-            return "–"
-        pairs = _pairs(runs, adamw, stopped(epoch, key), stopped(epochs.get("AdamW"), key))
-        return f"{mean_std(values)}; {paired_difference(pairs)}"
-
-    return [
+    grid = [r for r in results.values() if r["study"] == LABEL_NOISE.name]
+    adamw = {r["seed"]: r for r in grid if r["method"] == "AdamW"}
+    sam = {r["seed"]: r for r in grid if r["method"] == "SAM"}
+    sam_rho = "–" if not sam else f"{next(iter(sam.values()))['rho']:g}"
+    lines = [
         "",
-        f"Early stopping with a rho chosen for it: SAM at rho {rho:g}, the rho whose held-out run peaked highest (at "
-        f"epoch {epoch}), stopped at that epoch; against AdamW at its chosen epoch and SAM at rho "
-        f"{NOISE_RHO['SAM'](results):g} at its own, paired by seed (minus AdamW after the `;`):",
+        "Early stopping with a rho chosen for it: SAM at the rho whose noisy held-out run peaked highest, stopped at "
+        f"that run's best epoch; against AdamW at its chosen epoch and the grid's SAM (rho {sam_rho}) at its own, "
+        "paired by seed (minus AdamW after the `;`):",
         "",
-        "| method | rho | epoch chosen on held-out | test accuracy there | minus SAM at the last-epoch rho, each at "
-        "its chosen epoch | ece there | ece_ts there | test accuracy, last epoch | memorised at the end | CPU time / "
-        "AdamW |",
+        "| method | rho | epoch chosen on held-out | test accuracy there | minus the grid's SAM, each at its chosen "
+        "epoch | ece there | ece_ts there | test accuracy, last epoch | memorised at the end | CPU time / AdamW |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| SAM | {rho:g} | {epoch} | {there('eval_accuracy')} | "
-        f"{paired_difference(_pairs(runs, sam, stopped(epoch), stopped(epochs.get('SAM'))))} | {there('eval_ece')} | "
-        f"{there('eval_ece_ts')} | {mean_std([last(r) for r in runs.values()])}; "
-        f"{paired_difference(_pairs(runs, adamw, last))} | "
-        f"{mean_std([v for v in map(memorised, runs.values()) if v is not None])} | {_cpu_ratio(runs, adamw)} |",
     ]
+    for rho in sorted({r["rho"] for r in records}):
+        runs: dict[int, dict] = {}
+        for record in [r for r in records if r["rho"] == rho]:
+            if record["seed"] in runs:
+                raise ValueError(f"two {LABEL_NOISE_EARLY.name} records of seed {record['seed']}: {record['id']}")
+            runs[record["seed"]] = record
+        sweep_run = find(results, study=LABEL_NOISE_SWEEP.name, method="SAM", rho=rho)
+        epoch = None if sweep_run is None else best_epoch(sweep_run)
+        against_adamw = partial(_stopped_against, runs, epoch, adamw, epochs.get("AdamW"))
+        cells = [
+            "SAM",
+            f"{rho:g}",
+            "–" if epoch is None else str(epoch),
+            against_adamw(),
+            paired_difference(_pairs(runs, sam, stopped(epoch), stopped(epochs.get("SAM")))),
+            against_adamw("eval_ece"),
+            against_adamw("eval_ece_ts"),
+            f"{mean_std([last(r) for r in runs.values()])}; {paired_difference(_pairs(runs, adamw, last))}",
+            mean_std([v for v in map(memorised, runs.values()) if v is not None]),
+            _cpu_ratio(runs, adamw),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def label_noise_section(results: dict[str, dict]) -> list[str]:
