@@ -184,10 +184,10 @@ def _calibration_rows(by_method: dict[str, dict[int, dict]], reader) -> list[str
         cells = []
         for key in CALIBRATION:
             value = reader(method, key)
-            cell = mean_std([v for v in map(value, runs.values()) if v is not None])
-            if method != "AdamW" and cell != "–":
-                cell += f"; {paired_difference(_pairs(runs, adamw, value, reader('AdamW', key)))}"
-            cells.append(cell)
+            if method == "AdamW":
+                cells.append(mean_std([v for v in map(value, runs.values()) if v is not None]))
+            else:
+                cells.append(_against(runs, value, adamw, reader("AdamW", key)))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -223,22 +223,16 @@ def _against_sam_rows(by_method: dict[str, dict[int, dict]], epochs: dict[str, i
     return lines
 
 
-def _stopped_against(
-    runs: dict[int, dict],
-    epoch: int | None,
-    baseline: dict[int, dict],
-    baseline_epoch: int | None,
-    key: str = "eval_accuracy",
-) -> str:
-    """`key` of `runs` at `epoch`, mean ± std over seeds; minus `baseline`'s at `baseline_epoch`, paired by seed."""
-    values = [v for v in map(stopped(epoch, key), runs.values()) if v is not None]
+def _against(runs: dict[int, dict], value, baseline: dict[int, dict], baseline_value) -> str:
+    """ "mean ± std; difference": `value` of `runs` over seeds, minus `baseline_value` of `baseline`'s runs, paired by
+    seed (`_pairs`); "–" when no run has the value."""
+    values = [v for v in map(value, runs.values()) if v is not None]
     if not values:
         return "–"
-    pairs = _pairs(runs, baseline, stopped(epoch, key), stopped(baseline_epoch, key))
-    return f"{mean_std(values)}; {paired_difference(pairs)}"
+    return f"{mean_std(values)}; {paired_difference(_pairs(runs, baseline, value, baseline_value))}"
 
 
-def _early_stopping_rows(results: dict[str, dict]) -> list[str]:
+def _early_stopping_rows(results: dict[str, dict], epochs: dict[str, int]) -> list[str]:
     """
     SAM at the rho chosen together with the stopping epoch (`tables.LABEL_NOISE_EARLY`), stopped at the best epoch of
     its held-out run at that rho, against AdamW at AdamW's chosen epoch and the grid's SAM at its own, paired by seed:
@@ -256,7 +250,6 @@ def _early_stopping_rows(results: dict[str, dict]) -> list[str]:
             f"Early stopping with a rho chosen for it: chosen together with the stopping epoch, SAM's rho is {early:g}, "
             "the one chosen at the last epoch, so the grid's SAM row above is that comparison.",
         ]
-    epochs = _chosen_epochs(results)
     grid = [r for r in results.values() if r["study"] == LABEL_NOISE.name]
     adamw = {r["seed"]: r for r in grid if r["method"] == "AdamW"}
     sam = {r["seed"]: r for r in grid if r["method"] == "SAM"}
@@ -279,16 +272,20 @@ def _early_stopping_rows(results: dict[str, dict]) -> list[str]:
             runs[record["seed"]] = record
         sweep_run = find(results, study=LABEL_NOISE_SWEEP.name, method="SAM", rho=rho)
         epoch = None if sweep_run is None else best_epoch(sweep_run)
-        against_adamw = partial(_stopped_against, runs, epoch, adamw, epochs.get("AdamW"))
+        # accuracy, ECE and ECE after scaling at the chosen epoch, minus AdamW's at AdamW's chosen epoch
+        accuracy, ece, ece_ts = (
+            _against(runs, stopped(epoch, key), adamw, stopped(epochs.get("AdamW"), key))
+            for key in ("eval_accuracy", "eval_ece", "eval_ece_ts")
+        )
         cells = [
             "SAM",
             f"{rho:g}",
             "–" if epoch is None else str(epoch),
-            against_adamw(),
+            accuracy,
             paired_difference(_pairs(runs, sam, stopped(epoch), stopped(epochs.get("SAM")))),
-            against_adamw("eval_ece"),
-            against_adamw("eval_ece_ts"),
-            f"{mean_std([last(r) for r in runs.values()])}; {paired_difference(_pairs(runs, adamw, last))}",
+            ece,
+            ece_ts,
+            _against(runs, last, adamw, last),
             mean_std([v for v in map(memorised, runs.values()) if v is not None]),
             _cpu_ratio(runs, adamw),
         ]
@@ -329,8 +326,9 @@ def label_noise_section(results: dict[str, dict]) -> list[str]:
         "Test set (clean labels, 2,000 images), mean ± sample std over seeds, minus AdamW paired by seed:",
         "",
     ]
-    lines += _grid_rows(grid, _chosen_epochs(results)) if grid else ["No test-set run has finished yet."]
-    lines += _early_stopping_rows(results)
+    epochs = _chosen_epochs(results)
+    lines += _grid_rows(grid, epochs) if grid else ["No test-set run has finished yet."]
+    lines += _early_stopping_rows(results, epochs)
     return lines + [""]
 
 
@@ -354,8 +352,9 @@ def readme_block(results: dict[str, dict]) -> list[str]:
         "labels, 2,000 images), mean ± sample std over seeds, minus AdamW paired by seed with 95% t-intervals:",
         "",
     ]
-    lines += _grid_rows(grid, _chosen_epochs(results)) if grid else ["No test-set run has finished yet."]
-    return lines + _early_stopping_rows(results)
+    epochs = _chosen_epochs(results)
+    lines += _grid_rows(grid, epochs) if grid else ["No test-set run has finished yet."]
+    return lines + _early_stopping_rows(results, epochs)
 
 
 def plot_memorisation(results: dict[str, dict], path: str | Path) -> bool:

@@ -180,11 +180,9 @@ def score_by_epoch(record: dict) -> dict[int, float]:
 
 
 def best_epoch(record: dict) -> int:
-    """The epoch of a run's highest `eval_accuracy` (a sweep run's: on its held-out split); a tie: the earliest."""
-    history = [
-        (log["eval_accuracy"], -round(log["epoch"])) for log in record["eval_history"] if "eval_accuracy" in log
-    ]
-    return -max(history)[1]
+    """The epoch of a run's best score (`score_by_epoch`; a sweep run's: on its held-out split); a tie: the earliest."""
+    scores = score_by_epoch(record)
+    return max(scores, key=lambda epoch: (scores[epoch], -epoch))
 
 
 def at_epoch(record: dict, epoch: int, key: str = "eval_accuracy") -> float | None:
