@@ -28,7 +28,9 @@ For N examples with logits z_i in R^K, labels y_i in {0..K-1} and probabilities 
 - Temperature scaling (Guo et al. 2017, section 4.2): one scalar T > 0 fitted by minimising the NLL of
   softmax(z / T) on held-out data; it changes no prediction, so accuracy is unchanged. The NLL is convex in
   beta = 1/T (a log-sum-exp of functions linear in beta, minus a linear term), so every stationary point in log T is
-  the global minimum; `fit_temperature` finds it with L-BFGS on log T and keeps T within [`T_MIN`, `T_MAX`].
+  the global minimum. Its slope, dNLL/dbeta = (1/N) sum_i (sum_k p_ik z_ik - z_{i, y_i}), increases with beta, so its
+  sign at the two ends of [`T_MIN`, `T_MAX`] says whether the minimum lies inside; `fit_temperature` finds an inside
+  one with L-BFGS on log T.
 
 Where the temperature is fitted. Fitted on the examples it is then scored on, the `*_ts` metrics would be in-sample
 (optimistic). `cross_fitted_temperature_metrics`, which the recipes use on their evaluation data, is 2-fold
@@ -97,13 +99,30 @@ def brier(logits, labels, temperature=1.0) -> float:
     return float(((probs - one_hot) ** 2).sum(dim=1).mean())
 
 
+def _nll_slope(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
+    """dNLL/dbeta at beta = 1/T: (1/N) sum_i (sum_k softmax(beta z_i)_k z_ik - z_{i, y_i}), non-decreasing in beta."""
+    expected = (torch.softmax(logits * beta, dim=1) * logits).sum(dim=1)
+    return float((expected - logits.gather(1, labels[:, None])[:, 0]).mean())
+
+
 def fit_temperature(logits, labels) -> float:
     """
-    The temperature T minimising `nll(logits, labels, T)` (Guo et al. 2017): L-BFGS (strong Wolfe line search) on
-    log T from T = 1, in float64, clipped to [`T_MIN`, `T_MAX`] (T runs to 0 when every example is classified right
-    with a margin, and to infinity when the model is worse than uniform).
+    The temperature T in [`T_MIN`, `T_MAX`] minimising `nll(logits, labels, T)` (Guo et al. 2017), in float64.
+
+    The NLL is convex in beta = 1/T (module docstring), so the sign of its slope at the two ends decides: slope <= 0
+    at beta = 1/`T_MIN` (the NLL still falls as T shrinks, as when every example is classified right with a margin)
+    gives `T_MIN`; slope >= 0 at beta = 1/`T_MAX` (it still falls as T grows, a model worse than uniform) gives
+    `T_MAX`; both (logits equal within every example, the NLL flat in T) give 1. Otherwise the minimum is inside and
+    L-BFGS (strong Wolfe line search) on log T from T = 1 finds it, clipped to the range. The end checks matter:
+    from T = 1 on large-margin logits the gradient underflows and L-BFGS would stop at once, at T = 1.
     """
     logits, labels = _as_tensors(logits, labels)
+    falls_when_colder = _nll_slope(logits, labels, 1 / T_MIN) <= 0
+    falls_when_hotter = _nll_slope(logits, labels, 1 / T_MAX) >= 0
+    if falls_when_colder and falls_when_hotter:
+        return 1.0
+    if falls_when_colder or falls_when_hotter:
+        return T_MIN if falls_when_colder else T_MAX
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from hf_sam.calibration import (
+    T_MAX,
+    T_MIN,
     brier,
     calibration_metrics,
     cross_fitted_temperature_metrics,
@@ -95,6 +97,24 @@ def test_fit_temperature_closed_form():
     logits = np.array([[2.0, 0.0]] * 8)
     labels = np.array([0, 0, 0, 1] * 2)
     assert fit_temperature(logits, labels) == pytest.approx(2 / math.log(3), rel=1e-6)
+
+
+def test_fit_temperature_at_the_ends_of_its_range():
+    # Every example right with a margin: each term log(1 + sum_k exp(-(z_y - z_k) / T)) falls as T falls, so the
+    # NLL's minimum over [T_MIN, T_MAX] is T_MIN, with margins of 40 (the gradient at T = 1 underflows: L-BFGS alone
+    # stopped there, at T = 1) or of 1, and with a tie (margin 0: that term is flat, log 2) among them.
+    labels = np.array([0, 1, 0])
+    assert fit_temperature(np.array([[40.0, 0.0], [0.0, 40.0], [30.0, 0.0]]), labels) == T_MIN
+    assert fit_temperature(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0]]), labels) == T_MIN
+    assert fit_temperature(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), labels) == T_MIN
+    # Every example wrong (logits (2, 0), label 1): -log sigmoid(-2 / T) falls as T grows, so T_MAX.
+    assert fit_temperature(np.array([[2.0, 0.0]] * 4), np.array([1] * 4)) == T_MAX
+    # Equal logits within every example: the NLL is log 2 at every T; T = 1 leaves the logits as they are.
+    assert fit_temperature(np.array([[1.0, 1.0]] * 4), np.array([1, 0, 1, 0])) == 1.0
+    # One example in 8 wrong, margins 40: inside the range, at 40 / T = logit(7/8) = log 7 (as in the test above).
+    assert fit_temperature(np.array([[40.0, 0.0]] * 8), np.array([0] * 7 + [1])) == pytest.approx(
+        40 / math.log(7), rel=1e-6
+    )
 
 
 def test_fit_temperature_matches_a_brute_force_grid():
