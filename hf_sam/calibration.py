@@ -100,9 +100,14 @@ def brier(logits, labels, temperature=1.0) -> float:
 
 
 def _nll_slope(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> float:
-    """dNLL/dbeta at beta = 1/T: (1/N) sum_i (sum_k softmax(beta z_i)_k z_ik - z_{i, y_i}), non-decreasing in beta."""
-    expected = (torch.softmax(logits * beta, dim=1) * logits).sum(dim=1)
-    return float((expected - logits.gather(1, labels[:, None])[:, 0]).mean())
+    """
+    dNLL/dbeta at beta = 1/T: (1/N) sum_i sum_k softmax(beta z_i)_k (z_ik - z_{i, y_i}), non-decreasing in beta. On
+    the differences to the label's logit, so that it is exactly 0 where a row's logits are equal; a class of
+    probability 0 (a -inf logit) adds nothing.
+    """
+    probs = torch.softmax(logits * beta, dim=1)
+    differences = logits - logits.gather(1, labels[:, None])
+    return float(torch.where(probs > 0, probs * differences, 0.0).sum(dim=1).mean())
 
 
 def fit_temperature(logits, labels) -> float:
@@ -123,6 +128,8 @@ def fit_temperature(logits, labels) -> float:
         return 1.0
     if falls_when_colder or falls_when_hotter:
         return T_MIN if falls_when_colder else T_MAX
+    finite = torch.isfinite(logits)  # a -inf logit stays -inf at every T, with no gradient (not 0 * inf = NaN)
+    finite_logits = torch.where(finite, logits, 0.0)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
@@ -130,7 +137,8 @@ def fit_temperature(logits, labels) -> float:
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits * torch.exp(-log_t), labels)
+        scaled = torch.where(finite, finite_logits * torch.exp(-log_t), logits)
+        loss = torch.nn.functional.cross_entropy(scaled, labels)
         loss.backward()
         return loss
 

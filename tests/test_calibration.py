@@ -109,12 +109,29 @@ def test_fit_temperature_at_the_ends_of_its_range():
     assert fit_temperature(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), labels) == T_MIN
     # Every example wrong (logits (2, 0), label 1): -log sigmoid(-2 / T) falls as T grows, so T_MAX.
     assert fit_temperature(np.array([[2.0, 0.0]] * 4), np.array([1] * 4)) == T_MAX
-    # Equal logits within every example: the NLL is log 2 at every T; T = 1 leaves the logits as they are.
+    # Equal logits within every example: the NLL is log K at every T; T = 1 leaves the logits as they are (values
+    # that are not exact in binary: the slope must be exactly 0, not a rounding error's sign).
     assert fit_temperature(np.array([[1.0, 1.0]] * 4), np.array([1, 0, 1, 0])) == 1.0
+    assert fit_temperature(np.full((4, 5), 0.1), np.array([0, 1, 2, 3])) == 1.0
+    assert fit_temperature(np.full((4, 7), 1e5 + 0.1), np.array([0, 1, 2, 3])) == 1.0
+    # Every example wrong, yet the minimum inside: logits (2, 1.9, -100), label 1. The slope in beta = 1/T is
+    # 0.1 p_0 - 101.9 p_2, zero where p_0 / p_2 = exp(102 beta) = 1019: T = 102 / log 1019.
+    assert fit_temperature(np.array([[2.0, 1.9, -100.0]] * 4), np.array([1] * 4)) == pytest.approx(
+        102 / math.log(1019), rel=1e-6
+    )
     # One example in 8 wrong, margins 40: inside the range, at 40 / T = logit(7/8) = log 7 (as in the test above).
     assert fit_temperature(np.array([[40.0, 0.0]] * 8), np.array([0] * 7 + [1])) == pytest.approx(
         40 / math.log(7), rel=1e-6
     )
+
+
+def test_fit_temperature_ignores_a_class_of_probability_zero():
+    # A -inf logit (a masked class) has probability 0 at every T: the fit is that of the other columns, not NaN.
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0], [3.0, 0.5]])
+    labels = np.array([0, 1, 1, 0, 0])
+    masked = np.concatenate([logits, np.full((5, 1), -np.inf)], axis=1)
+    assert math.isfinite(fit_temperature(logits, labels))
+    assert fit_temperature(masked, labels) == pytest.approx(fit_temperature(logits, labels), rel=1e-9)
 
 
 def test_fit_temperature_matches_a_brute_force_grid():
