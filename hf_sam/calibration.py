@@ -119,7 +119,8 @@ def fit_temperature(logits, labels) -> float:
     gives `T_MIN`; slope >= 0 at beta = 1/`T_MAX` (it still falls as T grows, a model worse than uniform) gives
     `T_MAX`; both (logits equal within every example, the NLL flat in T) give 1. Otherwise the minimum is inside and
     L-BFGS (strong Wolfe line search) on log T from T = 1 finds it, clipped to the range. The end checks matter:
-    from T = 1 on large-margin logits the gradient underflows and L-BFGS would stop at once, at T = 1.
+    from T = 1 on large-margin logits the gradient underflows and L-BFGS would stop at once, at T = 1. A -inf logit
+    (a masked class) has probability 0 at every T and is left out of the fit.
     """
     logits, labels = _as_tensors(logits, labels)
     falls_when_colder = _nll_slope(logits, labels, 1 / T_MIN) <= 0
