@@ -127,8 +127,10 @@ def fit_temperature(logits, labels) -> float:
     falls_when_hotter = _nll_slope(logits, labels, 1 / T_MAX) >= 0
     if falls_when_colder and falls_when_hotter:
         return 1.0
-    if falls_when_colder or falls_when_hotter:
-        return T_MIN if falls_when_colder else T_MAX
+    if falls_when_colder:
+        return T_MIN
+    if falls_when_hotter:
+        return T_MAX
     finite = torch.isfinite(logits)  # a -inf logit stays -inf at every T, with no gradient (not 0 * inf = NaN)
     finite_logits = torch.where(finite, logits, 0.0)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
