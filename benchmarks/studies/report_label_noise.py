@@ -326,10 +326,15 @@ def label_noise_section(results: dict[str, dict]) -> list[str]:
         "Test set (clean labels, 2,000 images), mean ± sample std over seeds, minus AdamW paired by seed:",
         "",
     ]
+    return lines + _test_set_tables(results, grid) + [""]
+
+
+def _test_set_tables(results: dict[str, dict], grid: list[dict]) -> list[str]:
+    """The test-set tables (the grid with its calibration, then the early-stopping row), for the section and README,
+    with each method's held-out-chosen epoch computed once."""
     epochs = _chosen_epochs(results)
-    lines += _grid_rows(grid, epochs) if grid else ["No test-set run has finished yet."]
-    lines += _early_stopping_rows(results, epochs)
-    return lines + [""]
+    lines = _grid_rows(grid, epochs) if grid else ["No test-set run has finished yet."]
+    return lines + _early_stopping_rows(results, epochs)
 
 
 def _chosen_rhos(results: dict[str, dict]) -> str:
@@ -352,9 +357,7 @@ def readme_block(results: dict[str, dict]) -> list[str]:
         "labels, 2,000 images), mean ± sample std over seeds, minus AdamW paired by seed with 95% t-intervals:",
         "",
     ]
-    epochs = _chosen_epochs(results)
-    lines += _grid_rows(grid, epochs) if grid else ["No test-set run has finished yet."]
-    return lines + _early_stopping_rows(results, epochs)
+    return lines + _test_set_tables(results, grid)
 
 
 def plot_memorisation(results: dict[str, dict], path: str | Path) -> bool:
