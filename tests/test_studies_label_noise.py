@@ -5,9 +5,10 @@ import pytest
 from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.records import make_record
-from benchmarks.studies.report_label_noise import label_noise_section, plot_memorisation
+from benchmarks.studies.report_label_noise import _cheapest_keeper, label_noise_section, plot_memorisation
 from benchmarks.studies.runner import waiting
 from benchmarks.studies.setups import best_epoch
+from benchmarks.studies.stats import gain_kept
 
 
 ENVIRONMENT = {"machine": "test", "torch": "x", "git_commit": "abc"}
@@ -129,8 +130,9 @@ def test_cheaper_schedules_are_stopped_at_their_own_held_out_epoch_and_compared_
     # +0.2 and +0.1 (mean +0.150, half-width 12.706 * 0.07071 / sqrt(2) = 0.6353). CPU time 110 / 200.
     assert against_sam["SAM-interval5"] == (
         "| SAM-interval5 | -0.005 [-0.196, +0.186] (n=2) | -0.040 [-0.167, +0.087] (n=2) | "
-        "+0.150 [-0.485, +0.785] (n=2) | 0.55x (n=2) |"
+        "+0.150 [-0.485, +0.785] (n=2) | 0.55x (n=2) | – (2 of 3 seeds) |"
     )
+    assert "By the rule: 0 of 5 methods judged so far; the conclusion waits for all of their seeds." in test_tables
     assert against_sam["GSAM"].startswith("| GSAM | -0.030 [-0.030, -0.030] (n=2) | -0.030 [-0.030, -0.030] (n=2) |")
     assert "SAM" not in against_sam and "F-SAM" not in against_sam  # the baseline; F-SAM is in the 5-seed grid
     for run in [run for run in more_sweep if run.method in held_out]:
@@ -143,6 +145,59 @@ def test_cheaper_schedules_are_stopped_at_their_own_held_out_epoch_and_compared_
     for run in [run for run in runs if run.method in ("SAM-interval5", "GSAM")]:
         results.pop(run.id, None)
     assert "Against full SAM" not in "\n".join(label_noise_section(results))
+
+
+def test_gain_kept_is_the_three_way_rule_on_the_two_t_intervals():
+    # Three differences with standard deviation 0.01 have a 95% t-interval of mean +- t(0.975, 2) * 0.01 / sqrt(3)
+    # = mean +- 4.302653 * 0.005774 = mean +- 0.02484.
+    over_adamw, level_with_sam = [0.05, 0.07, 0.06], [-0.01, 0.01, 0.0]  # [+0.035, +0.085]; [-0.025, +0.025]
+    assert gain_kept(over_adamw, level_with_sam, margin=0.03) == "keeps"
+    assert gain_kept(over_adamw, level_with_sam, margin=0.02) == "undecided"  # -0.025 is not above -0.02
+    assert gain_kept(over_adamw, [-0.06, -0.05, -0.07], margin=0.03) == "loses"  # [-0.085, -0.035] below -0.03
+    assert gain_kept([-0.04, -0.03, -0.02], level_with_sam, margin=0.03) == "loses"  # [-0.055, -0.005] at or below 0
+    assert gain_kept([0.0, 0.0, 0.0], level_with_sam, margin=0.03) == "loses"  # [0, 0]: at 0 is no gain
+    assert gain_kept([-0.01, 0.01, 0.0], [-0.04, -0.03, -0.02], margin=0.03) == "undecided"  # neither interval decides
+    assert gain_kept([0.06], [0.0], margin=0.03) == gain_kept(over_adamw, [0.0], margin=0.03) == "–"  # no interval
+
+
+def test_the_rule_names_the_cheapest_method_that_keeps_sams_gain_once_every_seed_is_in():
+    results = complete_sweep()  # SAM's rho 0.1
+    runs = plan(tables.LABEL_NOISE, [], results) + plan(tables.LABEL_NOISE_MORE, [], results)
+    # Last-epoch test accuracy by seed 0, 1, 2 and CPU seconds. SAM gains +0.06 on AdamW at every seed. Minus SAM and
+    # minus AdamW (95% t-intervals, half-width 0.02484 for a standard deviation of 0.01, 0.04968 for 0.02):
+    # interval5 [-0.025, +0.025], [+0.035, +0.085]: keeps, 0.78x; LookSAM [-0.085, -0.035]: loses, 0.85x; GSAM
+    # keeps, 0.90x (within 0.15x of interval5: as cheap); VaSSO minus SAM [-0.070, +0.030] and minus AdamW
+    # [-0.010, +0.090]: undecided, 0.60x (cheaper than interval5 by more than 0.15x); AE-SAM keeps, 1.10x (dearer).
+    sam = (0.36, 0.37, 0.38)
+    grid = {
+        "AdamW": ((0.30, 0.31, 0.32), 100.0),
+        "SAM": (sam, 200.0),
+        "SAM-interval5": (tuple(a + d for a, d in zip(sam, (-0.01, 0.0, 0.01))), 156.0),
+        "LookSAM-k5-a0.1": (tuple(a + d for a, d in zip(sam, (-0.06, -0.05, -0.07))), 170.0),
+        "GSAM": (tuple(a + d for a, d in zip(sam, (0.01, -0.01, 0.0))), 180.0),
+        "VaSSO": (tuple(a + d for a, d in zip(sam, (-0.04, -0.02, 0.0))), 120.0),
+        "AE-SAM": (sam, 220.0),
+    }
+    for run in [run for run in runs if run.seed < 3 and run.method in grid]:
+        accuracy, cpu = grid[run.method]
+        results[run.id] = noisy_record(run, [0.2, accuracy[run.seed]], [0.1, 0.5], cpu=cpu)
+    against_sam = "\n".join(label_noise_section(results)).split("Against full SAM")[1]
+    verdicts = {line.split(" | ")[0][2:]: line.split(" | ")[-1][:-2] for line in against_sam.splitlines()[4:9]}
+    assert verdicts == {
+        "SAM-interval5": "keeps", "LookSAM-k5-a0.1": "loses", "GSAM": "keeps", "VaSSO": "undecided", "AE-SAM": "keeps",
+    }  # fmt: skip
+    assert (
+        "By the rule, the cheapest method that keeps SAM's gain: SAM-interval5 (0.78x SAM's CPU time), GSAM (0.90x "
+        "SAM's CPU time); cheaper but undecided: VaSSO (0.60x SAM's CPU time)." in against_sam
+    )
+    del results[next(run.id for run in runs if run.method == "GSAM" and run.seed == 2)]
+    against_sam = "\n".join(label_noise_section(results)).split("Against full SAM")[1]
+    assert "| – (2 of 3 seeds) |" in against_sam and "By the rule: 4 of 5 methods judged so far" in against_sam
+    # None keeps it: the undecided ones are named, cheapest first.
+    assert _cheapest_keeper({"a": "loses", "b": "undecided", "c": "undecided"}, {"a": 0.5, "b": 1.2, "c": 0.9}, 3) == (
+        "By the rule, no cheaper schedule or later method keeps SAM's gain; undecided: c (0.90x SAM's CPU time), "
+        "b (1.20x SAM's CPU time)."
+    )
 
 
 def test_section_is_absent_without_records_and_says_what_is_missing_while_incomplete():

@@ -24,8 +24,10 @@ from pathlib import Path
 
 from .records import find, whole_time_known
 from .setups import METHOD_ORDER, at_epoch, best_epoch
-from .stats import mean_std, paired_difference
+from .stats import gain_kept, mean_std, paired_difference
 from .tables import (
+    KEEPS_COST_TIE,
+    KEEPS_MARGIN,
     LABEL_NOISE,
     LABEL_NOISE_EARLY,
     LABEL_NOISE_MORE,
@@ -94,13 +96,18 @@ def _pairs(runs: dict[int, dict], baseline: dict[int, dict], value, baseline_val
     return [(a, b) for a, b in pairs if a is not None and b is not None]
 
 
-def _cpu_ratio(runs: dict[int, dict], baseline: dict[int, dict]) -> str:
-    """Mean over the seeds both have (whole CPU time known, same device) of the per-seed CPU-time ratio."""
-    ratios = [
+def _cpu_ratios(runs: dict[int, dict], baseline: dict[int, dict]) -> list[float]:
+    """The per-seed CPU-time ratios over the seeds both have (whole CPU time known, same device)."""
+    return [
         runs[s]["cpu_s"] / baseline[s]["cpu_s"]
         for s in sorted(set(runs) & set(baseline))
         if whole_time_known(runs[s]) and whole_time_known(baseline[s]) and runs[s]["device"] == baseline[s]["device"]
     ]
+
+
+def _cpu_ratio(runs: dict[int, dict], baseline: dict[int, dict]) -> str:
+    """Mean over the seeds both have (whole CPU time known, same device) of the per-seed CPU-time ratio."""
+    ratios = _cpu_ratios(runs, baseline)
     return f"{statistics.mean(ratios):.2f}x (n={len(ratios)})" if ratios else "–"
 
 
@@ -196,31 +203,81 @@ def _against_sam_rows(by_method: dict[str, dict[int, dict]], epochs: dict[str, i
     """
     The cheaper schedules and the later methods (`LABEL_NOISE_MORE`, at SAM's rho) against full SAM, paired by seed,
     at the last epoch and with each stopped at its own held-out-chosen epoch (`epochs`): whether a schedule keeps
-    SAM's gain at a fraction of its cost is a comparison with SAM, not with AdamW. Nothing while none of them or no
-    SAM run has finished.
+    SAM's gain at a fraction of its cost is a comparison with SAM, not with AdamW. Each method's verdict by the rule
+    fixed in advance (`_keeps_gain`) once all its seeds have finished, and the sentence that names the cheapest method
+    that keeps the gain (`_cheapest_keeper`) once every method has one. Nothing while none of them or no SAM run has
+    finished.
     """
-    sam = by_method.get("SAM", {})
+    sam, adamw = by_method.get("SAM", {}), by_method.get("AdamW", {})
     others = [m for m in sorted(by_method, key=METHOD_ORDER.index) if m in MORE_METHODS]
     if not sam or not others:
         return []
     sam_there = stopped(epochs.get("SAM"))
     lines = [
         "",
-        "Against full SAM (seeds in common, paired by seed):",
+        'Against full SAM (seeds in common, paired by seed; the rule: README, "When does SAM pay off?"):',
         "",
         "| method | test accuracy minus SAM, last epoch | minus SAM, each at its own chosen epoch | memorised minus "
-        "SAM | CPU time / SAM |",
-        "|---|---|---|---|---|",
+        "SAM | CPU time / SAM | keeps SAM's gain (the rule) |",
+        "|---|---|---|---|---|---|",
     ]
+    verdicts, costs = {}, {}
     for method in others:
         runs = by_method[method]
         there = stopped(epochs.get(method))
+        verdicts[method] = _keeps_gain(runs, adamw, sam)
+        ratios = _cpu_ratios(runs, sam)
+        costs[method] = statistics.mean(ratios) if ratios else None
         lines.append(
             f"| {method} | {paired_difference(_pairs(runs, sam, last))} | "
             f"{paired_difference(_pairs(runs, sam, there, sam_there))} | "
-            f"{paired_difference(_pairs(runs, sam, memorised))} | {_cpu_ratio(runs, sam)} |"
+            f"{paired_difference(_pairs(runs, sam, memorised))} | {_cpu_ratio(runs, sam)} | {verdicts[method]} |"
         )
-    return lines
+    return lines + ["", _cheapest_keeper(verdicts, costs, len(MORE_METHODS))]
+
+
+def _keeps_gain(runs: dict[int, dict], adamw: dict[int, dict], sam: dict[int, dict]) -> str:
+    """
+    The rule: at the last epoch, the method's accuracy minus AdamW's and minus SAM's, paired by seed over all of
+    `LABEL_NOISE_MORE`'s seeds, judged by `stats.gain_kept` with `KEEPS_MARGIN`; "– (n of N seeds)" until every one
+    of those seeds has a run of the method, of AdamW and of SAM.
+    """
+    seeds = LABEL_NOISE_MORE.seeds
+    have = [s for s in seeds if s in runs and s in adamw and s in sam]
+    if len(have) < len(seeds):
+        return f"– ({len(have)} of {len(seeds)} seeds)"
+    pick = {s: runs[s] for s in seeds}
+    over_adamw = [b - a for a, b in _pairs(pick, adamw, last)]
+    over_sam = [b - a for a, b in _pairs(pick, sam, last)]
+    return gain_kept(over_adamw, over_sam, KEEPS_MARGIN)
+
+
+def _cheapest_keeper(verdicts: dict[str, str], costs: dict[str, float | None], expected: int) -> str:
+    """
+    The rule's conclusion: the cheapest method that keeps SAM's gain (with any others within `KEEPS_COST_TIE` of its
+    CPU time / SAM, equally cheap), and any undecided method cheaper than it by more than that; or that none keeps it,
+    naming the undecided ones. A line saying what it waits for while a method has no verdict or no cost.
+    """
+    decided = {m: v for m, v in verdicts.items() if v in ("keeps", "loses", "undecided") and costs[m] is not None}
+    if len(decided) < expected:
+        return (
+            f"By the rule: {len(decided)} of {expected} methods judged so far; the conclusion waits for all of their "
+            "seeds."
+        )
+
+    def named(methods: list[str]) -> str:
+        return ", ".join(f"{m} ({costs[m]:.2f}x SAM's CPU time)" for m in sorted(methods, key=lambda m: costs[m]))
+
+    keepers = [m for m, v in decided.items() if v == "keeps"]
+    undecided = [m for m, v in decided.items() if v == "undecided"]
+    if not keepers:
+        tail = f"; undecided: {named(undecided)}" if undecided else ""
+        return f"By the rule, no cheaper schedule or later method keeps SAM's gain{tail}."
+    cheapest = min(costs[m] for m in keepers)
+    tied = [m for m in keepers if costs[m] <= cheapest + KEEPS_COST_TIE]
+    cheaper_undecided = [m for m in undecided if costs[m] < cheapest - KEEPS_COST_TIE]
+    tail = f"; cheaper but undecided: {named(cheaper_undecided)}" if cheaper_undecided else ""
+    return f"By the rule, the cheapest method that keeps SAM's gain: {named(tied)}{tail}."
 
 
 def _against(runs: dict[int, dict], value, baseline: dict[int, dict], baseline_value) -> str:

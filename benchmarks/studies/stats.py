@@ -93,3 +93,23 @@ def seeds_for_power(
         if power_paired_t(n, difference, sd, alpha) >= power:
             return n
     return None
+
+
+def gain_kept(over_baseline: list[float], over_reference: list[float], margin: float) -> str:
+    """
+    Whether a cheaper method keeps a reference method's gain over a baseline, from paired per-seed differences
+    (method - baseline, method - reference) and their 95% t-intervals (`t_interval`), with a margin fixed in advance:
+    "keeps" if the interval over the baseline lies above 0 and the one over the reference has its lower end above
+    -`margin` (no worse than the reference by more than the margin); "loses" if the interval over the reference lies
+    below -`margin` or the one over the baseline at or below 0; otherwise "undecided". "–" with fewer than 2 pairs of
+    either (no interval).
+    """
+    if len(over_baseline) < 2 or len(over_reference) < 2:
+        return "–"
+    baseline_low, baseline_high = t_interval(over_baseline)
+    reference_low, reference_high = t_interval(over_reference)
+    if baseline_low > 0 and reference_low > -margin:
+        return "keeps"
+    if reference_high < -margin or baseline_high <= 0:
+        return "loses"
+    return "undecided"
