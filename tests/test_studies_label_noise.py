@@ -193,6 +193,16 @@ def test_the_rule_names_the_cheapest_method_that_keeps_sams_gain_once_every_seed
     del results[next(run.id for run in runs if run.method == "GSAM" and run.seed == 2)]
     against_sam = "\n".join(label_noise_section(results)).split("Against full SAM")[1]
     assert "| – (2 of 3 seeds) |" in against_sam and "By the rule: 4 of 5 methods judged so far" in against_sam
+    # An undecided method within 0.15x of the cheapest keeper is as cheap, not cheaper; a keeper within 0.15x of SAM
+    # (0.85x: 1 - 0.85 is 0.15000000000000002 in floating point) is no cheaper than SAM; one without a CPU time blocks.
+    verdicts = {"a": "keeps", "b": "undecided", "c": "undecided", "d": "loses"}
+    assert _cheapest_keeper(verdicts, {"a": 0.85, "b": 0.72, "c": 0.60, "d": 0.3}, 4) == (
+        "By the rule, the cheapest method that keeps SAM's gain: a (0.85x SAM's CPU time), not cheaper than SAM by "
+        "more than 0.15x; cheaper but undecided: c (0.60x SAM's CPU time)."
+    )
+    assert _cheapest_keeper({"a": "keeps", "b": "loses"}, {"a": 0.5, "b": None}, 2) == (
+        "By the rule: no conclusion, as b has no CPU time comparable with SAM's."
+    )
     # None keeps it: the undecided ones are named, cheapest first.
     assert _cheapest_keeper({"a": "loses", "b": "undecided", "c": "undecided"}, {"a": 0.5, "b": 1.2, "c": 0.9}, 3) == (
         "By the rule, no cheaper schedule or later method keeps SAM's gain; undecided: c (0.90x SAM's CPU time), "

@@ -254,30 +254,43 @@ def _keeps_gain(runs: dict[int, dict], adamw: dict[int, dict], sam: dict[int, di
 
 def _cheapest_keeper(verdicts: dict[str, str], costs: dict[str, float | None], expected: int) -> str:
     """
-    The rule's conclusion: the cheapest method that keeps SAM's gain (with any others within `KEEPS_COST_TIE` of its
-    CPU time / SAM, equally cheap), and any undecided method cheaper than it by more than that; or that none keeps it,
-    naming the undecided ones. A line saying what it waits for while a method has no verdict or no cost.
+    The rule's conclusion: the cheapest method that keeps SAM's gain (with any others as cheap, `_as_cheap`), whether
+    it is cheaper than SAM itself at all (1.00x), and any undecided method cheaper than it by more than
+    `KEEPS_COST_TIE`; or that none keeps it, naming the undecided ones. While a method has no verdict, a line saying
+    how many are judged; a method judged but without a CPU time to compare (no run with its whole time known on SAM's
+    device) is named as such, since no further seed would give it one.
     """
-    decided = {m: v for m, v in verdicts.items() if v in ("keeps", "loses", "undecided") and costs[m] is not None}
-    if len(decided) < expected:
-        return (
-            f"By the rule: {len(decided)} of {expected} methods judged so far; the conclusion waits for all of their "
-            "seeds."
-        )
+    judged = [m for m, v in verdicts.items() if v in ("keeps", "loses", "undecided")]
+    if len(judged) < expected:
+        return f"By the rule: {len(judged)} of {expected} methods judged so far; the conclusion waits for all of their seeds."
+    no_cost = [m for m in judged if costs[m] is None]
+    if no_cost:
+        return f"By the rule: no conclusion, as {', '.join(no_cost)} has no CPU time comparable with SAM's."
 
     def named(methods: list[str]) -> str:
         return ", ".join(f"{m} ({costs[m]:.2f}x SAM's CPU time)" for m in sorted(methods, key=lambda m: costs[m]))
 
-    keepers = [m for m, v in decided.items() if v == "keeps"]
-    undecided = [m for m, v in decided.items() if v == "undecided"]
+    keepers = [m for m in judged if verdicts[m] == "keeps"]
+    undecided = [m for m in judged if verdicts[m] == "undecided"]
     if not keepers:
         tail = f"; undecided: {named(undecided)}" if undecided else ""
         return f"By the rule, no cheaper schedule or later method keeps SAM's gain{tail}."
     cheapest = min(costs[m] for m in keepers)
-    tied = [m for m in keepers if costs[m] <= cheapest + KEEPS_COST_TIE]
-    cheaper_undecided = [m for m in undecided if costs[m] < cheapest - KEEPS_COST_TIE]
+    tied = [m for m in keepers if _as_cheap(costs[m], cheapest)]
+    cheaper_undecided = [m for m in undecided if costs[m] < cheapest and not _as_cheap(costs[m], cheapest)]
+    sam = (
+        ""
+        if cheapest < 1.0 and not _as_cheap(cheapest, 1.0)
+        else f", not cheaper than SAM by more than {KEEPS_COST_TIE:g}x"
+    )
     tail = f"; cheaper but undecided: {named(cheaper_undecided)}" if cheaper_undecided else ""
-    return f"By the rule, the cheapest method that keeps SAM's gain: {named(tied)}{tail}."
+    return f"By the rule, the cheapest method that keeps SAM's gain: {named(tied)}{sam}{tail}."
+
+
+def _as_cheap(cost: float, other: float) -> bool:
+    """Two CPU times / SAM the rule counts as equally cheap: at most `KEEPS_COST_TIE` apart (to 1e-9, so that 0.85x
+    is as cheap as SAM's 1.00x in floating point too)."""
+    return round(abs(cost - other), 9) <= KEEPS_COST_TIE
 
 
 def _against(runs: dict[int, dict], value, baseline: dict[int, dict], baseline_value) -> str:
