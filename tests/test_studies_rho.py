@@ -155,8 +155,10 @@ def test_flatness_pairs_every_measure_over_3_seeds_and_at_a_matched_training_los
         "+0 [+0, +0] (n=3) | – | SAM CPU: 0; H100: 1, 2; AdamW CPU: 0, 1, 2 |" in lines
     )
     # Matched: SAM's final loss 0.9 is closest to AdamW's 1.0 at step 395 (0.6 at 790): top 20, trace 200 there.
-    (matched,) = [line for line in lines if line.startswith("| SAM |")]
-    assert matched.startswith("| SAM | -13 [-18, -8.03] (n=3) | -49 [-51.5, -46.5] (n=3) | +0 [+0, +0] (n=3) | – |")
+    (matched,) = [line for line in lines if line.startswith("| stochastic (batch 64) | SAM |") and "vs AdamW" in line]
+    assert matched.startswith(
+        "| stochastic (batch 64) | SAM | -13 [-18, -8.03] (n=3) | -49 [-51.5, -46.5] (n=3) | +0 [+0, +0] (n=3) | – |"
+    )
     assert "seed 0: 0.9 vs AdamW 1 at step 395 (image-flat-adamw)" in matched
     assert not any(line.startswith("The reruns") for line in lines)  # no grid run of seeds 1-2 among the records
     # The grid's own SAM runs of seeds 1 and 2 (unmeasured): seed 1 trained as its rerun did, seed 2 not.
@@ -176,12 +178,41 @@ def test_full_batch_differences_cover_every_measure_both_ways():
 
     records = [full("AdamW", 0.0, seed, 10.0, 0.001) for seed in range(3)]
     records += [full("SAM", 0.02, seed, 6.0 + seed, 0.0014 + 0.0001 * seed) for seed in range(3)]
-    (row,) = [line for line in flatness_section(records) if line.startswith("| full batch")]
+    (row,) = [line for line in flatness_section(records) if line.startswith("| full batch (512) | SAM | 0.02 |")]
     # Top eigenvalue -4, -3, -2 (down); ascent +0.0004, +0.0005, +0.0006 (up): 0.0005 -+ 2.484e-4.
     assert (
         row
         == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | – | "
         "SAM CPU: 0, 1, 2; AdamW CPU: 0, 1, 2 |"
+    )
+
+
+def test_full_batch_matches_the_training_loss_on_the_last_log_not_a_window_of_four():
+    # The full-batch AdamW curve falls steeply at step 200 (every loss logged every 20 steps): over the last 4 logs its
+    # loss there would be 0.0627, over the last one 0.0047, SAM's final loss (0.0062 over 4, 0.0047 over 1).
+    adamw_losses = [(120, 0.2), (140, 0.035), (160, 0.011), (180, 0.0047)] + [
+        (s, 0.0024) for s in (220, 240, 260, 280)
+    ]
+    sam_losses = [(220, 0.0097), (240, 0.0055), (260, 0.0049), (280, 0.0047)]
+
+    def values(top, ascent):
+        return {"sharpness/top_eigenvalue": top, "sharpness/ascent": ascent}
+
+    records = []
+    for seed in range(3):
+        adamw = [(200, values(11.0 + seed, 0.0011)), (300, values(9.0, 0.0006))]
+        records.append(_measured("image-full-batch", "AdamW", 0.0, seed, adamw, adamw_losses))
+        records.append(_measured("image-full-batch", "SAM", 0.02, seed, [(300, values(5.0, 0.0011))], sam_losses))
+    (matched,) = [
+        line
+        for line in flatness_section(records)
+        if line.startswith("| full batch (512) | SAM |") and "vs AdamW" in line
+    ]
+    # Against AdamW's step 200: top eigenvalue -6, -7, -8 (5 - 11, 12, 13); ascent 0 in every seed.
+    assert matched == (
+        "| full batch (512) | SAM | -7 [-9.48, -4.52] (n=3) | – | +0 [+0, +0] (n=3) | – | "
+        "seed 0: 0.0047 vs AdamW 0.0047 at step 200 (image-full-batch); seed 1: 0.0047 vs AdamW 0.0047 at step 200 "
+        "(image-full-batch); seed 2: 0.0047 vs AdamW 0.0047 at step 200 (image-full-batch) |"
     )
 
 

@@ -31,6 +31,9 @@ FULL_BATCH = ("image-full-batch",)
 # Along training, AdamW's dense curve first.
 MATCHING = ("image-flat-adamw", "image")
 LOSS_WINDOW = 4  # logged training losses averaged (the logs every 20 steps: 80 steps, about an epoch of 79)
+# Full batch: no augmentation and the whole 512-image set each step, so one log (the mean loss of its 20 steps) is
+# the training loss itself, not a noisy minibatch estimate.
+FULL_BATCH_LOSS_WINDOW = 1
 
 
 def end_measurements(records: list[dict], studies: tuple[str, ...]) -> dict[tuple[str, float], dict[int, dict]]:
@@ -76,33 +79,38 @@ def loss_before(record: dict, step: int, window: int = LOSS_WINDOW) -> float | N
     return statistics.mean(losses[-window:]) if losses else None
 
 
-def matched_measurement(adamw: dict, target: float) -> tuple[dict, float] | None:
+def matched_measurement(adamw: dict, target: float, window: int = LOSS_WINDOW) -> tuple[dict, float] | None:
     """AdamW's sharpness measurement whose training loss (`loss_before` its step) is closest to `target`, with it."""
     candidates = [
-        (log, loss) for log in adamw["sharpness_history"] if (loss := loss_before(adamw, log["step"])) is not None
+        (log, loss)
+        for log in adamw["sharpness_history"]
+        if (loss := loss_before(adamw, log["step"], window)) is not None
     ]
     return min(candidates, key=lambda candidate: abs(candidate[1] - target)) if candidates else None
 
 
-def matched_rows(records: list[dict]) -> list[str]:
-    """Each method at the end minus AdamW at the matched training loss, paired by seed, with the matches."""
+def matched_rows(
+    records: list[dict], studies: tuple[str, ...], adamw_studies: tuple[str, ...], window: int
+) -> list[list[str]]:
+    """Each method of `studies` at the end minus AdamW (from `adamw_studies`, the first one's for a seed measured
+    twice) at the matched training loss, paired by seed: [method, *cells, matches] per method."""
     adamw = {}
-    for record in sorted(records, key=lambda r: MATCHING.index(r["study"]) if r["study"] in MATCHING else 99):
-        if record["study"] in MATCHING and record["method"] == "AdamW" and record.get("sharpness_history"):
+    for record in sorted(
+        records, key=lambda r: adamw_studies.index(r["study"]) if r["study"] in adamw_studies else 99
+    ):
+        if record["study"] in adamw_studies and record["method"] == "AdamW" and record.get("sharpness_history"):
             adamw.setdefault(record["seed"], record)
-    methods = [
-        r for r in records if r["study"] in STOCHASTIC and r["method"] != "AdamW" and r.get("sharpness_history")
-    ]
-    lines = []
+    methods = [r for r in records if r["study"] in studies and r["method"] != "AdamW" and r.get("sharpness_history")]
+    rows = []
     for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in methods)]:
         pairs, matches = {key: [] for key, _, _ in SHARPNESS_KEYS}, []
         for record in sorted((r for r in methods if r["method"] == method), key=lambda r: r["seed"]):
             end = record["sharpness_history"][-1]
-            target = loss_before(record, end["step"])
+            target = loss_before(record, end["step"], window)
             found = (
                 None
                 if target is None or record["seed"] not in adamw
-                else matched_measurement(adamw[record["seed"]], target)
+                else matched_measurement(adamw[record["seed"]], target, window)
             )
             if found is None:
                 continue
@@ -116,8 +124,8 @@ def matched_rows(records: list[dict]) -> list[str]:
                     pairs[key].append((log[key], end[key]))
         if matches:
             cells = [paired_difference(pairs[key], "{:+.3g}") for key, _, _ in SHARPNESS_KEYS]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {'; '.join(matches)} |")
-    return lines
+            rows.append([method, *cells, "; ".join(matches)])
+    return rows
 
 
 def flatness_section(records: list[dict]) -> list[str]:
@@ -141,20 +149,28 @@ def flatness_section(records: list[dict]) -> list[str]:
     ]
     for setup, (method, rho, cells) in rows:
         lines.append(f"| {setup} | {method} | {rho:g} | " + " | ".join(cells) + " |")
-    matched = matched_rows(records)
+    matched = [["stochastic (batch 64)", *row] for row in matched_rows(records, STOCHASTIC, MATCHING, LOSS_WINDOW)]
+    matched += [
+        ["full batch (512)", *row] for row in matched_rows(records, FULL_BATCH, FULL_BATCH, FULL_BATCH_LOSS_WINDOW)
+    ]
     if matched:
         lines += [
             "",
             "At a matched training loss: the method at the end of training minus the AdamW measurement (along its "
-            f"training) whose training loss is closest to the method's final one, both the mean of the last "
+            "training, same seed) whose training loss is closest to the method's final one; the closest measurement "
+            "is picked, not interpolated. Stochastic: both losses the mean of the last "
             f"{LOSS_WINDOW} logged training losses (every 20 steps; the Trainer's minibatch loss at w, with the "
-            "crop and flip, not the loss on the 256 measured images) at or before the measurement; the closest "
-            "measurement is picked, not interpolated (AdamW measured every 395 steps in `image-flat-adamw`, every "
-            "1,580 in `image`).",
+            "crop and flip, not the loss on the 256 measured images) at or before the measurement; AdamW measured "
+            "every 395 steps in `image-flat-adamw`, every 1,580 in `image`. Full batch: the last logged loss at or "
+            "before the measurement (the mean of the 20 full-batch steps it logs, on the 512 measured images, no "
+            "augmentation); AdamW measured every 100 steps, so the match is coarse. The full-batch runs predate "
+            "426b136 and have no loss log at a measured step (the measurement's log cancelled it), so the log 20 "
+            "steps earlier stands in: where the loss still falls, as AdamW's does at step 200, the loss shown is above "
+            "the one at the measurement.",
             "",
-            f"| method minus AdamW | {labels} | final training loss vs AdamW's at the step matched |",
-            "|---|" + "---|" * len(SHARPNESS_KEYS) + "---|",
-        ] + matched
+            f"| set-up | method minus AdamW | {labels} | final training loss vs AdamW's at the step matched |",
+            "|---|---|" + "---|" * len(SHARPNESS_KEYS) + "---|",
+        ] + ["| " + " | ".join(row) + " |" for row in matched]
     return lines + rerun_check(records)
 
 
