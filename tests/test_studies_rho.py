@@ -160,14 +160,24 @@ def test_flatness_pairs_every_measure_over_3_seeds_and_at_a_matched_training_los
         "| stochastic (batch 64) | SAM | -13 [-18, -8.03] (n=3) | -49 [-51.5, -46.5] (n=3) | +0 [+0, +0] (n=3) | – |"
     )
     assert "seed 0: 0.9 vs AdamW 1 at step 395 (image-flat-adamw)" in matched
-    assert not any(line.startswith("The reruns") for line in lines)  # no grid run of seeds 1-2 among the records
-    # The grid's own SAM runs of seeds 1 and 2 (unmeasured): seed 1 trained as its rerun did, seed 2 not.
+    (reruns,) = [line for line in lines if line.startswith("The reruns")]  # only AdamW seed 0 has a grid run
+    assert reruns.endswith(": AdamW seed 0 0.500 (CPU) vs 0.500 (CPU), every epoch equal.")
+    # The grid's own SAM runs of seeds 1 and 2 (unmeasured): seed 1 trained as its rerun did; seed 2's accuracy parts
+    # after its first epoch, and its gradient norm at step 40 by more than 0.1% (the one at step 20 by less).
     sam_reruns = [r for r in records if r["study"] == "image-flat"]
+    norms = [{"step": 20, "grad_norm": 2.0}, {"step": 40, "grad_norm": 3.0}]
+    sam_reruns[1]["train_history"] = norms
+    sam_reruns[1]["eval_history"] = [{"epoch": 1.0, "eval_accuracy": 0.3}, {"epoch": 2.0, "eval_accuracy": 0.5}]
     grid_runs = [r | {"study": "image", "id": "image/" + r["id"], "sharpness_history": []} for r in sam_reruns]
-    grid_runs[1] = grid_runs[1] | {"eval_history": [{"epoch": 5.0, "eval_accuracy": 0.49}]}
+    grid_runs[1] = grid_runs[1] | {
+        "eval_history": [{"epoch": 1.0, "eval_accuracy": 0.3}, {"epoch": 2.0, "eval_accuracy": 0.49}],
+        "train_history": [{"step": 20, "grad_norm": 2.0019}, {"step": 40, "grad_norm": 3.004}],
+    }
     assert flatness_section(records + grid_runs)[-1] == (
-        "The reruns against the grid's runs of the same seed (test accuracy at the end): SAM seed 1 0.500 (H100) vs "
-        "0.500 (H100), every epoch equal; SAM seed 2 0.500 (H100) vs 0.500 (H100), curves differ."
+        "The reruns against the grid's runs of the same seed (test accuracy at the end): AdamW seed 0 0.500 (CPU) vs "
+        "0.500 (CPU), every epoch equal; SAM seed 1 0.500 (H100) vs 0.500 (H100), every epoch equal; SAM seed 2 0.500 "
+        "(H100) vs 0.500 (H100), curves differ (equal for the first 1 epochs, gradient norms apart by > 0.1% from step "
+        "40)."
     )
 
 
