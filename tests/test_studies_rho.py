@@ -28,6 +28,34 @@ def test_rho_study_matches_sam_and_usam_at_the_radius_over_two_orders_of_magnitu
     assert "test.parquet" not in line and line.rindex("--num_train_epochs 30") > line.index("--num_train_epochs 60")
 
 
+def test_the_60_epoch_rerun_keeps_the_grid_and_maps_usam_through_its_own_schedules_gradient_norm():
+    runs = plan(tables.IMAGE_RHO_60, [0, 1, 2], {})
+    assert len(runs) == 2 * (1 + 7 + 7) and {run.seed for run in runs} == {0, 1}
+    sam = sorted(run.rho for run in runs if run.method == "SAM" and run.seed == 1)
+    usam = sorted(run.rho for run in runs if run.method == "USAM" and run.seed == 1)
+    assert sam == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    assert usam == [0.00134, 0.00267, 0.00535, 0.0134, 0.0267, 0.0535, 0.134]  # SAM's / 3.74, 3 significant digits
+    (usam_run,) = [run for run in runs if run.id == "image-rho-60/cifar10/USAM/rho0.00535/seed0"]
+    line = command(usam_run, "/data", "")
+    assert "--method sam --normalize false --rho 0.00535" in line and "--train_val_split 0.1" in line
+    assert "--logging_nan_inf_filter false" in line and "--num_train_epochs 60" in line
+    assert "--num_train_epochs 30" not in line and "test.parquet" not in line
+    # The report: its own mapping (3.74), and AdamW's last-third gain shown without the shortened schedule's verdict.
+    records = [record_at("image-rho-60", "cifar10", "AdamW", 0.0, 0, 0.5)]
+    records[0]["eval_history"] = [
+        {"epoch": float(e), "eval_accuracy": 0.50 if 39 <= e <= 41 else 0.53 if e >= 58 else 0.4} for e in range(1, 61)
+    ]
+    records.append(record_at("image-rho-60", "cifar10", "USAM", 0.00535, 0, 0.5))
+    lines = rho_section(records)
+    assert "## rho robustness: SAM vs USAM (CIFAR-10 subset, ViT from scratch, 60 epochs" in lines[1]
+    assert "| USAM | 0.00535 | 0.02 | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00535 x 3.74 = 0.0200
+    assert (
+        "AdamW's held-out score over the last third of training (means of 3 evaluations): seed 0 0.500 (epochs 39-41) "
+        "-> 0.530 (epochs 58-60); mean gain +0.030 (the set-up's own schedule: no epoch rule to pass)."
+    ) in lines
+    assert not any(line.startswith("Epoch rule") for line in lines)
+
+
 def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     accuracies = {
         0.005: (0.53, 0.55),
