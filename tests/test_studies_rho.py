@@ -6,7 +6,7 @@ from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.report import report
 from benchmarks.studies.report_flatness import flatness_section, loss_before
-from benchmarks.studies.report_rho import diverged, rho_figure, rho_section, robust_range
+from benchmarks.studies.report_rho import diverged, radius_used, rho_figure, rho_section, robust_range
 from benchmarks.studies.runner import command
 
 from .test_studies import H100, record_at, record_of
@@ -48,12 +48,28 @@ def test_the_60_epoch_rerun_keeps_the_grid_and_maps_usam_through_its_own_schedul
     records.append(record_at("image-rho-60", "cifar10", "USAM", 0.00535, 0, 0.5))
     lines = rho_section(records)
     assert "## rho robustness: SAM vs USAM (CIFAR-10 subset, ViT from scratch, 60 epochs" in lines[1]
-    assert "| USAM | 0.00535 | 0.02 | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00535 x 3.74 = 0.0200
+    assert "| USAM | 0.00535 | 0.02 | – | – | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00535 x 3.74 = 0.0200
     assert (
         "AdamW's held-out score over the last third of training (means of 3 evaluations): seed 0 0.500 (epochs 39-41) "
         "-> 0.530 (epochs 58-60); mean gain +0.030 (the set-up's own schedule: no epoch rule to pass)."
     ) in lines
     assert not any(line.startswith("Epoch rule") for line in lines)
+
+
+def test_the_radius_used_is_the_median_logged_perturbation_norm_in_epoch_1_and_the_last_third():
+    def usam(seed, norms):  # a log every 0.5 epoch over 3 epochs: ||e|| = rho ||g||, logged as a window mean
+        record = record_at("image-rho", "cifar10", "USAM", 0.00588, seed, 0.5)
+        record["train_history"] = [
+            {"epoch": 0.5 * (i + 1), "loss": 2.0, "sam/perturbation_norm": norm} for i, norm in enumerate(norms)
+        ]
+        return record
+
+    # Epoch 1: logs at 0.5 and 1.0; the last third (epoch > 2): the logs at 2.5 and 3.0.
+    runs = [usam(0, [0.03, 0.02, 0.9, 0.9, 0.01, 0.012]), usam(1, [0.025, 0.021, 0.9, 0.9, 0.008, 0.02])]
+    assert math.isclose(radius_used(runs, until=1.0), 0.023)  # median of 0.03, 0.02, 0.025, 0.021
+    assert math.isclose(radius_used(runs, after_fraction=2 / 3), 0.011)  # median of 0.01, 0.012, 0.008, 0.02
+    assert radius_used([record_at("image-rho", "cifar10", "AdamW", 0.0, 0, 0.5)], until=1.0) is None
+    assert "| USAM | 0.00588 | 0.02 | 0.023 | 0.011 | 0.500 ± 0.000 (n=2) | 0 of 2 |" in rho_section(runs)
 
 
 def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
@@ -90,9 +106,9 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     assert robust_range({0.1: [float("nan")], 0.2: [0.3]}) == (0.2, 0.2, []) and robust_range({}) is None
 
     lines = rho_section(records)
-    assert "| SAM | 0.02 | 0.02 | 0.560 ± 0.000 (n=2) | 0 of 2 |" in lines
-    assert "| SAM | 0.005 | 0.005 | 0.540 ± 0.014 (n=2) | 1 of 2 |" in lines
-    assert "| USAM | 0.00588 | 0.02 | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00588 x 3.40 = 0.0200
+    assert "| SAM | 0.02 | 0.02 | – | – | 0.560 ± 0.000 (n=2) | 0 of 2 |" in lines
+    assert "| SAM | 0.005 | 0.005 | – | – | 0.540 ± 0.014 (n=2) | 1 of 2 |" in lines
+    assert "| USAM | 0.00588 | 0.02 | – | – | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00588 x 3.40 = 0.0200
     assert (
         "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside." in lines
     )
@@ -272,6 +288,9 @@ def test_stsb_maps_usam_through_its_own_adamw_runs_first_epoch_and_waits_for_it(
     (usam_run,) = [run for run in plan(tables.STSB_RHO_ROBUSTNESS, [0], results) if run.id.endswith("rho0.001/seed0")]
     records = [reference, record_of(usam_run, 0.85) | {"train_history": [{"step": 5, "loss": 3.0}]}]
     lines = rho_section(records)
-    assert "| method | rho | radius | held-out score (mean of Pearson and Spearman) | diverged |" in lines
-    assert "| USAM | 0.001 | 0.02 | 0.850 (n=1) | 0 of 1 |" in lines and "AdamW: 0.800 (n=1)" in lines[3]
+    assert (
+        "| method | rho | radius | radius used: epoch 1 | radius used: last third | held-out score (mean of Pearson and "
+        "Spearman) | diverged |"
+    ) in lines
+    assert "| USAM | 0.001 | 0.02 | – | – | 0.850 (n=1) | 0 of 1 |" in lines and "AdamW: 0.800 (n=1)" in lines[3]
     assert "- USAM: 0 of 1 finished runs (14 planned; a run that crashed has no record)." in lines

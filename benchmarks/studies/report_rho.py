@@ -132,6 +132,28 @@ def score_by_rho(records: list[dict], method: str) -> dict[float, list[float]]:
     return by_rho
 
 
+def radius_used(records: list[dict], until: float | None = None, after_fraction: float | None = None) -> float | None:
+    """
+    The perturbation radius the runs actually used: the median, over `records`' logged steps, of `sam/perturbation_norm`
+    (||e||, each log the mean over its window), pooled over the runs: up to epoch `until`, or over the last
+    `1 - after_fraction` of each run's epochs. SAM's is rho throughout; USAM's is rho ||g||, which follows the gradient
+    norm after the first epoch the grids were matched on. None when nothing is logged there.
+    """
+    values = []
+    for record in records:
+        logs = [log for log in record.get("train_history", []) if "sam/perturbation_norm" in log and "epoch" in log]
+        if not logs:
+            continue
+        last = max(log["epoch"] for log in logs)
+        values += [
+            log["sam/perturbation_norm"]
+            for log in logs
+            if (until is None or log["epoch"] <= until)
+            and (after_fraction is None or log["epoch"] > after_fraction * last)
+        ]
+    return statistics.median(values) if values else None
+
+
 def grad_norm(study: Study, results: dict[str, dict]) -> float | None:
     """The gradient norm USAM's grid was mapped by: the measured constant of an image study (`RHO_GRAD_NORMS`), or
     the first epoch's median of `glue-rho`'s own AdamW seed-0 run (None until it has run)."""
@@ -184,19 +206,23 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
         "USAM (`SAMConfig(normalize=False)`, e = rho g) perturbs by rho ||g||, so its grid is SAM's divided by "
         f"{mapping}, the median gradient norm of AdamW's first epoch on this set-up "
         "(`benchmarks/studies/tables.py`); the radius column is rho for SAM and rho x "
-        f"{mapping} for USAM. The {metric} at the last epoch, mean ± sample std over seeds. "
+        f"{mapping} for USAM. The radius used is the median of the logged ||e|| (`sam/perturbation_norm`, each log "
+        "the mean over its logging window) over the first epoch and over the last third of training, pooled over the seeds: "
+        f"SAM's is rho, USAM's follows ||g||. The {metric} at the last epoch, mean ± sample std over seeds. "
         f"AdamW: {mean_std(adamw)}. Figure: `python -m benchmarks.studies.report_rho --study {study.name} "
         "--figure docs/<name>.png`.",
         "",
-        f"| method | rho | radius | {metric} | diverged |",
-        "|---|---|---|---|---|",
+        f"| method | rho | radius | radius used: epoch 1 | radius used: last third | {metric} | diverged |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
         for rho, values in score_by_rho(runs, method).items():
-            reasons = [diverged(r) for r in runs if r["method"] == method and r["rho"] == rho]
-            count = sum(reason is not None for reason in reasons)
+            mine = [r for r in runs if r["method"] == method and r["rho"] == rho]
+            count = sum(diverged(r) is not None for r in mine)
             at = "–" if norm is None else f"{radius(method, rho, norm):.3g}"
-            lines.append(f"| {method} | {rho:g} | {at} | {mean_std(values)} | {count} of {len(reasons)} |")
+            used = [radius_used(mine, until=1.0), radius_used(mine, after_fraction=2 / 3)]
+            used_cells = " | ".join("–" if value is None else f"{value:.3g}" for value in used)
+            lines.append(f"| {method} | {rho:g} | {at} | {used_cells} | {mean_std(values)} | {count} of {len(mine)} |")
     lines += epoch_rule(runs, judged=study.name in RHO_SHORTENED) + grad_norm_check(runs, norm)
     planned = plan(study, [], results)
     lines += ["", f"Range of rho within {WITHIN * 100:g} point of the method's best mean score:", ""]
