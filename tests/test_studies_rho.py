@@ -6,7 +6,14 @@ from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.report import report
 from benchmarks.studies.report_flatness import flatness_section, loss_before
-from benchmarks.studies.report_rho import diverged, radius_used, rho_figure, rho_section, robust_range
+from benchmarks.studies.report_rho import (
+    diverged,
+    pooled_seed_sd,
+    radius_used,
+    rho_figure,
+    rho_section,
+    robust_range,
+)
 from benchmarks.studies.runner import command
 
 from .test_studies import H100, record_at, record_of
@@ -116,6 +123,23 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     best_at_edge = [r | {"metrics": {"eval_accuracy": 0.9}} if r["rho"] == 0.005 else r for r in records]
     sam_range = next(line for line in rho_section(best_at_edge) if line.startswith("- SAM: rho"))
     assert sam_range.endswith("; reaches the grid's smallest rho, so the range may be wider.")
+    # Pooled seed sd: SAM's variances 0.0002, 0, 0, 0.00005, 0 over 5 degrees of freedom -> sqrt(0.00005) = 0.00707;
+    # the difference of two 2-seed means has standard error 0.00707 x sqrt(2 / 2), under the range's 1 point.
+    assert (
+        "- SAM: sd 0.0071 (5 degrees of freedom); the difference of two 2-seed means has standard error 0.0071."
+        in lines
+    )
+    assert "- USAM: fewer than 2 seeds at every rho." in lines
+    noisy = [r | {"metrics": {"eval_accuracy": 0.6}} if r["id"].endswith("rho0.01/seed1") else r for r in records]
+    # rho 0.01 now (0.555, 0.6): variance 0.0010125; pooled (0.0002 + 0.0010125 + 0.00005) / 5 = 0.0002525.
+    assert (
+        "- SAM: sd 0.0159 (5 degrees of freedom); the difference of two 2-seed means has standard error 0.0159, more "
+        "than the range's 1 point."
+    ) in rho_section(noisy)
+    # Unequal seeds: (2 x 1 + 1 x 2) / (2 + 1) = 4/3; a rho with one score adds no degree of freedom.
+    sd, df = pooled_seed_sd({0.1: [1.0, 2.0, 3.0], 0.2: [5.0, 7.0], 0.5: [4.0], 1.0: [2.0, math.nan]})
+    assert df == 3 and math.isclose(sd, math.sqrt(4 / 3), rel_tol=1e-12)
+    assert pooled_seed_sd({0.1: [1.0]}) is None
     assert "- AdamW: 0 of 2 finished runs (2 planned; a run that crashed has no record)." in lines
     assert next(line for line in lines if line.startswith("- USAM: 1 of 2 finished runs (14 planned")).endswith(
         ": `image-rho/cifar10/USAM/rho0.00294/seed0`: non-finite loss."

@@ -182,6 +182,19 @@ def robust_range(by_rho: dict[float, list[float]], within: float = WITHIN) -> tu
     return inside[0], inside[-1], holes
 
 
+def pooled_seed_sd(by_rho: dict[float, list[float]]) -> tuple[float, int] | None:
+    """
+    The seed-to-seed standard deviation at one rho, pooled over the grid, and its degrees of freedom:
+    s^2 = sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1) over the rhos with at least 2 finite scores. `None` without any.
+    """
+    groups = [[v for v in values if math.isfinite(v)] for values in by_rho.values()]
+    groups = [values for values in groups if len(values) >= 2]
+    df = sum(len(values) - 1 for values in groups)
+    if not df:
+        return None
+    return math.sqrt(sum((len(values) - 1) * statistics.variance(values) for values in groups) / df), df
+
+
 def rho_section(records: list[dict]) -> list[str]:
     """The markdown of the rho-robustness studies that have runs."""
     results = {r["id"]: r for r in records}
@@ -242,6 +255,27 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
             + (f"; reaches the grid's {' and '.join(edge)} rho, so the range may be wider" if edge else "")
             + "."
         )
+    lines += [
+        "",
+        "Resolution: the seed-to-seed sample std at one rho, pooled over the grid, and what it implies for the "
+        "range: the standard error of the difference between two rhos' means over n seeds, sd sqrt(2 / n):",
+        "",
+    ]
+    for method in METHODS:
+        by_rho = score_by_rho(runs, method)
+        pooled = pooled_seed_sd(by_rho)
+        if pooled is None:
+            lines.append(f"- {method}: fewer than 2 seeds at every rho.")
+            continue
+        sd, df = pooled
+        seeds = max(len(values) for values in by_rho.values())
+        difference = sd * math.sqrt(2 / seeds)
+        lines.append(
+            f"- {method}: sd {sd:.4f} ({df} degrees of freedom); the difference of two {seeds}-seed means has "
+            f"standard error {difference:.4f}"
+            + (f", more than the range's {WITHIN * 100:g} point" if difference > WITHIN else "")
+            + "."
+        )
     lines += ["", "Divergences (a non-finite training loss, or a final training loss above the first logged):", ""]
     for method in ("AdamW",) + METHODS:
         mine = [r for r in runs if r["method"] == method]
@@ -256,8 +290,12 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
 
 
 def rho_figure(records: list[dict], path: str | Path, study: Study = IMAGE_RHO_ROBUSTNESS) -> Path:
-    """The held-out score against the perturbation radius (log scale) for SAM and USAM, each seed a dot and the mean a
-    line, AdamW's mean as a horizontal line; written to `path` (PNG)."""
+    """
+    The held-out score of SAM and USAM against the perturbation radius (log scale), each seed a dot and the mean a
+    line, AdamW's mean as a horizontal line; written to `path` (PNG). Left, against the radius each rho means at the
+    start (the matched grid); right, against the radius used over the last third of training (`radius_used`, per run
+    for the dots and pooled over the seeds for the line), since USAM's rho ||g|| moves away from the match.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,23 +305,37 @@ def rho_figure(records: list[dict], path: str | Path, study: Study = IMAGE_RHO_R
     runs = [r for r in records if r["study"] == study.name]
     norm = grad_norm(study, results)
     (task,) = study.tasks
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, (at_start, late) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for method, color in zip(METHODS, ("tab:blue", "tab:orange"), strict=True):
         by_rho = score_by_rho(runs, method)
         if not by_rho or norm is None:
             continue
         radii = [radius(method, rho, norm) for rho in by_rho]
-        axes.plot(radii, [statistics.mean(v) for v in by_rho.values()], "-o", color=color, label=method)
+        at_start.plot(radii, [statistics.mean(v) for v in by_rho.values()], "-o", color=color, label=method)
         for at, values in zip(radii, by_rho.values(), strict=True):
-            axes.scatter([at] * len(values), values, color=color, alpha=0.4, s=12)
+            at_start.scatter([at] * len(values), values, color=color, alpha=0.4, s=12)
+        line = []
+        for rho, values in by_rho.items():
+            mine = [r for r in runs if r["method"] == method and r["rho"] == rho]
+            pooled = radius_used(mine, after_fraction=2 / 3)
+            if pooled is not None:
+                line.append((pooled, statistics.mean(values)))
+            for run in mine:
+                used = radius_used([run], after_fraction=2 / 3)
+                if used is not None:
+                    late.scatter([used], [task_score(task, run["metrics"])], color=color, alpha=0.4, s=12)
+        if line:
+            late.plot(*zip(*sorted(line), strict=True), "-o", color=color, label=method)
     adamw = [task_score(task, r["metrics"]) for r in runs if r["method"] == "AdamW"]
-    if adamw:
-        axes.axhline(statistics.mean(adamw), color="gray", linestyle="--", label="AdamW")
-    axes.set_xscale("log")
-    axes.set_xlabel(f"perturbation radius at the start (SAM: rho; USAM: rho x {norm or float('nan'):.3g})")
-    axes.set_ylabel("held-out score (last epoch)")
-    axes.set_title(f"{task_label(task)}, {SETUPS[study.name]}")
-    axes.legend()
+    for axes in (at_start, late):
+        if adamw:
+            axes.axhline(statistics.mean(adamw), color="gray", linestyle="--", label="AdamW")
+        axes.set_xscale("log")
+        axes.legend()
+    at_start.set_xlabel(f"radius at the start (SAM: rho; USAM: rho x {norm or float('nan'):.3g})")
+    late.set_xlabel("radius used over the last third (median logged ||e||)")
+    at_start.set_ylabel("held-out score (last epoch)")
+    figure.suptitle(f"{task_label(task)}, {SETUPS[study.name]}")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
