@@ -228,8 +228,9 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
         f"| method | rho | radius | radius used: epoch 1 | radius used: last third | {metric} | diverged |",
         "|---|---|---|---|---|---|---|",
     ]
+    scores = {method: score_by_rho(runs, method) for method in METHODS}
     for method in METHODS:
-        for rho, values in score_by_rho(runs, method).items():
+        for rho, values in scores[method].items():
             mine = [r for r in runs if r["method"] == method and r["rho"] == rho]
             count = sum(diverged(r) is not None for r in mine)
             at = "–" if norm is None else f"{radius(method, rho, norm):.3g}"
@@ -240,7 +241,7 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
     planned = plan(study, [], results)
     lines += ["", f"Range of rho within {WITHIN * 100:g} point of the method's best mean score:", ""]
     for method in METHODS:
-        by_rho = score_by_rho(runs, method)
+        by_rho = scores[method]
         found = robust_range(by_rho)
         grid = sorted({run.rho for run in planned if run.method == method})
         if found is None or not grid:
@@ -263,7 +264,7 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
         "",
     ]
     for method in METHODS:
-        by_rho = score_by_rho(runs, method)
+        by_rho = scores[method]
         pooled = pooled_seed_sd(by_rho)
         if pooled is None:
             lines.append(f"- {method}: fewer than 2 seeds at every rho.")
