@@ -14,7 +14,7 @@
 """
 The rho-robustness studies (`image-rho` at 30 epochs, `image-rho-60` at the image grid's 60, and `glue-rho` on
 STS-B): the held-out score against rho for SAM and USAM, the width of the rho range within 1 point of each method's
-best, the divergences, and the figure.
+best and the seed noise it is read against, the divergences, and the figure.
 
     python -m benchmarks.studies.report_rho --figure docs/rho_robustness.png   # the figure from the records
     python -m benchmarks.studies.report_rho --study image-rho-60 --figure docs/rho_robustness_60.png
@@ -202,7 +202,10 @@ def rho_section(records: list[dict]) -> list[str]:
 
 
 def study_section(study: Study, results: dict[str, dict]) -> list[str]:
-    """One rho-robustness study: the score per rho, the range within 1 point of the best, the divergences."""
+    """
+    One rho-robustness study: the score per rho, the range within 1 point of the best, its resolution (the pooled
+    seed-to-seed sd), the divergences.
+    """
     runs = [r for r in results.values() if r["study"] == study.name]
     if not runs:
         return []
