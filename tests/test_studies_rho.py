@@ -117,12 +117,12 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     assert "| SAM | 0.005 | 0.005 | – | – | 0.540 ± 0.014 (n=2) | 1 of 2 |" in lines
     assert "| USAM | 0.00588 | 0.02 | – | – | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00588 x 3.40 = 0.0200
     assert (
-        "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside; only 5 "
-        "of the grid's 7 rhos have runs yet."
+        "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside; runs so far "
+        "at only 5 of the grid's 7 rhos."
     ) in lines
     assert (
-        "- USAM: rho 0.00588 to 0.00588, a factor of 1 (0.00 decades) of the grid's 100; only 2 of the grid's 7 rhos "
-        "have runs yet."
+        "- USAM: rho 0.00588 to 0.00588, a factor of 1 (0.00 decades) of the grid's 100; runs so far at only 2 of the grid's "
+        "7 rhos."
     ) in lines
     whole_grid = records + [record_at("image-rho", "cifar10", "SAM", rho, 0, 0.3) for rho in (0.2, 0.5)]
     assert (
@@ -131,7 +131,7 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     best_at_edge = [r | {"metrics": {"eval_accuracy": 0.9}} if r["rho"] == 0.005 else r for r in records]
     sam_range = next(line for line in rho_section(best_at_edge) if line.startswith("- SAM: rho"))
     assert sam_range.endswith(
-        "; reaches the grid's smallest rho, so the range may be wider; only 5 of the grid's 7 rhos have runs yet."
+        "; reaches the grid's smallest rho, so the range may be wider; runs so far at only 5 of the grid's 7 rhos."
     )
     # Pooled seed sd: SAM's variances 0.0002, 0, 0, 0.00005, 0 over 5 degrees of freedom -> sqrt(0.00005) = 0.00707;
     # the difference of two 2-seed means has standard error 0.00707 x sqrt(2 / 2), under the range's 1 point.

@@ -257,7 +257,11 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
             f"decades) of the grid's {max(grid) / min(grid):.3g}"
             + (f"; with {', '.join(f'{rho:g}' for rho in holes)} below it inside" if holes else "")
             + (f"; reaches the grid's {' and '.join(edge)} rho, so the range may be wider" if edge else "")
-            + (f"; only {len(by_rho)} of the grid's {len(grid)} rhos have runs yet" if len(by_rho) < len(grid) else "")
+            + (
+                f"; runs so far at only {len(by_rho)} of the grid's {len(grid)} rhos"
+                if len(by_rho) < len(grid)
+                else ""
+            )
             + "."
         )
     lines += [
