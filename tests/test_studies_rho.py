@@ -1,13 +1,17 @@
 """benchmarks/studies, issue 28: the rho-robustness study (SAM vs USAM) and flatness at 3 seeds, on fake records."""
 
+import json
 import math
+from pathlib import Path
 
 from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
 from benchmarks.studies.report import report
 from benchmarks.studies.report_flatness import flatness_section, loss_before
 from benchmarks.studies.report_rho import (
+    FIGURES,
     diverged,
+    main,
     pooled_seed_sd,
     radius_used,
     rho_figure,
@@ -117,12 +121,12 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     assert "| SAM | 0.005 | 0.005 | – | – | 0.540 ± 0.014 (n=2) | 1 of 2 |" in lines
     assert "| USAM | 0.00588 | 0.02 | – | – | 0.500 (n=1) | 0 of 1 |" in lines  # radius 0.00588 x 3.40 = 0.0200
     assert (
-        "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside; runs so far "
-        "at only 5 of the grid's 7 rhos."
+        "- SAM: rho 0.01 to 0.1, a factor of 10 (1.00 decades) of the grid's 100; with 0.05 below it inside; runs so "
+        "far at only 5 of the grid's 7 rhos."
     ) in lines
     assert (
-        "- USAM: rho 0.00588 to 0.00588, a factor of 1 (0.00 decades) of the grid's 100; runs so far at only 2 of the grid's "
-        "7 rhos."
+        "- USAM: rho 0.00588 to 0.00588, a factor of 1 (0.00 decades) of the grid's 100; runs so far at only 2 of the "
+        "grid's 7 rhos."
     ) in lines
     whole_grid = records + [record_at("image-rho", "cifar10", "SAM", rho, 0, 0.3) for rho in (0.2, 0.5)]
     assert (
@@ -184,6 +188,20 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
 
     figure = rho_figure(records, tmp_path / "docs" / "rho.png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_rho_study_draws_its_own_figure_and_says_when_it_is_incomplete(tmp_path, monkeypatch, capsys):
+    # Drawing the 60-epoch rerun without `--figure` once overwrote the committed 30-epoch figure.
+    assert len(set(FIGURES.values())) == len(FIGURES) == 3
+    records = [record_at("image-rho-60", "cifar10", "SAM", 0.05, seed, 0.5) for seed in (0, 1)]
+    results = tmp_path / "records.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    written = main(["--results", str(results), "--study", "image-rho-60"])
+    assert written == Path("docs/rho_robustness_60.png") and written.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["rho_robustness_60.png"]
+    assert capsys.readouterr().err == "image-rho-60: the figure shows 2 of the 30 planned runs\n"
+    assert main(["--results", str(results), "--study", "image-rho-60", "--figure", "elsewhere.png"]).is_file()
 
 
 def test_flatness_studies_rerun_seeds_1_and_2_at_the_grids_rhos_with_seed_0s_measurement():
@@ -270,8 +288,8 @@ def test_full_batch_differences_cover_every_measure_both_ways():
     # Top eigenvalue -4, -3, -2 (down); ascent +0.0004, +0.0005, +0.0006 (up): 0.0005 -+ 2.484e-4.
     assert (
         row
-        == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | – | "
-        "SAM CPU: 0, 1, 2; AdamW CPU: 0, 1, 2 |"
+        == "| full batch (512) | SAM | 0.02 | -3 [-5.48, -0.516] (n=3) | – | +0.0005 [+0.000252, +0.000748] (n=3) | "
+        "– | SAM CPU: 0, 1, 2; AdamW CPU: 0, 1, 2 |"
     )
 
 
@@ -323,8 +341,8 @@ def test_stsb_maps_usam_through_its_own_adamw_runs_first_epoch_and_waits_for_it(
     records = [reference, record_of(usam_run, 0.85) | {"train_history": [{"step": 5, "loss": 3.0}]}]
     lines = rho_section(records)
     assert (
-        "| method | rho | radius | radius used: epoch 1 | radius used: last third | held-out score (mean of Pearson and "
-        "Spearman) | diverged |"
+        "| method | rho | radius | radius used: epoch 1 | radius used: last third | held-out score (mean of Pearson "
+        "and Spearman) | diverged |"
     ) in lines
     assert "| USAM | 0.001 | 0.02 | – | – | 0.850 (n=1) | 0 of 1 |" in lines and "AdamW: 0.800 (n=1)" in lines[3]
     assert "- USAM: 0 of 1 finished runs (14 planned; a run that crashed has no record)." in lines

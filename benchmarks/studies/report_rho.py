@@ -16,14 +16,17 @@ The rho-robustness studies (`image-rho` at 30 epochs, `image-rho-60` at the imag
 STS-B): the held-out score against rho for SAM and USAM, the width of the rho range within 1 point of each method's
 best and the seed noise it is read against, the divergences, and the figure.
 
-    python -m benchmarks.studies.report_rho --figure docs/rho_robustness.png   # the figure from the records
-    python -m benchmarks.studies.report_rho --study image-rho-60 --figure docs/rho_robustness_60.png
-    python -m benchmarks.studies.report_rho --study glue-rho --figure docs/rho_robustness_stsb.png
+    python -m benchmarks.studies.report_rho                           # docs/rho_robustness.png from the records
+    python -m benchmarks.studies.report_rho --study image-rho-60      # docs/rho_robustness_60.png
+    python -m benchmarks.studies.report_rho --study glue-rho          # docs/rho_robustness_stsb.png
+
+Each study has its own figure (`FIGURES`), so drawing one never overwrites another's; `--figure` writes elsewhere.
 """
 
 import argparse
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from .plan import Study, first_epoch_grad_norm, plan
@@ -50,6 +53,11 @@ SETUPS = {
     STSB_RHO_ROBUSTNESS.name: "all-MiniLM-L6-v2",
 }
 RHO_STUDIES = (IMAGE_RHO_ROBUSTNESS, IMAGE_RHO_60, STSB_RHO_ROBUSTNESS)
+FIGURES = {
+    IMAGE_RHO_ROBUSTNESS.name: "docs/rho_robustness.png",
+    IMAGE_RHO_60.name: "docs/rho_robustness_60.png",
+    STSB_RHO_ROBUSTNESS.name: "docs/rho_robustness_stsb.png",
+}
 
 
 def diverged(record: dict) -> str | None:
@@ -223,10 +231,10 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
         f"{mapping}, the median gradient norm of AdamW's first epoch on this set-up "
         "(`benchmarks/studies/tables.py`); the radius column is rho for SAM and rho x "
         f"{mapping} for USAM. The radius used is the median of the logged ||e|| (`sam/perturbation_norm`, each log "
-        "the mean over its logging window) over the first epoch and over the last third of training, pooled over the seeds: "
-        f"SAM's is rho, USAM's follows ||g||. The {metric} at the last epoch, mean ± sample std over seeds. "
-        f"AdamW: {mean_std(adamw)}. Figure: `python -m benchmarks.studies.report_rho --study {study.name} "
-        "--figure docs/<name>.png`.",
+        "the mean over its logging window) over the first epoch and over the last third of training, pooled over the "
+        f"seeds: SAM's is rho, USAM's follows ||g||. The {metric} at the last epoch, mean ± sample std over seeds. "
+        f"AdamW: {mean_std(adamw)}. Figure: `python -m benchmarks.studies.report_rho --study {study.name}` "
+        f"(`{FIGURES[study.name]}`).",
         "",
         f"| method | rho | radius | radius used: epoch 1 | radius used: last third | {metric} | diverged |",
         "|---|---|---|---|---|---|---|",
@@ -340,7 +348,8 @@ def rho_figure(records: list[dict], path: str | Path, study: Study = IMAGE_RHO_R
         if adamw:
             axes.axhline(statistics.mean(adamw), color="gray", linestyle="--", label="AdamW")
         axes.set_xscale("log")
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
     at_start.set_xlabel(f"radius at the start (SAM: rho; USAM: rho x {norm or float('nan'):.3g})")
     late.set_xlabel("radius used over the last third (median logged ||e||)")
     at_start.set_ylabel("held-out score (last epoch)")
@@ -353,14 +362,25 @@ def rho_figure(records: list[dict], path: str | Path, study: Study = IMAGE_RHO_R
     return path
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> Path:
+    """The command line: draw one study's figure from the records (default: the study's own path in `FIGURES`) and
+    say on stderr how many of its planned runs the figure shows when the study is not complete."""
     here = Path(__file__).resolve().parent / "results"
     parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.report_rho", description=__doc__)
     parser.add_argument(
         "--results", nargs="+", default=[str(here / n) for n in ("study_cpu.jsonl", "study_gpu.jsonl")]
     )
     parser.add_argument("--study", default=IMAGE_RHO_ROBUSTNESS.name, choices=list(SETUPS))
-    parser.add_argument("--figure", default="docs/rho_robustness.png")
-    args = parser.parse_args()
+    parser.add_argument("--figure", default=None, help="where to write the PNG (default: the study's, see FIGURES)")
+    args = parser.parse_args(argv)
     study = next(s for s in RHO_STUDIES if s.name == args.study)
-    print(rho_figure(list(read_records(*args.results).values()), args.figure, study))
+    results = read_records(*args.results)
+    planned = {run.id for run in plan(study, [], results)}
+    done = planned & set(results)
+    if done != planned:
+        print(f"{study.name}: the figure shows {len(done)} of the {len(planned)} planned runs", file=sys.stderr)
+    return rho_figure(list(results.values()), args.figure or FIGURES[study.name], study)
+
+
+if __name__ == "__main__":
+    print(main())
