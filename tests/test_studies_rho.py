@@ -12,6 +12,8 @@ from benchmarks.studies.report_rho import (
     FIGURES,
     diverged,
     main,
+    paired_by_radius,
+    paired_lines,
     pooled_seed_sd,
     radius_used,
     rho_figure,
@@ -188,6 +190,41 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
 
     figure = rho_figure(records, tmp_path / "docs" / "rho.png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sam_minus_usam_is_paired_by_seed_at_the_matched_radius_with_a_pooled_interval():
+    scores = {
+        ("SAM", 0.01): (0.50, 0.52), ("USAM", 0.00294): (0.49, 0.50),  # radius 0.00294 x 3.4 = 0.009996
+        ("SAM", 0.02): (0.40, 0.46), ("USAM", 0.00588): (0.45, 0.47),
+        ("SAM", 0.05): (0.30, None), ("USAM", 0.0147): (None, 0.40),  # no seed in common: no pair
+        ("SAM", 0.1): (0.20, None),  # USAM 0.0300 x 3.4 = 0.102, 2% off: not its partner
+    }  # fmt: skip
+    records = [
+        record_at("image-rho", "cifar10", method, rho, seed, score)
+        for (method, rho), pair in scores.items()
+        for seed, score in enumerate(pair)
+        if score is not None
+    ] + [record_at("image-rho", "cifar10", "USAM", 0.03, 0, 0.2)]
+    pairs = paired_by_radius(records, 3.4)
+    assert list(pairs) == [0.01, 0.02]
+    assert all(
+        math.isclose(a, b, abs_tol=1e-12)
+        for a, b in zip(pairs[0.01] + pairs[0.02], [0.01, 0.02, -0.05, -0.01], strict=True)
+    )
+    # Variances 0.00005 and 0.0008, one degree of freedom each: s^2 = 0.000425 over 2; t(0.975, 2) = 4.302652729749464
+    # (tables), so the half-width at 2 seeds is 4.3027 x sqrt(0.000425 / 2) = 0.0627.
+    half = 4.302652729749464 * math.sqrt(0.000425 / 2)
+    lines = paired_lines(pairs)
+    assert "(s = 0.0206, 2 degrees of freedom;" in lines[1] and "the 2 intervals are each 95%" in lines[1]
+    assert lines[3] == f"- radius 0.01: +0.015 [{0.015 - half:+.3f}, {0.015 + half:+.3f}] (n=2; +0.010, +0.020)."
+    assert lines[4] == f"- radius 0.02: -0.030 [{-0.03 - half:+.3f}, {-0.03 + half:+.3f}] (n=2; -0.050, -0.010)."
+    assert (lines[3], lines[4]) == (
+        "- radius 0.01: +0.015 [-0.048, +0.078] (n=2; +0.010, +0.020).",
+        "- radius 0.02: -0.030 [-0.093, +0.033] (n=2; -0.050, -0.010).",
+    )
+    one_seed = paired_lines({0.01: [0.01]})
+    assert "no interval" in one_seed[1] and one_seed[3] == "- radius 0.01: +0.010 (n=1; +0.010)."
+    assert paired_lines({}) == [] and lines[3] in rho_section(records)
 
 
 def test_each_rho_study_draws_its_own_figure_and_says_when_it_is_incomplete(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,8 @@
 """
 The rho-robustness studies (`image-rho` at 30 epochs, `image-rho-60` at the image grid's 60, and `glue-rho` on
 STS-B): the held-out score against rho for SAM and USAM, the width of the rho range within 1 point of each method's
-best and the seed noise it is read against, the divergences, and the figure.
+best and the seed noise it is read against, SAM minus USAM at each matched radius (paired by seed), the divergences,
+and the figure.
 
     python -m benchmarks.studies.report_rho                           # docs/rho_robustness.png from the records
     python -m benchmarks.studies.report_rho --study image-rho-60      # docs/rho_robustness_60.png
@@ -28,6 +29,8 @@ import math
 import statistics
 import sys
 from pathlib import Path
+
+from scipy import stats
 
 from .plan import Study, first_epoch_grad_norm, plan
 from .records import read_records
@@ -203,6 +206,59 @@ def pooled_seed_sd(by_rho: dict[float, list[float]]) -> tuple[float, int] | None
     return math.sqrt(sum((len(values) - 1) * statistics.variance(values) for values in groups) / df), df
 
 
+def paired_by_radius(runs: list[dict], norm: float) -> dict[float, list[float]]:
+    """
+    SAM's score minus USAM's at the same matched radius, paired by seed (same initialisation and data order): by SAM's
+    rho (its radius), the differences of the seeds both methods have run, in seed order. USAM's partner of SAM's rho
+    is the USAM rho whose radius `rho x norm` is within 1% of it (the grids are matched to 3 significant digits).
+    """
+    sam = {(r["rho"], r["seed"]): task_score(r["task"], r["metrics"]) for r in runs if r["method"] == "SAM"}
+    usam = {(r["rho"], r["seed"]): task_score(r["task"], r["metrics"]) for r in runs if r["method"] == "USAM"}
+    pairs: dict[float, list[float]] = {}
+    for rho in sorted({rho for rho, _ in sam}):
+        partners = [u for u, _ in usam if abs(radius("USAM", u, norm) / rho - 1) < 0.01]
+        for seed in sorted(seed for r, seed in sam if r == rho):
+            for partner in {u for u in partners if (u, seed) in usam}:
+                pairs.setdefault(rho, []).append(sam[rho, seed] - usam[partner, seed])
+    return pairs
+
+
+def paired_lines(pairs: dict[float, list[float]]) -> list[str]:
+    """
+    The markdown of `paired_by_radius`: at each radius the mean difference over the seeds with a two-sided 95%
+    Student-t interval whose sd is pooled over the radii (`pooled_seed_sd`: s^2 = sum_i (n_i - 1) s_i^2 /
+    sum_i (n_i - 1), the interval mean +- t(0.975, df) s / sqrt(n_i)), which assumes one variance of the difference
+    at every radius; with 2 seeds a radius alone would give an interval with 1 degree of freedom. Every radius of the
+    family is listed, the intervals not adjusted for their number.
+    """
+    if not pairs:
+        return []
+    pooled = pooled_seed_sd(pairs)
+    lines = [
+        "",
+        "SAM minus USAM at the same matched radius, paired by seed (the same initialisation and data order): the "
+        "mean over the seeds"
+        + (
+            f" with a 95% Student-t interval from the paired differences' sd pooled over the radii (s = "
+            f"{pooled[0]:.4f}, {pooled[1]} degrees of freedom; it assumes one variance at every radius; the "
+            f"{len(pairs)} intervals are each 95%, not adjusted for their number)"
+            if pooled
+            else " (fewer than 2 seeds at every radius: no interval)"
+        )
+        + "; each seed's difference in brackets:",
+        "",
+    ]
+    for rho, differences in pairs.items():
+        mean = statistics.mean(differences)
+        cell = f"{mean:+.3f}"
+        if pooled and len(differences) >= 2:
+            half = stats.t.ppf(0.975, pooled[1]) * pooled[0] / math.sqrt(len(differences))
+            cell += f" [{mean - half:+.3f}, {mean + half:+.3f}]"
+        seeds = ", ".join(f"{d:+.3f}" for d in differences)
+        lines.append(f"- radius {rho:g}: {cell} (n={len(differences)}; {seeds}).")
+    return lines
+
+
 def rho_section(records: list[dict]) -> list[str]:
     """The markdown of the rho-robustness studies that have runs."""
     results = {r["id"]: r for r in records}
@@ -212,7 +268,7 @@ def rho_section(records: list[dict]) -> list[str]:
 def study_section(study: Study, results: dict[str, dict]) -> list[str]:
     """
     One rho-robustness study: the score per rho, the range within 1 point of the best, its resolution (the pooled
-    seed-to-seed sd), the divergences.
+    seed-to-seed sd), SAM minus USAM paired by seed at each matched radius, the divergences.
     """
     runs = [r for r in results.values() if r["study"] == study.name]
     if not runs:
@@ -293,6 +349,7 @@ def study_section(study: Study, results: dict[str, dict]) -> list[str]:
             + (f", more than the range's {WITHIN * 100:g} point" if difference > WITHIN else "")
             + "."
         )
+    lines += [] if norm is None else paired_lines(paired_by_radius(runs, norm))
     lines += ["", "Divergences (a non-finite training loss, or a final training loss above the first logged):", ""]
     for method in ("AdamW",) + METHODS:
         mine = [r for r in runs if r["method"] == method]
