@@ -194,36 +194,42 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
 
 def test_sam_minus_usam_is_paired_by_seed_at_the_matched_radius_with_a_pooled_interval():
     scores = {
-        ("SAM", 0.01): (0.50, 0.52), ("USAM", 0.00294): (0.49, 0.50),  # radius 0.00294 x 3.4 = 0.009996
-        ("SAM", 0.02): (0.40, 0.46), ("USAM", 0.00588): (0.45, 0.47),
+        ("SAM", 0.01): (0.50, 0.52, 0.51), ("USAM", 0.00294): (0.49, 0.50, 0.52),  # 0.00294 x 3.4 = 0.009996
+        ("SAM", 0.02): (0.40, 0.46), ("USAM", 0.00588): (0.45, 0.47),  # 0.019992, 0.04% off
+        ("USAM", 0.0059): (0.10, 0.10),  # 0.02006, 0.3% off: within 1% too, but not the nearest
         ("SAM", 0.05): (0.30, None), ("USAM", 0.0147): (None, 0.40),  # no seed in common: no pair
-        ("SAM", 0.1): (0.20, None),  # USAM 0.0300 x 3.4 = 0.102, 2% off: not its partner
+        ("SAM", 0.1): (0.20, None), ("USAM", 0.03): (0.20, None),  # 0.03 x 3.4 = 0.102, 2% off: no partner
     }  # fmt: skip
     records = [
         record_at("image-rho", "cifar10", method, rho, seed, score)
-        for (method, rho), pair in scores.items()
-        for seed, score in enumerate(pair)
+        for (method, rho), scores_by_seed in scores.items()
+        for seed, score in enumerate(scores_by_seed)
         if score is not None
-    ] + [record_at("image-rho", "cifar10", "USAM", 0.03, 0, 0.2)]
+    ]
     pairs = paired_by_radius(records, 3.4)
-    assert list(pairs) == [0.01, 0.02]
-    assert all(
-        math.isclose(a, b, abs_tol=1e-12)
-        for a, b in zip(pairs[0.01] + pairs[0.02], [0.01, 0.02, -0.05, -0.01], strict=True)
-    )
-    # Variances 0.00005 and 0.0008, one degree of freedom each: s^2 = 0.000425 over 2; t(0.975, 2) = 4.302652729749464
-    # (tables), so the half-width at 2 seeds is 4.3027 x sqrt(0.000425 / 2) = 0.0627.
-    half = 4.302652729749464 * math.sqrt(0.000425 / 2)
+    assert list(pairs) == [0.01, 0.02] and [list(by_seed) for by_seed in pairs.values()] == [[0, 1, 2], [0, 1]]
+    expected = [0.01, 0.02, -0.01, -0.05, -0.01]
+    got = [*pairs[0.01].values(), *pairs[0.02].values()]
+    assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip(got, expected, strict=True))
+    # Variances 0.00023333 (3 seeds) and 0.0008 (2): s^2 = (2 x 0.00023333 + 0.0008) / 3 = 0.00042222 over 3 degrees
+    # of freedom; t(0.975, 3) = 3.182446305284263 (tables); half-widths t s / sqrt(3) = 0.0378 and t s / sqrt(2) = 0.0462.
+    s = math.sqrt((2 * 0.0007 / 3 + 0.0008) / 3)
+    half = {3: 3.182446305284263 * s / math.sqrt(3), 2: 3.182446305284263 * s / math.sqrt(2)}
     lines = paired_lines(pairs)
-    assert "(s = 0.0206, 2 degrees of freedom;" in lines[1] and "the 2 intervals are each 95%" in lines[1]
-    assert lines[3] == f"- radius 0.01: +0.015 [{0.015 - half:+.3f}, {0.015 + half:+.3f}] (n=2; +0.010, +0.020)."
-    assert lines[4] == f"- radius 0.02: -0.030 [{-0.03 - half:+.3f}, {-0.03 + half:+.3f}] (n=2; -0.050, -0.010)."
-    assert (lines[3], lines[4]) == (
-        "- radius 0.01: +0.015 [-0.048, +0.078] (n=2; +0.010, +0.020).",
-        "- radius 0.02: -0.030 [-0.093, +0.033] (n=2; -0.050, -0.010).",
+    assert "(s = 0.0205, 3 degrees of freedom;" in lines[1]
+    assert lines[3] == (
+        f"- radius 0.01: +0.007 [{0.02 / 3 - half[3]:+.3f}, {0.02 / 3 + half[3]:+.3f}] "
+        "(n=3; seed 0 +0.010, seed 1 +0.020, seed 2 -0.010)."
     )
-    one_seed = paired_lines({0.01: [0.01]})
-    assert "no interval" in one_seed[1] and one_seed[3] == "- radius 0.01: +0.010 (n=1; +0.010)."
+    assert lines[4] == f"- radius 0.02: -0.030 [{-0.03 - half[2]:+.3f}, {-0.03 + half[2]:+.3f}] " + (
+        "(n=2; seed 0 -0.050, seed 1 -0.010)."
+    )
+    assert (lines[3][:36], lines[4][:36]) == (
+        "- radius 0.01: +0.007 [-0.031, +0.04",
+        "- radius 0.02: -0.030 [-0.076, +0.01",
+    )
+    one_seed = paired_lines({0.01: {1: 0.01}})
+    assert "no interval" in one_seed[1] and one_seed[3] == "- radius 0.01: +0.010 (n=1; seed 1 +0.010)."
     assert paired_lines({}) == [] and lines[3] in rho_section(records)
 
 
@@ -237,8 +243,12 @@ def test_each_rho_study_draws_its_own_figure_and_says_when_it_is_incomplete(tmp_
     written = main(["--results", str(results), "--study", "image-rho-60"])
     assert written == Path("docs/rho_robustness_60.png") and written.read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["rho_robustness_60.png"]
-    assert capsys.readouterr().err == "image-rho-60: the figure shows 2 of the 30 planned runs\n"
+    assert capsys.readouterr().err == "image-rho-60: the figure shows 2 of the 30 runs planned now\n"
     assert main(["--results", str(results), "--study", "image-rho-60", "--figure", "elsewhere.png"]).is_file()
+    capsys.readouterr()
+    complete = [record_of(run, 0.5) for run in plan(tables.IMAGE_RHO_60, [], {})]
+    results.write_text("".join(json.dumps(r) + "\n" for r in complete), encoding="utf-8")
+    assert main(["--results", str(results), "--study", "image-rho-60"]).is_file() and capsys.readouterr().err == ""
 
 
 def test_flatness_studies_rerun_seeds_1_and_2_at_the_grids_rhos_with_seed_0s_measurement():

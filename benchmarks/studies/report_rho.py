@@ -206,56 +206,61 @@ def pooled_seed_sd(by_rho: dict[float, list[float]]) -> tuple[float, int] | None
     return math.sqrt(sum((len(values) - 1) * statistics.variance(values) for values in groups) / df), df
 
 
-def paired_by_radius(runs: list[dict], norm: float) -> dict[float, list[float]]:
+def paired_by_radius(runs: list[dict], norm: float) -> dict[float, dict[int, float]]:
     """
-    SAM's score minus USAM's at the same matched radius, paired by seed (same initialisation and data order): by SAM's
-    rho (its radius), the differences of the seeds both methods have run, in seed order. USAM's partner of SAM's rho
-    is the USAM rho whose radius `rho x norm` is within 1% of it (the grids are matched to 3 significant digits).
+    SAM's score minus USAM's at the same matched radius, paired by seed: by SAM's rho (its radius), then by seed, the
+    differences of the seeds both methods have run. A seed is a pair because the recipe seeds before it builds the
+    model and neither method draws random numbers, so both start from the same weights and see the same batches.
+    USAM's partner of SAM's rho is the one USAM rho whose radius `rho x norm` is nearest to it, if within 1% (the
+    grids are matched to 3 significant digits).
     """
     sam = {(r["rho"], r["seed"]): task_score(r["task"], r["metrics"]) for r in runs if r["method"] == "SAM"}
     usam = {(r["rho"], r["seed"]): task_score(r["task"], r["metrics"]) for r in runs if r["method"] == "USAM"}
-    pairs: dict[float, list[float]] = {}
+    pairs: dict[float, dict[int, float]] = {}
     for rho in sorted({rho for rho, _ in sam}):
-        partners = [u for u, _ in usam if abs(radius("USAM", u, norm) / rho - 1) < 0.01]
-        for seed in sorted(seed for r, seed in sam if r == rho):
-            for partner in {u for u in partners if (u, seed) in usam}:
-                pairs.setdefault(rho, []).append(sam[rho, seed] - usam[partner, seed])
+        off = {u: abs(math.log(radius("USAM", u, norm) / rho)) for u, _ in usam}
+        near = [u for u in off if off[u] < math.log(1.01)]
+        if not near:
+            continue
+        partner = min(near, key=off.get)
+        for seed in sorted(seed for r, seed in sam if r == rho and (partner, seed) in usam):
+            pairs.setdefault(rho, {})[seed] = sam[rho, seed] - usam[partner, seed]
     return pairs
 
 
-def paired_lines(pairs: dict[float, list[float]]) -> list[str]:
+def paired_lines(pairs: dict[float, dict[int, float]]) -> list[str]:
     """
     The markdown of `paired_by_radius`: at each radius the mean difference over the seeds with a two-sided 95%
     Student-t interval whose sd is pooled over the radii (`pooled_seed_sd`: s^2 = sum_i (n_i - 1) s_i^2 /
     sum_i (n_i - 1), the interval mean +- t(0.975, df) s / sqrt(n_i)), which assumes one variance of the difference
     at every radius; with 2 seeds a radius alone would give an interval with 1 degree of freedom. Every radius of the
-    family is listed, the intervals not adjusted for their number.
+    family is listed, the intervals not adjusted for their number; a radius with one seed has no interval.
     """
     if not pairs:
         return []
-    pooled = pooled_seed_sd(pairs)
+    pooled = pooled_seed_sd({rho: list(by_seed.values()) for rho, by_seed in pairs.items()})
     lines = [
         "",
-        "SAM minus USAM at the same matched radius, paired by seed (the same initialisation and data order): the "
+        "SAM minus USAM at the same matched radius, paired by seed (the same initial weights and batches): the "
         "mean over the seeds"
         + (
             f" with a 95% Student-t interval from the paired differences' sd pooled over the radii (s = "
-            f"{pooled[0]:.4f}, {pooled[1]} degrees of freedom; it assumes one variance at every radius; the "
-            f"{len(pairs)} intervals are each 95%, not adjusted for their number)"
+            f"{pooled[0]:.4f}, {pooled[1]} degrees of freedom; it assumes one variance at every radius; each interval "
+            "is 95%, not adjusted for their number; a radius with one seed has none)"
             if pooled
             else " (fewer than 2 seeds at every radius: no interval)"
         )
         + "; each seed's difference in brackets:",
         "",
     ]
-    for rho, differences in pairs.items():
-        mean = statistics.mean(differences)
+    for rho, by_seed in pairs.items():
+        mean = statistics.mean(by_seed.values())
         cell = f"{mean:+.3f}"
-        if pooled and len(differences) >= 2:
-            half = stats.t.ppf(0.975, pooled[1]) * pooled[0] / math.sqrt(len(differences))
+        if pooled and len(by_seed) >= 2:
+            half = stats.t.ppf(0.975, pooled[1]) * pooled[0] / math.sqrt(len(by_seed))
             cell += f" [{mean - half:+.3f}, {mean + half:+.3f}]"
-        seeds = ", ".join(f"{d:+.3f}" for d in differences)
-        lines.append(f"- radius {rho:g}: {cell} (n={len(differences)}; {seeds}).")
+        seeds = ", ".join(f"seed {seed} {difference:+.3f}" for seed, difference in by_seed.items())
+        lines.append(f"- radius {rho:g}: {cell} (n={len(by_seed)}; {seeds}).")
     return lines
 
 
@@ -421,7 +426,8 @@ def rho_figure(records: list[dict], path: str | Path, study: Study = IMAGE_RHO_R
 
 def main(argv: list[str] | None = None) -> Path:
     """The command line: draw one study's figure from the records (default: the study's own path in `FIGURES`) and
-    say on stderr how many of its planned runs the figure shows when the study is not complete."""
+    say on stderr how many of the runs planned now the figure shows when the study is not complete (`glue-rho`
+    plans USAM's runs only once its AdamW seed-0 run is done)."""
     here = Path(__file__).resolve().parent / "results"
     parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.report_rho", description=__doc__)
     parser.add_argument(
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> Path:
     planned = {run.id for run in plan(study, [], results)}
     done = planned & set(results)
     if done != planned:
-        print(f"{study.name}: the figure shows {len(done)} of the {len(planned)} planned runs", file=sys.stderr)
+        print(f"{study.name}: the figure shows {len(done)} of the {len(planned)} runs planned now", file=sys.stderr)
     return rho_figure(list(results.values()), args.figure or FIGURES[study.name], study)
 
 
