@@ -1,11 +1,11 @@
 """benchmarks/studies, issue 28: the rho-robustness study (SAM vs USAM) and flatness at 3 seeds, on fake records."""
 
-import json
 import math
 from pathlib import Path
 
 from benchmarks.studies import tables
 from benchmarks.studies.plan import plan
+from benchmarks.studies.records import append_record
 from benchmarks.studies.report import report
 from benchmarks.studies.report_flatness import flatness_section, loss_before
 from benchmarks.studies.report_rho import (
@@ -236,9 +236,9 @@ def test_sam_minus_usam_is_paired_by_seed_at_the_matched_radius_with_a_pooled_in
 def test_each_rho_study_draws_its_own_figure_and_says_when_it_is_incomplete(tmp_path, monkeypatch, capsys):
     # Drawing the 60-epoch rerun without `--figure` once overwrote the committed 30-epoch figure.
     assert len(set(FIGURES.values())) == len(FIGURES) == 3
-    records = [record_at("image-rho-60", "cifar10", "SAM", 0.05, seed, 0.5) for seed in (0, 1)]
     results = tmp_path / "records.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    for seed in (0, 1):
+        append_record(results, record_at("image-rho-60", "cifar10", "SAM", 0.05, seed, 0.5))
     monkeypatch.chdir(tmp_path)
     written = main(["--results", str(results), "--study", "image-rho-60"])
     assert written == Path("docs/rho_robustness_60.png") and written.read_bytes()[:4] == b"\x89PNG"
@@ -246,9 +246,10 @@ def test_each_rho_study_draws_its_own_figure_and_says_when_it_is_incomplete(tmp_
     assert capsys.readouterr().err == "image-rho-60: the figure shows 2 of the 30 runs planned now\n"
     assert main(["--results", str(results), "--study", "image-rho-60", "--figure", "elsewhere.png"]).is_file()
     capsys.readouterr()
-    complete = [record_of(run, 0.5) for run in plan(tables.IMAGE_RHO_60, [], {})]
-    results.write_text("".join(json.dumps(r) + "\n" for r in complete), encoding="utf-8")
-    assert main(["--results", str(results), "--study", "image-rho-60"]).is_file() and capsys.readouterr().err == ""
+    complete = tmp_path / "complete.jsonl"
+    for run in plan(tables.IMAGE_RHO_60, [], {}):
+        append_record(complete, record_of(run, 0.5))
+    assert main(["--results", str(complete), "--study", "image-rho-60"]).is_file() and capsys.readouterr().err == ""
 
 
 def test_flatness_studies_rerun_seeds_1_and_2_at_the_grids_rhos_with_seed_0s_measurement():
