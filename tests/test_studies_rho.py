@@ -1,6 +1,7 @@
 """benchmarks/studies, issue 28: the rho-robustness study (SAM vs USAM) and flatness at 3 seeds, on fake records."""
 
 import math
+import statistics
 from pathlib import Path
 
 from benchmarks.studies import tables
@@ -117,6 +118,11 @@ def test_robust_range_and_divergences_are_counted_per_method(tmp_path):
     by_rho = {rho: list(pair) for rho, pair in accuracies.items()}
     assert robust_range(by_rho) == (0.01, 0.1, [0.05])
     assert robust_range({0.1: [float("nan")], 0.2: [0.3]}) == (0.2, 0.2, []) and robust_range({}) is None
+    # An exact tie: 102/250 is 1/100 below 209/500 (scores are k/500), but in floats mean(0.408, 0.408) = 0.408 is
+    # below mean(0.400, 0.436) - 0.01 = 0.40800000000000003; the tie is within, whatever the rounding.
+    tie = {0.01: [0.400, 0.436], 0.02: [0.408, 0.408], 0.05: [0.3, 0.3]}
+    assert not statistics.mean(tie[0.02]) >= statistics.mean(tie[0.01]) - 0.01  # the bare comparison's answer
+    assert robust_range(tie) == (0.01, 0.02, [])
 
     lines = rho_section(records)
     assert "| SAM | 0.02 | 0.02 | – | – | 0.560 ± 0.000 (n=2) | 0 of 2 |" in lines

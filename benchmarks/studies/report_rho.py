@@ -48,6 +48,10 @@ from .tables import (
 
 METHODS = ("SAM", "USAM")
 WITHIN = 0.01  # "within 1 point of the best": a mean held-out score at least the best mean minus 0.01
+# Scores are exact fractions (k/500 correct), so a mean can sit exactly `WITHIN` below the best, and the float
+# arithmetic of the means may put it 1e-16 either side: a tie is within, up to this tolerance, far below any score's
+# resolution.
+TIE_TOLERANCE = 1e-9
 PLATEAU_GAIN = 0.01  # AdamW's held-out gain over the last third of training below this: the schedule is long enough
 RULE_SPAN = 3  # evaluations averaged at each end of that last third
 SETUPS = {
@@ -181,14 +185,15 @@ def radius(method: str, rho: float, norm: float) -> float:
 def robust_range(by_rho: dict[float, list[float]], within: float = WITHIN) -> tuple[float, float, list[float]] | None:
     """
     The smallest and largest rho whose mean score is within `within` of the best mean, and the rhos between them that
-    are not (a range with holes); `None` without runs. A non-finite score is never within.
+    are not (a range with holes); `None` without runs. A non-finite score is never within. A mean exactly `within`
+    below the best is within: the comparison allows `TIE_TOLERANCE` for the rounding of the means.
     """
     means = {rho: statistics.mean(values) for rho, values in by_rho.items() if values}
     finite = {rho: mean for rho, mean in means.items() if math.isfinite(mean)}
     if not finite:
         return None
     best = max(finite.values())
-    inside = sorted(rho for rho, mean in finite.items() if mean >= best - within)
+    inside = sorted(rho for rho, mean in finite.items() if mean >= best - within - TIE_TOLERANCE)
     holes = [rho for rho in sorted(means) if inside[0] < rho < inside[-1] and rho not in inside]
     return inside[0], inside[-1], holes
 
